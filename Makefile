@@ -1,0 +1,28 @@
+# Two entry points: `make demo` (classify generated images with FerretNet) and `make test`.
+# Each creates .venv and installs what it needs, torch 2.13.0 (CPU) included.
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+WEIGHTS ?= ../shared/reference/ferretnet-s-median-3.pth
+STAMP  := $(VENV)/.installed
+
+.PHONY: demo test bench clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -e '.[train,export,dev]'
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(VENV)/bin/ferret demo --out demo_out --weights $(WEIGHTS)
+
+test: $(STAMP)
+	$(PY) -m pytest -q
+
+bench: $(STAMP)
+	$(PY) -m pytest benchmarks --benchmark-enable --benchmark-columns=min,median,iqr,ops -q
+
+clean:
+	rm -rf $(VENV) demo_out .pytest_cache .benchmarks

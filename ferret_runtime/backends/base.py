@@ -1,0 +1,98 @@
+"""The backend interface: one file per runtime behind this base, picked by file suffix."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from importlib.metadata import entry_points
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..errors import ConfigError
+from ..preprocess import Preprocess
+
+ENTRY_POINT_GROUP = "ferret.backends"
+
+
+@dataclass
+class ModelInfo:
+    """What a loaded model says about itself (from checkpoint config or ONNX metadata)."""
+
+    arch: str
+    lpd_func: str
+    window_size: int
+    preprocess: Preprocess = field(default_factory=Preprocess)
+    threshold: float = 0.5
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+class Backend(ABC):
+    """Runs FerretNet on a normalised float32 NCHW batch and returns one logit per image.
+
+    Public methods validate, then call ``*_impl``; use as a context manager to release resources.
+    """
+
+    name: str = ""
+    suffixes: tuple[str, ...] = ()
+    info: ModelInfo
+
+    def run(self, batch: np.ndarray) -> np.ndarray:
+        """Logits of shape (N,) for a float32 batch of shape (N, 3, H, W)."""
+        if not isinstance(batch, np.ndarray) or batch.dtype != np.float32 or batch.ndim != 4 or batch.shape[1] != 3:
+            got = f"{type(batch).__name__} {getattr(batch, 'dtype', '')} {getattr(batch, 'shape', '')}"
+            raise ValueError(f"Received batch {got}; expected float32 ndarray of shape (N, 3, H, W)")
+        out = np.asarray(self.run_impl(batch), dtype=np.float32).reshape(batch.shape[0], -1)
+        return out[:, 0]
+
+    @abstractmethod
+    def run_impl(self, batch: np.ndarray) -> np.ndarray: ...
+
+    def close(self) -> None:
+        """Release the model; idempotent."""
+
+    def __enter__(self) -> "Backend":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def available_backends() -> dict[str, type[Backend]]:
+    """Map file suffix -> backend class, from the ``ferret.backends`` entry points.
+
+    Backend modules defer their heavy imports (torch, onnxruntime, tensorrt) to load time, so
+    listing them is cheap. Two backends claiming one suffix is an error, not a silent override.
+    """
+    table, _ = _load_backends()
+    return table
+
+
+def _load_backends() -> tuple[dict[str, type[Backend]], dict[str, str]]:
+    table: dict[str, type[Backend]] = {}
+    unavailable: dict[str, str] = {}
+    for ep in entry_points(group=ENTRY_POINT_GROUP):
+        try:
+            cls = ep.load()
+        except ImportError as e:  # a backend whose optional extra is not installed
+            unavailable[ep.name] = str(e)
+            continue
+        for suffix in cls.suffixes:
+            if suffix in table and table[suffix] is not cls:
+                raise ConfigError(f"Backends {table[suffix].__name__} and {cls.__name__} both claim {suffix!r}")
+            table[suffix] = cls
+    return table, unavailable
+
+
+def backend_for(path: str | Path) -> type[Backend]:
+    """The backend class for a model file, or ConfigError listing the valid suffixes."""
+    suffix = Path(path).suffix.lower()
+    table, unavailable = _load_backends()
+    if suffix not in table:
+        missing = "".join(f"; backend {k!r} is not installed ({v})" for k, v in sorted(unavailable.items()))
+        raise ConfigError(
+            f"Received model file {str(path)!r} with suffix {suffix!r}; expected one of "
+            f"{', '.join(sorted(table)) or '(no backend installed)'}{missing}"
+        )
+    return table[suffix]

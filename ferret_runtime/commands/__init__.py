@@ -1,0 +1,1 @@
+"""Subcommands of ``ferret`` that need only the base install."""

@@ -1,0 +1,127 @@
+"""``Detector``: images in, FerretNet verdicts out, over any backend."""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .backends import Backend, backend_for
+from .errors import FerretError
+from .preprocess import ImageInput, Preprocess, load_image, normalize, prepare
+
+
+@dataclass
+class Result:
+    """One image's verdict, or the reason it has none."""
+
+    path: str
+    logit: float | None = None
+    prob_fake: float | None = None
+    label: str | None = None
+    error: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        if self.error is not None:
+            return {"path": self.path, "error": self.error}
+        return {"path": self.path, "logit": self.logit, "prob_fake": self.prob_fake, "label": self.label}
+
+
+def sigmoid(x: float) -> float:
+    """Numerically stable logistic function."""
+    return 1.0 / (1.0 + math.exp(-x)) if x >= 0 else math.exp(x) / (1.0 + math.exp(x))
+
+
+def _name(item: ImageInput, i: int) -> str:
+    return str(item) if isinstance(item, (str, os.PathLike)) else f"<input {i}>"
+
+
+class Detector:
+    """Classifies images as real or AI-generated with a FerretNet model of any supported format."""
+
+    def __init__(self, backend: Backend, *, preprocess: Preprocess | None = None, threshold: float | None = None,
+                 batch_size: int = 32, workers: int = 4):
+        if batch_size < 1:
+            raise ValueError(f"Received batch_size {batch_size}; expected >= 1")
+        self.backend = backend
+        self.preprocess = preprocess or backend.info.preprocess
+        self.threshold = backend.info.threshold if threshold is None else threshold
+        self.batch_size = batch_size
+        self._pool = ThreadPoolExecutor(max(1, workers), thread_name_prefix="ferret-decode")
+
+    @classmethod
+    def open(cls, path: str | Path, *, device: str = "cpu", crop: int | None | str = "model",
+             threshold: float | None = None, batch_size: int = 32, workers: int = 4,
+             **backend_options: Any) -> "Detector":
+        """Load a model file; the backend is chosen by suffix, preprocessing read from the model.
+
+        ``crop="model"`` keeps the model's own crop; an int or None (full size) overrides it.
+        """
+        backend = backend_for(path)(path, device=device, **backend_options)
+        pre = backend.info.preprocess
+        if crop != "model":
+            pre = Preprocess(**{**pre.to_dict(), "crop": crop})
+        return cls(backend, preprocess=pre, threshold=threshold, batch_size=batch_size, workers=workers)
+
+    def _decode(self, item: ImageInput, name: str) -> np.ndarray | FerretError:
+        try:
+            return prepare(load_image(item, name), self.preprocess)
+        except FerretError as e:
+            return e
+
+    def _result(self, name: str, logit: float) -> Result:
+        p = sigmoid(logit)
+        return Result(name, float(logit), p, "fake" if p > self.threshold else "real")
+
+    def predict_iter(self, inputs: Iterable[ImageInput]) -> Iterator[tuple[Result, np.ndarray | None]]:
+        """Yield (result, prepared uint8 image or None) in input order, ``batch_size`` images at a time.
+
+        Images of equal size share a batch; an unreadable image yields a Result with ``error`` set
+        and does not stop the others.
+        """
+        chunk: list[tuple[str, ImageInput]] = []
+        for i, item in enumerate(inputs):
+            chunk.append((_name(item, i), item))
+            if len(chunk) == self.batch_size:
+                yield from self._run_chunk(chunk)
+                chunk = []
+        if chunk:
+            yield from self._run_chunk(chunk)
+
+    def _run_chunk(self, chunk: list[tuple[str, ImageInput]]) -> list[tuple[Result, np.ndarray | None]]:
+        decoded = list(self._pool.map(lambda c: self._decode(c[1], c[0]), chunk))
+        out: list[tuple[Result, np.ndarray | None]] = [None] * len(chunk)  # type: ignore[list-item]
+        groups: dict[tuple[int, ...], list[int]] = {}
+        for i, img in enumerate(decoded):
+            if isinstance(img, FerretError):
+                out[i] = (Result(chunk[i][0], error=str(img)), None)
+            else:
+                groups.setdefault(img.shape, []).append(i)
+        for idx in groups.values():
+            batch = normalize(np.stack([decoded[i] for i in idx]), self.preprocess.mean, self.preprocess.std)
+            logits = self.backend.run(batch)
+            for i, logit in zip(idx, logits):
+                out[i] = (self._result(chunk[i][0], float(logit)), decoded[i])
+        return out
+
+    def predict(self, inputs: ImageInput | Iterable[ImageInput]) -> list[Result]:
+        """Results for one input or many, in input order."""
+        if isinstance(inputs, (str, os.PathLike, bytes, np.ndarray)) or not isinstance(inputs, Iterable):
+            inputs = [inputs]
+        return [r for r, _ in self.predict_iter(inputs)]
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True)
+        self.backend.close()
+
+    def __enter__(self) -> "Detector":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
