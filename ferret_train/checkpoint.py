@@ -49,14 +49,23 @@ def _read(path: Path) -> dict[str, Any]:
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # torch raises many types (UnpicklingError, RuntimeError, EOFError...)
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise CheckpointError(f"{path}: not a loadable PyTorch checkpoint with weights_only=True ({first})") from None
+        raise CheckpointError(f"{path}: not a loadable PyTorch checkpoint with weights_only=True "
+                              f"({_reason(e)})") from None
     if isinstance(obj, dict) and "model" in obj and isinstance(obj["model"], dict):
         return obj
     if isinstance(obj, dict) and obj and all(isinstance(v, torch.Tensor) for v in obj.values()):
         return {"model": obj}  # a bare state dict
     keys = sorted(obj)[:8] if isinstance(obj, dict) else type(obj).__name__
     raise CheckpointError(f"{path}: received {keys}; expected a dict with a 'model' state dict")
+
+
+def _reason(e: Exception) -> str:
+    """The informative line of torch.load's error (it prefers a long preamble with ANSI codes)."""
+    lines = [re.sub(r"\x1b\[[0-9;]*m", "", ln).strip() for ln in str(e).splitlines()]
+    for ln in lines:
+        if "Unsupported global" in ln or "WeightsUnpickler error" in ln:
+            return ln
+    return next((ln for ln in lines if ln), type(e).__name__)
 
 
 def infer_config(state: dict[str, torch.Tensor], path: Path | str = "<state dict>") -> FerretConfig:
@@ -163,7 +172,7 @@ def save_checkpoint(path: str | os.PathLike, model: FerretNet, *, preprocess: Pr
         "model_config": model.cfg.to_dict(),
         "preprocess": (preprocess or Preprocess()).to_dict(),
         "train_config": train_config or {},
-        "meta": {"toolkit_version": __version__, "torch_version": torch.__version__, **(meta or {})},
+        "meta": {"toolkit_version": __version__, "torch_version": str(torch.__version__), **(meta or {})},
         **(extra or {}),
     }
     return atomic_write(path, lambda f: torch.save(ckpt, f))

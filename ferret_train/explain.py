@@ -32,7 +32,7 @@ def grad_cam(model: FerretNet, x: torch.Tensor) -> tuple[np.ndarray, float]:
     cam = F.interpolate(cam, size=x.shape[-2:], mode="bilinear", align_corners=False)[0, 0]
     cam = cam - cam.min()
     cam = cam / cam.max() if cam.max() > 0 else cam
-    return cam.detach().cpu().numpy(), float(logit)
+    return cam.detach().cpu().numpy(), float(logit.detach())
 
 
 def _stretch(a: np.ndarray) -> np.ndarray:

@@ -38,4 +38,9 @@ def run(args: argparse.Namespace) -> int:
         torch.manual_seed(0)
         weights = save_checkpoint(out / "random-ferretnet-s.pth", create_model("ferretnet-s").eval())
     print(f"ferret demo: classifying {out / 'images'} with {weights}", file=sys.stderr)
-    return ferret_main(["detect", str(out / "images"), "--weights", str(weights), "--explain", str(out / "explain")])
+    rc = ferret_main(["detect", str(out / "images"), "--weights", str(weights), "--explain", str(out / "explain")])
+    print(f"ferret demo: panels (image, LPD reconstruction, residual, Grad-CAM) in {out / 'explain'}\n"
+          "ferret demo: note: the 'real_*' images are procedural textures, not camera photographs, so a model "
+          "trained on real photos vs. GAN/diffusion images may call them fake; the '*_nearest' ones carry the "
+          "periodic up-sampling trace of generator decoders.", file=sys.stderr)
+    return rc

@@ -1,0 +1,51 @@
+"""The median-of-9 network, proven exhaustively (0-1 principle) and on tied values."""
+
+import itertools
+
+import numpy as np
+import pytest
+
+from ferret_runtime.lpd_spec import MEDIAN9_NETWORK, MEDIAN9_OUTPUT, prune_network
+
+
+def apply(network, values: np.ndarray) -> np.ndarray:
+    """Run the pruned network on rows of 9 values with numpy (an independent executor)."""
+    w = [values[:, i].copy() for i in range(9)]
+    for a, b, need_min, need_max in network:
+        lo, hi = np.minimum(w[a], w[b]), np.maximum(w[a], w[b])
+        if need_min:
+            w[a] = lo
+        if need_max:
+            w[b] = hi
+    return w[MEDIAN9_OUTPUT]
+
+
+PRUNED = prune_network(MEDIAN9_NETWORK, MEDIAN9_OUTPUT)
+
+
+def test_network_size():
+    assert len(MEDIAN9_NETWORK) == 19
+    assert sum(mn + mx for _, _, mn, mx in PRUNED) == 30  # 38 min/max before pruning
+
+
+def test_zero_one_principle_all_512_inputs():
+    # A comparator network selects rank r for all inputs iff it does for all 0/1 inputs.
+    x = np.array(list(itertools.product([0, 1], repeat=9)), dtype=np.float32)
+    np.testing.assert_array_equal(apply(PRUNED, x), np.sort(x, axis=1)[:, 4])
+
+
+def test_all_ternary_inputs_with_ties():
+    x = np.array(list(itertools.product([-1.0, 0.0, 2.5], repeat=9)), dtype=np.float32)
+    np.testing.assert_array_equal(apply(PRUNED, x), np.median(x, axis=1))
+
+
+@pytest.mark.parametrize("constant", [0.0, -np.inf])
+def test_constant_wire_gives_the_variants(constant):
+    # median: centre masked to 0 -> 5th of {0, 8 neighbours}; excmed: -inf -> 4th (lower middle) of 8.
+    rng = np.random.default_rng(0)
+    x = rng.integers(-3, 4, size=(20000, 9)).astype(np.float32)
+    x[:, 4] = constant
+    expected = np.sort(x, axis=1)[:, 4]
+    if constant == -np.inf:
+        expected = np.sort(np.delete(x, 4, axis=1), axis=1)[:, 3]
+    np.testing.assert_array_equal(apply(PRUNED, x), expected)
