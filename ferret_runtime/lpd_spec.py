@@ -9,7 +9,9 @@ The network sees ``x - lpd(x)``: ``lpd`` reconstructs each pixel from its k x k 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any, TypeVar
 
 from .errors import ConfigError
 
@@ -90,3 +92,52 @@ def prune_network(
             live |= {a, b}
     kept.reverse()
     return kept
+
+
+T = TypeVar("T")
+Wire = Any  # an implementation's value (tensor, ONNX name, C expression) or a float constant
+
+
+def median9(wires: list[Wire], min_op: Callable[[Wire, Wire], Wire], max_op: Callable[[Wire, Wire], Wire]) -> Wire:
+    """Evaluate the pruned median-of-9 network over 9 wires with an implementation's min/max.
+
+    A wire that is a Python float is a constant: +-inf operands fold away here (min(x, +inf) = x,
+    min(x, -inf) = -inf, ...), so an implementation's ops are called only for real work, with at
+    most one float operand (always second). Torch, ONNX and the CUDA generator share this.
+    """
+
+    def fold(a: Wire, b: Wire, is_min: bool) -> Wire:
+        if isinstance(a, float) and isinstance(b, float):
+            return min(a, b) if is_min else max(a, b)
+        if isinstance(a, float):
+            a, b = b, a
+        if isinstance(b, float) and math.isinf(b):
+            keeps_a = (b > 0) == is_min  # min with +inf, or max with -inf, is the other operand
+            return a if keeps_a else b
+        return min_op(a, b) if is_min else max_op(a, b)
+
+    w = list(wires)
+    for a, b, need_min, need_max in _MEDIAN9_PRUNED:
+        lo = fold(w[a], w[b], True) if need_min else None
+        if need_max:
+            w[b] = fold(w[a], w[b], False)
+        if need_min:
+            w[a] = lo
+    return w[MEDIAN9_OUTPUT]
+
+
+def median3x3_centre(spec: LPDSpec, centre: Wire) -> Wire:
+    """The centre wire of the 3x3 median network for a median-family spec.
+
+    A masked centre is the constant pad value (0); a dropped centre is -inf, which makes the 5th of
+    9 the 4th of the 8 neighbours, i.e. torch.median's lower middle; a kept centre is itself.
+    """
+    return {"mask": spec.pad_value, "drop": -math.inf}.get(spec.center, centre)
+
+
+def median_rank(spec: LPDSpec, k: int) -> int:
+    """0-based rank of the median among the spec's values (lower middle for even counts)."""
+    return (spec.count(k) - 1) // 2
+
+
+_MEDIAN9_PRUNED = prune_network(MEDIAN9_NETWORK, MEDIAN9_OUTPUT)

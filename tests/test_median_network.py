@@ -5,7 +5,7 @@ import itertools
 import numpy as np
 import pytest
 
-from ferret_runtime.lpd_spec import MEDIAN9_NETWORK, MEDIAN9_OUTPUT, prune_network
+from ferret_runtime.lpd_spec import LPD_SPECS, MEDIAN9_NETWORK, MEDIAN9_OUTPUT, median3x3_centre, median9, prune_network
 
 
 def apply(network, values: np.ndarray) -> np.ndarray:
@@ -37,6 +37,33 @@ def test_zero_one_principle_all_512_inputs():
 def test_all_ternary_inputs_with_ties():
     x = np.array(list(itertools.product([-1.0, 0.0, 2.5], repeat=9)), dtype=np.float32)
     np.testing.assert_array_equal(apply(PRUNED, x), np.median(x, axis=1))
+
+
+@pytest.mark.parametrize("func", ["median", "excmed", "retmed"])
+def test_shared_evaluator_with_constant_folding(func):
+    # the evaluator every implementation uses, driven here by numpy ops, counting the ops it calls
+    rng = np.random.default_rng(1)
+    x = rng.integers(-3, 4, size=(5000, 9)).astype(np.float32)
+    spec = LPD_SPECS[func]
+    calls = []
+
+    def op(fn):
+        return lambda a, b: calls.append(fn) or fn(a, b)
+
+    wires = [x[:, i] for i in range(9)]
+    wires[4] = median3x3_centre(spec, wires[4])
+    got = median9(wires, op(np.minimum), op(np.maximum))
+    vals = x.copy()
+    if spec.center == "mask":
+        vals[:, 4] = 0
+    if spec.center == "drop":
+        vals = np.delete(vals, 4, axis=1)
+    want = np.sort(vals, axis=1)[:, (vals.shape[1] - 1) // 2]
+    np.testing.assert_array_equal(got, want)
+    if func == "excmed":
+        assert len(calls) < 30  # the -inf wire folds operations away
+    else:
+        assert len(calls) == 30  # a finite constant (0) or a real centre folds nothing
 
 
 @pytest.mark.parametrize("constant", [0.0, -np.inf])

@@ -10,19 +10,14 @@ Two implementations of the same specs (``ferret_runtime.lpd_spec``):
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ferret_runtime.lpd_spec import (MEDIAN9_NETWORK, MEDIAN9_OUTPUT, LPDSpec, check_window, get_lpd_spec,
-                                     prune_network)
 from ferret_runtime.errors import ConfigError
+from ferret_runtime.lpd_spec import LPDSpec, check_window, get_lpd_spec, median3x3_centre, median9
 
 IMPLS = ("fast", "reference")
-_MEDIAN9 = prune_network(MEDIAN9_NETWORK, MEDIAN9_OUTPUT)
-Wire = torch.Tensor | float
 
 
 def _windows(x: torch.Tensor, k: int, pad_value: float) -> list[torch.Tensor]:
@@ -57,46 +52,20 @@ def lpd_reference(x: torch.Tensor, spec: LPDSpec, k: int) -> torch.Tensor:
     return _select_window(unfolded.view(n, c, k * k, -1), spec).view(n, c, h, w)
 
 
-def _min(a: Wire, b: Wire) -> Wire:
-    if isinstance(a, float):
-        a, b = b, a
-    if isinstance(b, float):
-        if isinstance(a, float):
-            return min(a, b)
-        return a if b == math.inf else (b if b == -math.inf else a.clamp(max=b))
-    return torch.minimum(a, b)
+def _min(a: torch.Tensor, b: torch.Tensor | float) -> torch.Tensor:
+    return a.clamp(max=b) if isinstance(b, float) else torch.minimum(a, b)
 
 
-def _max(a: Wire, b: Wire) -> Wire:
-    if isinstance(a, float):
-        a, b = b, a
-    if isinstance(b, float):
-        if isinstance(a, float):
-            return max(a, b)
-        return a if b == -math.inf else (b if b == math.inf else a.clamp(min=b))
-    return torch.maximum(a, b)
-
-
-def median9(wires: list[Wire]) -> torch.Tensor:
-    """Median of 9 wires (tensors or constants) by the pruned median-of-9 network."""
-    w = list(wires)
-    for a, b, need_min, need_max in _MEDIAN9:
-        lo = _min(w[a], w[b]) if need_min else None
-        if need_max:
-            w[b] = _max(w[a], w[b])
-        if need_min:
-            w[a] = lo
-    return w[MEDIAN9_OUTPUT]  # type: ignore[return-value]
+def _max(a: torch.Tensor, b: torch.Tensor | float) -> torch.Tensor:
+    return a.clamp(min=b) if isinstance(b, float) else torch.maximum(a, b)
 
 
 def _fast3(x: torch.Tensor, spec: LPDSpec) -> torch.Tensor:
-    views: list[Wire] = list(_windows(x, 3, spec.pad_value))
+    views: list = list(_windows(x, 3, spec.pad_value))
     neighbours = views[:4] + views[5:]
     if spec.reduce == "median":
-        # masked centre = the constant 0; a dropped centre = -inf, which makes the 5th of 9 the
-        # 4th of the 8 neighbours, i.e. torch.median's lower middle.
-        views[4] = {"mask": spec.pad_value, "drop": -math.inf}.get(spec.center, views[4])
-        return median9(views)
+        views[4] = median3x3_centre(spec, views[4])
+        return median9(views, _min, _max)
     op = {"min": torch.minimum, "max": torch.maximum, "mean": torch.add}[spec.reduce]
     acc = neighbours[0]
     for v in neighbours[1:]:
