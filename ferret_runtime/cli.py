@@ -55,6 +55,11 @@ def main(argv: list[str] | None = None) -> int:
     except FerretError as e:
         print(f"ferret {args.command}: error: {e}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # e.g. `ferret detect ... | head`: the reader left, which is not an error
+        import os
+
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     except KeyboardInterrupt:
         print(f"ferret {args.command}: interrupted", file=sys.stderr)
         return 130

@@ -6,14 +6,14 @@ import math
 import os
 from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from .backends import Backend, backend_for
-from .errors import FerretError
+from .errors import ConfigError, FerretError
 from .preprocess import ImageInput, Preprocess, load_image, normalize, prepare
 
 
@@ -66,7 +66,12 @@ class Detector:
         backend = backend_for(path)(path, device=device, **backend_options)
         pre = backend.info.preprocess
         if crop != "model":
-            pre = Preprocess(**{**pre.to_dict(), "crop": crop})
+            pre = replace(pre, crop=crop)
+        fixed = backend.info.input_hw
+        if fixed is not None and (pre.crop is None or (pre.crop, pre.crop) != tuple(fixed)):
+            backend.close()
+            raise ConfigError(f"{path}: received crop {pre.crop}; this model takes a fixed {fixed[0]}x{fixed[1]} input "
+                              "(export it with --dynamic-hw for other sizes)")
         return cls(backend, preprocess=pre, threshold=threshold, batch_size=batch_size, workers=workers)
 
     def _decode(self, item: ImageInput, name: str) -> np.ndarray | FerretError:
@@ -104,11 +109,18 @@ class Detector:
             else:
                 groups.setdefault(img.shape, []).append(i)
         for idx in groups.values():
-            batch = normalize(np.stack([decoded[i] for i in idx]), self.preprocess.mean, self.preprocess.std)
-            logits = self.backend.run(batch)
+            logits = self.backend.run(self._batch(np.stack([decoded[i] for i in idx])))
             for i, logit in zip(idx, logits):
                 out[i] = (self._result(chunk[i][0], float(logit)), decoded[i])
         return out
+
+    def _batch(self, u8: np.ndarray) -> np.ndarray:
+        """uint8 NHWC -> the model's input format (the graph may do the normalisation itself)."""
+        pre = self.preprocess
+        if pre.dtype == "uint8":
+            return u8 if pre.layout == "NHWC" else np.ascontiguousarray(u8.transpose(0, 3, 1, 2))
+        x = normalize(u8, pre.mean, pre.std)
+        return x if pre.dtype == "float32" else x.astype(pre.dtype)
 
     def predict(self, inputs: ImageInput | Iterable[ImageInput]) -> list[Result]:
         """Results for one input or many, in input order."""

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import os
 import re
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -19,6 +18,7 @@ import torch
 
 from ferret_runtime import __version__
 from ferret_runtime.errors import CheckpointError, ConfigError
+from ferret_runtime.fileio import atomic_write
 from ferret_runtime.lpd_spec import LPD_FUNCS, check_window
 from ferret_runtime.preprocess import Preprocess
 
@@ -135,31 +135,6 @@ def load_checkpoint(path: str | os.PathLike, *, lpd_func: str | None = None, win
     model.eval()
     pre = Preprocess.from_dict(ckpt["preprocess"]) if "preprocess" in ckpt else Preprocess()
     return Loaded(model, cfg, pre, source, lpd_source, dict(ckpt.get("train_config", {})), dict(ckpt.get("meta", {})))
-
-
-def atomic_write(path: str | os.PathLike, write: Any) -> Path:
-    """Call ``write(file_object)`` on a temp file beside ``path``, fsync, then rename over ``path``.
-
-    A crash at any point leaves either the old file or the new one, never a torn file.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
-    return path
 
 
 def save_checkpoint(path: str | os.PathLike, model: FerretNet, *, preprocess: Preprocess | None = None,

@@ -25,6 +25,7 @@ class ModelInfo:
     window_size: int
     preprocess: Preprocess = field(default_factory=Preprocess)
     threshold: float = 0.5
+    input_hw: tuple[int, int] | None = None  # fixed input size of the graph; None when any size runs
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -39,10 +40,17 @@ class Backend(ABC):
     info: ModelInfo
 
     def run(self, batch: np.ndarray) -> np.ndarray:
-        """Logits of shape (N,) for a float32 batch of shape (N, 3, H, W)."""
-        if not isinstance(batch, np.ndarray) or batch.dtype != np.float32 or batch.ndim != 4 or batch.shape[1] != 3:
+        """Logits of shape (N,) for a batch in the model's input format (``info.preprocess``).
+
+        Usually float32 NCHW, normalised; float16 for fp16 graphs; uint8 NHWC when the graph
+        contains the preprocessing.
+        """
+        pre = self.info.preprocess
+        channel_axis = 1 if pre.layout == "NCHW" else 3
+        if not isinstance(batch, np.ndarray) or batch.dtype != np.dtype(pre.dtype) or batch.ndim != 4 \
+                or batch.shape[channel_axis] != 3:
             got = f"{type(batch).__name__} {getattr(batch, 'dtype', '')} {getattr(batch, 'shape', '')}"
-            raise ValueError(f"Received batch {got}; expected float32 ndarray of shape (N, 3, H, W)")
+            raise ValueError(f"Received batch {got}; expected {pre.dtype} ndarray in {pre.layout} layout with 3 channels")
         out = np.asarray(self.run_impl(batch), dtype=np.float32).reshape(batch.shape[0], -1)
         return out[:, 0]
 

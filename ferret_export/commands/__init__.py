@@ -1,0 +1,1 @@
+"""Subcommands of ``ferret`` that need the export extra."""
