@@ -49,3 +49,28 @@ def test_cli_without_torch_says_which_extra_is_missing(tmp_path):
         sys.exit(main(["--help"]))
     """)
     assert proc.returncode == 0 and "detect" in proc.stdout and "unavailable" in proc.stdout
+
+
+def test_onnx_runtime_detects_without_torch(tmp_path):
+    from ferret_export.onnx_export import export_onnx
+    from ferret_export.onnx_graph import GraphOptions
+    from ferret_runtime.samples import write_samples
+    from ferret_train import create_model
+    from ferret_train.checkpoint import save_checkpoint
+
+    import torch
+
+    torch.manual_seed(0)
+    ckpt = save_checkpoint(tmp_path / "m.pth", create_model("ferretnet-s").eval())
+    export_onnx(ckpt, tmp_path / "m.onnx", GraphOptions(input_size=64), log=lambda *_: None)
+    img = write_samples(tmp_path / "imgs", n=1, size=64)[0]
+    proc = _run(f"""
+        from ferret_runtime import Detector
+        with Detector.open({str(tmp_path / 'm.onnx')!r}) as det:
+            r = det.predict({str(img)!r})[0]
+        assert r.error is None and r.label in ("real", "fake"), r
+        assert not any(m == "torch" or m.startswith("torch.") for m in sys.modules), "torch was imported"
+        print(r.logit)
+    """)
+    assert proc.returncode == 0, proc.stderr
+    float(proc.stdout.strip())
