@@ -56,11 +56,12 @@ class Detector:
         self._pool = ThreadPoolExecutor(max(1, workers), thread_name_prefix="ferret-decode")
 
     @classmethod
-    def open(cls, path: str | Path, *, device: str = "cpu", crop: int | None | str = "model",
+    def open(cls, path: str | Path, *, device: str = "auto", crop: int | None | str = "model",
              threshold: float | None = None, batch_size: int = 32, workers: int = 4,
              **backend_options: Any) -> "Detector":
         """Load a model file; the backend is chosen by suffix, preprocessing read from the model.
 
+        ``device="auto"`` takes the GPU when the backend can use one, else the CPU.
         ``crop="model"`` keeps the model's own crop; an int or None (full size) overrides it.
         """
         backend = backend_for(path)(path, device=device, **backend_options)

@@ -17,13 +17,15 @@ class TorchBackend(Backend):
     name = "torch"
     suffixes = (".pth", ".pt")
 
-    def __init__(self, path: str | Path, *, device: str = "cpu", lpd_func: str | None = None,
+    def __init__(self, path: str | Path, *, device: str = "auto", lpd_func: str | None = None,
                  window_size: int | None = None, lpd_impl: str = "fast"):
         import torch  # deferred: the base install has no torch
 
         from .checkpoint import load_checkpoint
 
         self._torch = torch
+        if device == "auto":
+            device = "cuda" if torch.cuda.is_available() else "cpu"
         try:
             self.device = torch.device(device)
         except RuntimeError:

@@ -244,3 +244,12 @@ def test_cuda_without_provider_is_a_clear_error(tmp_path):
     export_onnx(ckpt, tmp_path / "m.onnx", GraphOptions(input_size=32), log=_quiet)
     with pytest.raises(ConfigError, match="Received device 'cuda', but this onnxruntime has no CUDA provider"):
         Detector.open(tmp_path / "m.onnx", device="cuda")
+
+
+def test_auto_device_picks_what_is_available(tmp_path):
+    _, ckpt = _random_ckpt(tmp_path)
+    export_onnx(ckpt, tmp_path / "m.onnx", GraphOptions(input_size=32), log=_quiet)
+    with Detector.open(tmp_path / "m.onnx") as det:
+        has_cuda = "CUDAExecutionProvider" in ort.get_available_providers()
+        assert det.backend.device == ("cuda" if has_cuda else "cpu")
+        assert det.backend.session.get_providers()[0] == ("CUDAExecutionProvider" if has_cuda else "CPUExecutionProvider")

@@ -26,7 +26,7 @@ class OrtBackend(Backend):
     name = "onnxruntime"
     suffixes = (".onnx",)
 
-    def __init__(self, path: str | Path, *, device: str = "cpu", threads: int = 0, optimization: str = "all",
+    def __init__(self, path: str | Path, *, device: str = "auto", threads: int = 0, optimization: str = "all",
                  session_options: dict[str, Any] | None = None, io_binding: bool | None = None):
         try:
             import onnxruntime as ort
@@ -63,12 +63,14 @@ class OrtBackend(Backend):
         self.info = ModelInfo(meta["arch"], meta["lpd_func"], meta["window_size"], pre, meta["threshold"],
                               input_hw=tuple(hw) if all(isinstance(d, int) for d in hw) else None,
                               extra={k: meta[k] for k in ("lpd_mode", "precision", "toolkit_version", "provenance") if k in meta})
-        self.device = device
-        self.io_binding = device.startswith("cuda") if io_binding is None else io_binding
+        self.device = "cuda" if "CUDAExecutionProvider" in self.session.get_providers() else "cpu"
+        self.io_binding = self.device == "cuda" if io_binding is None else io_binding
 
     @staticmethod
     def _providers(ort, device: str) -> list[str]:
         available = ort.get_available_providers()
+        if device == "auto":
+            device = "cuda" if "CUDAExecutionProvider" in available else "cpu"
         if device == "cpu":
             return ["CPUExecutionProvider"]
         if device.startswith("cuda"):
@@ -77,7 +79,7 @@ class OrtBackend(Backend):
                                   f"(available: {', '.join(available)}); pip install onnxruntime-gpu")
             index = int(device.split(":")[1]) if ":" in device else 0
             return [("CUDAExecutionProvider", {"device_id": index}), "CPUExecutionProvider"]  # type: ignore[list-item]
-        raise ConfigError(f"Received device {device!r}; expected 'cpu', 'cuda' or 'cuda:N'")
+        raise ConfigError(f"Received device {device!r}; expected 'auto', 'cpu', 'cuda' or 'cuda:N'")
 
     def run_impl(self, batch: np.ndarray) -> np.ndarray:
         if not self.io_binding:

@@ -35,7 +35,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="label 'fake' when prob_fake exceeds P (default: the model's, 0.5)")
     p.add_argument("--json", action="store_true",
                    help='one JSON object per line: {"path", "logit", "prob_fake", "label"} or {"path", "error"}')
-    p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
+    p.add_argument("--device", default="auto", help="auto (GPU when available), cpu, cuda or cuda:N")
     p.add_argument("--workers", type=int, default=4, metavar="N", help="image decoding threads")
     p.add_argument("--lpd", default=None, metavar="FUNC",
                    help="LPD function for checkpoints that do not record it (default: from the file name "
