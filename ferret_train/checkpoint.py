@@ -43,7 +43,8 @@ class Loaded:
     meta: dict[str, Any] = field(default_factory=dict)
 
 
-def _read(path: Path) -> dict[str, Any]:
+def read_checkpoint(path: Path) -> dict[str, Any]:
+    """The raw checkpoint dict (weights_only); errors name the file and the problem."""
     if not path.is_file():
         raise CheckpointError(f"{path}: no such checkpoint file")
     try:
@@ -105,7 +106,7 @@ def load_checkpoint(path: str | os.PathLike, *, lpd_func: str | None = None, win
                     lpd_impl: str = "fast") -> Loaded:
     """Restore a model; ``lpd_func``/``window_size`` override or supply the LPD setting."""
     path = Path(path)
-    ckpt = _read(path)
+    ckpt = read_checkpoint(path)
     state = {k.removeprefix("module."): v for k, v in ckpt["model"].items()}
     if "model_config" in ckpt:
         cfg_d = dict(ckpt["model_config"])
