@@ -1,9 +1,8 @@
-# Two entry points: `make demo` (classify generated images with FerretNet) and `make test`.
+# Two entry points: `make demo` (build the proxy dataset, train FerretNet-S on it, evaluate, detect) and `make test`.
 # Each creates .venv and installs what it needs, torch 2.13.0 (CPU) included.
 PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
-WEIGHTS ?= ../shared/reference/ferretnet-s-median-3.pth
 STAMP  := $(VENV)/.installed
 
 .PHONY: demo test bench clean
@@ -16,7 +15,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(VENV)/bin/ferret demo --out demo_out --weights $(WEIGHTS)
+	$(VENV)/bin/ferret demo --out demo_out
 
 test: $(STAMP)
 	$(PY) -m pytest -q
