@@ -254,3 +254,12 @@ def test_bad_data_roots_are_clear_errors(tiny_data, tmp_path, case):
         assert proc.returncode != 0, args
         assert message in proc.stderr, (args[0], proc.stderr[-2000:])
         assert "Traceback" not in proc.stderr, proc.stderr[-2000:]
+
+
+@pytest.mark.gpu
+def test_one_epoch_on_cuda_with_amp(tiny_data, tmp_path):
+    run = tmp_path / "cuda"
+    _ok(run_ferret(*_train_args(tiny_data, run, "total_epochs=1", "trainer.device=cuda", "trainer.amp=true")))
+    (record,) = _records(run)
+    assert math.isfinite(record["loss"]) and record["val"]["mean"]["n"] == 16
+    assert torch.load(run / "last.pt", map_location="cpu", weights_only=True)["scaler"]["scale"] > 0
