@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import math
 import os
+import threading
+from collections import deque
 from collections.abc import Iterable, Iterator
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -54,6 +56,9 @@ class Detector:
         self.threshold = backend.info.threshold if threshold is None else threshold
         self.batch_size = batch_size
         self._pool = ThreadPoolExecutor(max(1, workers), thread_name_prefix="ferret-decode")
+        self._run_lock = threading.Lock()  # one batch in the backend at a time; decoding runs alongside
+        self.prefetch = 2  # batches decoded ahead of the one running
+        self._buffer: np.ndarray | None = None
 
     @classmethod
     def open(cls, path: str | Path, *, device: str = "auto", crop: int | None | str = "model",
@@ -89,30 +94,50 @@ class Detector:
         """Yield (result, prepared uint8 image or None) in input order, ``batch_size`` images at a time.
 
         Images of equal size share a batch; an unreadable image yields a Result with ``error`` set
-        and does not stop the others.
+        and does not stop the others. The next ``prefetch`` batches are decoded on the thread pool
+        while one runs in the backend. Safe to call from several threads at once.
         """
+        return self.predict_named((_name(item, i), item) for i, item in enumerate(inputs))
+
+    def predict_named(self, pairs: Iterable[tuple[str, ImageInput]]) -> Iterator[tuple[Result, np.ndarray | None]]:
+        """As :meth:`predict_iter`, for (name, input) pairs: the name becomes ``Result.path``."""
+        pending: deque[tuple[list[str], list[Future]]] = deque()
         chunk: list[tuple[str, ImageInput]] = []
-        for i, item in enumerate(inputs):
-            chunk.append((_name(item, i), item))
+
+        def submit() -> None:
+            pending.append(([n for n, _ in chunk], [self._pool.submit(self._decode, item, n) for n, item in chunk]))
+
+        for name, item in pairs:
+            chunk.append((name, item))
             if len(chunk) == self.batch_size:
-                yield from self._run_chunk(chunk)
+                submit()
                 chunk = []
+                if len(pending) > self.prefetch:
+                    yield from self._finish(*pending.popleft())
         if chunk:
-            yield from self._run_chunk(chunk)
+            submit()
+        while pending:
+            yield from self._finish(*pending.popleft())
 
     def _run_chunk(self, chunk: list[tuple[str, ImageInput]]) -> list[tuple[Result, np.ndarray | None]]:
-        decoded = list(self._pool.map(lambda c: self._decode(c[1], c[0]), chunk))
-        out: list[tuple[Result, np.ndarray | None]] = [None] * len(chunk)  # type: ignore[list-item]
+        """Decode (on the pool) and classify one chunk of (name, input) pairs."""
+        return self._finish([n for n, _ in chunk], [self._pool.submit(self._decode, item, n) for n, item in chunk])
+
+    def _finish(self, names: list[str], futures: list[Future]) -> list[tuple[Result, np.ndarray | None]]:
+        decoded = [f.result() for f in futures]
+        out: list[tuple[Result, np.ndarray | None]] = [None] * len(names)  # type: ignore[list-item]
         groups: dict[tuple[int, ...], list[int]] = {}
         for i, img in enumerate(decoded):
             if isinstance(img, FerretError):
-                out[i] = (Result(chunk[i][0], error=str(img)), None)
+                out[i] = (Result(names[i], error=str(img)), None)
             else:
                 groups.setdefault(img.shape, []).append(i)
         for idx in groups.values():
-            logits = self.backend.run(self._batch(np.stack([decoded[i] for i in idx])))
+            u8 = np.stack([decoded[i] for i in idx])
+            with self._run_lock:  # the input buffer is shared: fill it under the lock
+                logits = self.backend.run(self._batch(u8))
             for i, logit in zip(idx, logits):
-                out[i] = (self._result(chunk[i][0], float(logit)), decoded[i])
+                out[i] = (self._result(names[i], float(logit)), decoded[i])
         return out
 
     def _batch(self, u8: np.ndarray) -> np.ndarray:
@@ -120,7 +145,10 @@ class Detector:
         pre = self.preprocess
         if pre.dtype == "uint8":
             return u8 if pre.layout == "NHWC" else np.ascontiguousarray(u8.transpose(0, 3, 1, 2))
-        x = normalize(u8, pre.mean, pre.std)
+        shape = (u8.shape[0], 3, u8.shape[1], u8.shape[2])
+        if self._buffer is None or self._buffer.shape != shape:
+            self._buffer = np.empty(shape, np.float32)  # reused while batches keep their shape
+        x = normalize(u8, pre.mean, pre.std, out=self._buffer)
         return x if pre.dtype == "float32" else x.astype(pre.dtype)
 
     def predict(self, inputs: ImageInput | Iterable[ImageInput]) -> list[Result]:
