@@ -7,8 +7,9 @@ import json
 import sys
 from pathlib import Path
 
-from ..errors import ConfigError
+from ..errors import ConfigError, FerretError
 from ..preprocess import parse_crop
+from ..video import VIDEO_SUFFIXES, is_video
 
 HELP = "classify images (files or folders, recursively) as real or AI-generated"
 
@@ -21,7 +22,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                "2 on a usage or model error. Example: ferret detect photos/ --weights "
                "ferretnet-s-median-3.pth --json",
     )
-    p.add_argument("paths", nargs="+", metavar="PATH", help="image files and/or folders (searched recursively)")
+    p.add_argument("paths", nargs="+", metavar="PATH",
+                   help="image files, folders (searched recursively for images) and/or video files "
+                        f"({', '.join(VIDEO_SUFFIXES)}: frames are scored, then summarised)")
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--weights", "-w", metavar="W",
                      help="PyTorch checkpoint (.pth/.pt): the authors' original format or ours")
@@ -44,6 +47,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--explain", metavar="OUT_DIR", default=None,
                    help="save one PNG panel per image: image, LPD reconstruction, residual and Grad-CAM "
                         "(PyTorch checkpoints only)")
+    p.add_argument("--every", type=int, default=1, metavar="N", help="videos: score every N-th frame")
+    p.add_argument("--max-frames", type=int, default=None, metavar="M", help="videos: score at most M frames each")
     p.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
     p.set_defaults(func=run)
 
@@ -63,9 +68,13 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError(f"Received --batch-size {args.batch_size}; expected >= 1")
     options = {k: v for k, v in (("lpd_func", args.lpd), ("window_size", args.window)) if v is not None}
     model_path = args.weights or args.model
-    paths = find_images(args.paths)
-    if not paths:
+    found = find_images(args.paths)
+    videos = [p for p in found if is_video(p)]
+    paths = [p for p in found if not is_video(p)]
+    if not found:
         raise ConfigError(f"Received {args.paths}; expected at least one image file or a folder containing images")
+    if videos and (args.every < 1 or (args.max_frames is not None and args.max_frames < 1)):
+        raise ConfigError(f"Received --every {args.every} --max-frames {args.max_frames}; expected values >= 1")
 
     explainer = None
     with Detector.open(model_path, device=args.device, crop=crop, threshold=args.threshold,
@@ -79,17 +88,45 @@ def run(args: argparse.Namespace) -> int:
         if not args.json:
             print(f"{'label':<6} {'prob_fake':>9} {'logit':>9}  path")
         progress = _progress(len(paths), args.quiet)
-        for result, image in det.predict_iter(paths):
-            failed += result.error is not None
-            line = json.dumps(result.to_dict()) if args.json else _table_row(result)
-            print(line, flush=True)
+
+        def emit(result, image) -> None:
+            print(json.dumps(result.to_dict()) if args.json else _table_row(result), flush=True)
             if explainer is not None and image is not None:
                 explainer(image, result)
+
+        for result, image in det.predict_iter(paths):
+            failed += result.error is not None
+            emit(result, image)
             progress.update(1)
         progress.close()
+        for video in videos:
+            failed += not _detect_video(det, video, args, emit)
+    total = len(paths) + len(videos)
     if failed:
-        print(f"ferret detect: {failed} of {len(paths)} inputs could not be read", file=sys.stderr)
+        print(f"ferret detect: {failed} of {total} inputs could not be read", file=sys.stderr)
     return 1 if failed else 0
+
+
+def _detect_video(det, path: Path, args: argparse.Namespace, emit) -> bool:
+    """Score a video's sampled frames and print its summary; False when it could not be read."""
+    from ..video import VideoSummary, iter_frames
+
+    summary = VideoSummary(str(path))
+    frames = iter_frames(path, args.every, args.max_frames)
+    progress = _progress(args.max_frames or 0, args.quiet)
+    try:
+        for result, image in det.predict_named((f.name(path), f.image) for f in frames):
+            emit(result, image)
+            summary.add(result.prob_fake, result.label)
+            progress.update(1)
+    except FerretError as e:
+        progress.close()
+        print(json.dumps({"path": str(path), "error": str(e)}) if args.json else f"{'ERROR':<6} {'':>9} {'':>9}  {e}",
+              flush=True)
+        return False
+    progress.close()
+    print(json.dumps(summary.to_dict()) if args.json else summary.line(), flush=True)
+    return True
 
 
 def _progress(total: int, quiet: bool):
