@@ -1,0 +1,339 @@
+"""Launching lpd.cu on a GPU: launch tuples, NVRTC compilation with a disk cache, and the driver API.
+
+Torch-free: tensors travel as device pointers (ints) and streams as ``CUstream`` handles (ints), so
+PyTorch (``tensor.data_ptr()``, ``torch.cuda.current_stream().cuda_stream``) and any other CUDA
+library can call in. cuda-python is imported on first use (the ``gpu`` extra); every driver or
+NVRTC status other than success becomes a ``CudaError`` naming the call.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import math
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+from ..errors import ConfigError, FerretError
+from ..lpd_spec import check_window
+from ..preprocess import MEAN, STD
+from . import SOURCE_PATH, cache_dir, read_source, source_hash, variant_id, write_atomic
+
+# Must agree with lpd.cu (a test parses FERRET_ROWS_PER_THREAD and FERRET_MAX_THREADS there).
+BLOCK: tuple[int, int, int] = (32, 8, 1)  # a warp per row: coalesced loads and stores
+ROWS_PER_THREAD = 2  # each thread writes 2 rows, so a block covers a 32 x 16 tile
+MAX_THREADS = 256  # __launch_bounds__
+MAX_GRID_YZ = 65535  # gridDim.y and gridDim.z limits; planes beyond gridDim.z are a grid-stride loop
+MAX_INT = 2**31 - 1  # the kernels take int sizes
+
+KERNELS: tuple[str, ...] = ("lpd_residual", "lpd_generic", "preprocess_lpd")
+DTYPE_SUFFIX: dict[str, str] = {"float32": "f32", "float16": "f16"}
+# Kernel parameters in order ("ptr": a device pointer); a test checks them against lpd.cu's signatures.
+KERNEL_ARGS: dict[str, tuple[str, ...]] = {
+    "lpd_residual": ("ptr", "ptr", "int", "int", "int", "int"),  # x, out, N, C, H, W
+    "lpd_generic": ("ptr", "ptr", "int", "int", "int", "int", "int", "int", "int"),  # ..., k, variant, residual
+    "preprocess_lpd": ("ptr", "ptr", "int", "int", "int", *("float",) * 6),  # image, out, N, H, W, mean, std
+}
+# No --use_fast_math: IEEE division keeps normalisation bit-identical to numpy's.
+NVRTC_OPTIONS: tuple[str, ...] = ("--std=c++17",)
+
+
+class CudaError(FerretError):
+    """A CUDA driver or NVRTC call that did not succeed, or cuda-python/the driver missing."""
+
+    def __init__(self, message: str, call: str = "", result: Any = None):
+        super().__init__(message)
+        self.call, self.result = call, result
+
+
+class KernelCompileError(CudaError):
+    """NVRTC rejected lpd.cu; ``log`` holds the compiler's output."""
+
+    def __init__(self, message: str, log: str):
+        super().__init__(f"{message}\n{log}", call="nvrtcCompileProgram")
+        self.log = log
+
+
+@dataclass(frozen=True)
+class LaunchConfig:
+    """One launch: the extern "C" kernel, the arch it is built for, grid, block, dynamic shared memory."""
+
+    name: str
+    arch: int
+    grid: tuple[int, int, int]
+    block: tuple[int, int, int]
+    shared_mem_bytes: int
+
+
+def dtype_name(dtype: Any) -> str:
+    """'float32' / 'float16' from a string, numpy dtype or torch dtype (no torch import)."""
+    try:
+        import numpy as np
+
+        return np.dtype(dtype).name
+    except TypeError:
+        return str(dtype).removeprefix("torch.")
+
+
+def parse_arch(arch: int | str | tuple[int, int]) -> int:
+    """80 from 80, 'sm_80', '8.0' or (8, 0)."""
+    try:
+        if isinstance(arch, tuple):
+            value = arch[0] * 10 + arch[1]
+        elif isinstance(arch, str):
+            s = arch.lower().removeprefix("sm_").removeprefix("compute_")
+            value = int(s.replace(".", "")) if "." in s else int(s)
+        else:
+            value = int(arch)
+    except (TypeError, ValueError, IndexError):
+        value = -1
+    if value < 50:
+        raise ConfigError(f"Received arch {arch!r}; expected a compute capability such as 80, 'sm_90' or (9, 0)")
+    return value
+
+
+def launch_config(kernel: str, shape: tuple[int, ...], dtype: Any, arch: int | str | tuple[int, int],
+                  k: int = 3) -> LaunchConfig:
+    """The grid, block and shared memory for ``kernel`` on ``shape`` ((N, C, H, W), or (N, H, W, 3)
+    for preprocess_lpd), the only place launch tuples are computed."""
+    if kernel not in KERNELS:
+        raise ConfigError(f"Received kernel {kernel!r}; expected one of {', '.join(KERNELS)}")
+    name = dtype_name(dtype)
+    if name not in DTYPE_SUFFIX:
+        raise ConfigError(f"Received dtype {name}; expected one of {', '.join(DTYPE_SUFFIX)}")
+    shape = tuple(int(s) for s in shape)
+    if kernel == "preprocess_lpd":
+        if len(shape) != 4 or shape[3] != 3:
+            raise ConfigError(f"Received shape {shape} for preprocess_lpd; expected (N, H, W, 3)")
+        (n, h, w, _), planes, channels = shape, shape[0], 3
+    else:
+        if len(shape) != 4:
+            raise ConfigError(f"Received shape {shape} for {kernel}; expected (N, C, H, W)")
+        (n, c, h, w), planes, channels = shape, shape[0] * shape[1], 1
+    if min(shape) < 1 or max(shape) > MAX_INT:
+        raise ConfigError(f"Received shape {shape}; expected sizes from 1 to {MAX_INT} (callers skip empty tensors)")
+    k = check_window(k)
+    if kernel != "lpd_generic" and k != 3:
+        raise ConfigError(f"Received k={k} for {kernel}; expected 3 (other windows run in lpd_generic)")
+    bx, by, _ = BLOCK
+    tile_rows = by * ROWS_PER_THREAD
+    grid = (math.ceil(w / bx), math.ceil(h / tile_rows), min(planes, MAX_GRID_YZ))
+    if grid[1] > MAX_GRID_YZ:
+        raise ConfigError(f"Received height {h}; expected at most {MAX_GRID_YZ * tile_rows}")
+    r = k // 2
+    shared = (bx + 2 * r) * (tile_rows + 2 * r) * channels * 4  # float tiles with a k//2 halo
+    return LaunchConfig(f"{kernel}_{DTYPE_SUFFIX[name]}", parse_arch(arch), grid, BLOCK, shared)
+
+
+# ------------------------------------------------------------------------------------------------
+# cuda-python: deferred imports, status checks
+# ------------------------------------------------------------------------------------------------
+
+
+def _bindings(name: str) -> Any:
+    try:
+        import importlib
+
+        return importlib.import_module(f"cuda.bindings.{name}")
+    except ImportError as e:
+        raise CudaError(f"Received no cuda-python ({e}); expected it installed: pip install 'ferretnet-deploy[gpu]'") from None
+
+
+def _status_text(result: Any) -> str:
+    """'CUDA_ERROR_NO_DEVICE (100: no CUDA-capable device is detected)' for a CUresult or nvrtcResult."""
+    name = getattr(result, "name", str(result))
+    try:
+        if type(result).__name__ == "nvrtcResult":
+            return f"{name} ({int(result)})"
+        err, text = _bindings("driver").cuGetErrorString(result)
+        return f"{name} ({int(result)}: {text.decode()})" if int(err) == 0 else f"{name} ({int(result)})"
+    except Exception:  # describing an error must not raise another one
+        return f"{name} ({int(result)})"
+
+
+def _call(call: str, fn: Any, *args: Any) -> Any:
+    """Run one cuda-python call; its status (first item of the returned tuple) must be success."""
+    try:
+        out = fn(*args)
+    except RuntimeError as e:  # cuda.pathfinder's DynamicLibNotFoundError: libcuda or libnvrtc missing
+        lib = "NVRTC library" if call.startswith("nvrtc") else "CUDA driver"
+        hint = "pip install nvidia-cuda-nvrtc" if lib == "NVRTC library" else "an NVIDIA driver and a GPU"
+        raise CudaError(f"{call}: received no {lib} ({str(e).splitlines()[0]}); expected {hint}", call) from None
+    status, *values = out if isinstance(out, tuple) else (out,)
+    if int(status) != 0:
+        raise CudaError(f"{call}: received {_status_text(status)}; expected success", call, status)
+    return values[0] if len(values) == 1 else tuple(values)
+
+
+# ------------------------------------------------------------------------------------------------
+# NVRTC: lpd.cu -> PTX or CUBIN, cached on disk per (source, options, arch, NVRTC version)
+# ------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class CompiledModule:
+    """NVRTC output: PTX text or a CUBIN for one arch, and whether it came from the disk cache."""
+
+    data: bytes
+    target: str
+    arch: int
+    path: Path
+    from_cache: bool
+
+
+def nvrtc_version() -> tuple[int, int]:
+    return _call("nvrtcVersion", _bindings("nvrtc").nvrtcVersion)
+
+
+def compile_lpd(arch: int | str | tuple[int, int], target: str = "cubin", cache: Path | None = None) -> CompiledModule:
+    """lpd.cu compiled by NVRTC for ``arch`` (CUBIN: sm_XX machine code; PTX: compute_XX), cached on disk.
+
+    NVRTC needs no GPU or driver, so this also runs on CPU-only machines.
+    """
+    if target not in ("cubin", "ptx"):
+        raise ConfigError(f"Received target {target!r}; expected 'cubin' or 'ptx'")
+    arch = parse_arch(arch)
+    major, minor = nvrtc_version()
+    key = source_hash(*NVRTC_OPTIONS, f"nvrtc{major}.{minor}")
+    path = (cache or cache_dir()) / f"lpd-{key}-sm{arch}-nvrtc{major}{minor}.{target}"
+    if path.is_file():
+        return CompiledModule(path.read_bytes(), target, arch, path, from_cache=True)
+    nvrtc = _bindings("nvrtc")
+    prog = _call("nvrtcCreateProgram", nvrtc.nvrtcCreateProgram, read_source().encode(), SOURCE_PATH.name.encode(),
+                 0, [], [])
+    try:
+        gpu = f"sm_{arch}" if target == "cubin" else f"compute_{arch}"
+        opts = [f"--gpu-architecture={gpu}".encode(), *(o.encode() for o in NVRTC_OPTIONS)]
+        status, = nvrtc.nvrtcCompileProgram(prog, len(opts), opts)
+        if int(status) != 0:
+            size = _call("nvrtcGetProgramLogSize", nvrtc.nvrtcGetProgramLogSize, prog)
+            log = b" " * size
+            _call("nvrtcGetProgramLog", nvrtc.nvrtcGetProgramLog, prog, log)
+            raise KernelCompileError(f"nvrtcCompileProgram: received {_status_text(status)} for {SOURCE_PATH.name} "
+                                     f"with {gpu}; expected success", log.decode(errors="replace").rstrip("\0 "))
+        get_size, get = ((nvrtc.nvrtcGetCUBINSize, nvrtc.nvrtcGetCUBIN) if target == "cubin"
+                         else (nvrtc.nvrtcGetPTXSize, nvrtc.nvrtcGetPTX))
+        size = _call(get_size.__name__, get_size, prog)
+        data = b" " * size
+        _call(get.__name__, get, prog, data)
+    finally:
+        _call("nvrtcDestroyProgram", nvrtc.nvrtcDestroyProgram, prog)
+    write_atomic(path, data)
+    return CompiledModule(data, target, arch, path, from_cache=False)
+
+
+# ------------------------------------------------------------------------------------------------
+# Driver API: the module in a device's primary context, launches on a caller's stream
+# ------------------------------------------------------------------------------------------------
+
+_CTYPES = {"ptr": ctypes.c_void_p, "int": ctypes.c_int, "float": ctypes.c_float}
+
+
+class LpdModule:
+    """lpd.cu loaded into the primary context of one device (the context PyTorch's runtime uses)."""
+
+    def __init__(self, device: int = 0, cache: Path | None = None):
+        self._drv = drv = _bindings("driver")
+        _call("cuInit", drv.cuInit, 0)
+        self.device = device
+        self._dev = _call("cuDeviceGet", drv.cuDeviceGet, device)
+        attr = drv.CUdevice_attribute
+        major = _call("cuDeviceGetAttribute", drv.cuDeviceGetAttribute,
+                      attr.CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR, self._dev)
+        minor = _call("cuDeviceGetAttribute", drv.cuDeviceGetAttribute,
+                      attr.CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MINOR, self._dev)
+        self.arch = major * 10 + minor
+        self.compiled = compile_lpd(self.arch, "cubin", cache)
+        self._ctx = _call("cuDevicePrimaryCtxRetain", drv.cuDevicePrimaryCtxRetain, self._dev)
+        self._module: Any = None
+        self._functions: dict[str, Any] = {}
+        with self.current():
+            try:
+                self._module = _call("cuModuleLoadData", drv.cuModuleLoadData, self.compiled.data)
+            except CudaError as e:  # most often an NVRTC newer than the driver's CUDA version
+                driver_version = _call("cuDriverGetVersion", drv.cuDriverGetVersion)  # e.g. 13000 for 13.0
+                nvrtc = "%d.%d" % nvrtc_version()
+                raise CudaError(f"{e} (a CUBIN for sm_{self.arch} from NVRTC {nvrtc} on a driver for CUDA "
+                                f"{driver_version // 1000}.{driver_version % 1000 // 10}: an NVRTC newer than the "
+                                "driver needs a newer driver)", e.call, e.result) from None
+
+    @contextmanager
+    def current(self) -> Iterator[None]:
+        """Make this device's primary context current for the calls inside."""
+        _call("cuCtxPushCurrent", self._drv.cuCtxPushCurrent, self._ctx)
+        try:
+            yield
+        finally:
+            _call("cuCtxPopCurrent", self._drv.cuCtxPopCurrent)
+
+    def function(self, name: str) -> Any:
+        if name not in self._functions:
+            self._functions[name] = _call("cuModuleGetFunction", self._drv.cuModuleGetFunction, self._module,
+                                          name.encode())
+        return self._functions[name]
+
+    def launch(self, cfg: LaunchConfig, args: tuple[Any, ...], stream: int = 0) -> None:
+        """Enqueue one launch on ``stream`` (a CUstream handle as an int; 0 is the legacy default stream)."""
+        if cfg.arch != self.arch:
+            raise ConfigError(f"Received a launch config for sm_{cfg.arch}; expected sm_{self.arch} "
+                              f"(device {self.device})")
+        types = KERNEL_ARGS[cfg.name.rsplit("_", 1)[0]]
+        if len(args) != len(types):
+            raise ConfigError(f"Received {len(args)} arguments for {cfg.name}; expected {len(types)} ({', '.join(types)})")
+        values = [_CTYPES[t](a) for t, a in zip(types, args)]
+        params = (ctypes.c_void_p * len(values))(*(ctypes.addressof(v) for v in values))
+        fn = self.function(cfg.name)
+        with self.current():
+            _call("cuLaunchKernel", self._drv.cuLaunchKernel, fn, *cfg.grid, *cfg.block, cfg.shared_mem_bytes,
+                  self._drv.CUstream(stream), ctypes.addressof(params), 0)
+
+    def close(self) -> None:
+        """Unload the module and release the primary context (errors are raised, not swallowed)."""
+        if self._module is not None:
+            with self.current():
+                _call("cuModuleUnload", self._drv.cuModuleUnload, self._module)
+            self._module, self._functions = None, {}
+            _call("cuDevicePrimaryCtxRelease", self._drv.cuDevicePrimaryCtxRelease, self._dev)
+
+    def __enter__(self) -> "LpdModule":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+@functools.lru_cache(maxsize=None)
+def get_module(device: int = 0) -> LpdModule:
+    """The process's LpdModule for ``device``, loaded once (kept for the process's lifetime)."""
+    return LpdModule(device)
+
+
+def lpd(module: LpdModule, x_ptr: int, out_ptr: int, shape: tuple[int, int, int, int], dtype: Any,
+        func: str = "median", k: int = 3, residual: bool = True, stream: int = 0) -> None:
+    """Enqueue ``out = x - lpd(x)`` (or ``lpd(x)``) for contiguous NCHW x and out on the device.
+
+    The paper's setting (median, 3x3, residual) runs the specialised kernel, the rest lpd_generic.
+    """
+    variant = variant_id(func)
+    if 0 in shape:
+        return
+    if residual and func == "median" and k == 3:
+        cfg = launch_config("lpd_residual", shape, dtype, module.arch)
+        module.launch(cfg, (x_ptr, out_ptr, *shape), stream)
+    else:
+        cfg = launch_config("lpd_generic", shape, dtype, module.arch, k)
+        module.launch(cfg, (x_ptr, out_ptr, *shape, k, variant, int(residual)), stream)
+
+
+def preprocess_lpd(module: LpdModule, image_ptr: int, out_ptr: int, shape: tuple[int, int, int, int], dtype: Any,
+                   mean: tuple[float, ...] = MEAN, std: tuple[float, ...] = STD, stream: int = 0) -> None:
+    """Enqueue uint8 NHWC ``image`` -> normalise -> median-LPD residual -> NCHW ``out`` (float32/16)."""
+    if len(mean) != 3 or len(std) != 3:
+        raise ConfigError(f"Received mean {tuple(mean)} and std {tuple(std)}; expected 3 values each")
+    if 0 in shape:
+        return
+    cfg = launch_config("preprocess_lpd", shape, dtype, module.arch)
+    n, h, w, _ = shape
+    module.launch(cfg, (image_ptr, out_ptr, n, h, w, *map(float, mean), *map(float, std)), stream)
