@@ -17,7 +17,7 @@ from torch import nn
 from ferret_runtime.errors import ConfigError
 from ferret_runtime.lpd_spec import LPDSpec, check_window, get_lpd_spec, median3x3_centre, median9
 
-IMPLS = ("fast", "reference")
+IMPLS = ("fast", "reference", "op")  # "op": torch.ops.ferret.lpd (lpd_op.py), the fused kernel on CUDA
 
 
 def _windows(x: torch.Tensor, k: int, pad_value: float) -> list[torch.Tensor]:
@@ -80,6 +80,11 @@ def lpd_fast(x: torch.Tensor, spec: LPDSpec, k: int) -> torch.Tensor:
     return _select_window(torch.stack(_windows(x, k, spec.pad_value), dim=2), spec)
 
 
+def _lpd_op(x: torch.Tensor, spec: LPDSpec, k: int) -> torch.Tensor:
+    """The ``ferret::lpd`` custom op: lpd_fast on CPU, the fused CUDA kernel on GPU."""
+    return torch.ops.ferret.lpd(x, spec.name, k)
+
+
 class LPD(nn.Module):
     """The reconstruction ``lpd(x)`` for one variant and window; ``origin`` returns None (no residual)."""
 
@@ -89,7 +94,9 @@ class LPD(nn.Module):
             raise ConfigError(f"Received LPD impl {impl!r}; expected one of {IMPLS}")
         self.func, self.window_size, self.impl = func, check_window(window_size), impl
         self.spec = get_lpd_spec(func)
-        self._fn = lpd_fast if impl == "fast" else lpd_reference
+        self._fn = {"fast": lpd_fast, "reference": lpd_reference, "op": _lpd_op}[impl]
+        if impl == "op":
+            from . import lpd_op  # noqa: F401  registers torch.ops.ferret.lpd
 
     def forward(self, x: torch.Tensor) -> torch.Tensor | None:
         if self.spec is None:
