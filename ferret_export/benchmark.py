@@ -424,6 +424,9 @@ def paper_table(record: dict[str, Any]) -> str:
                      f"{m['params'] / 1e6:>7.2f}M {m['gflops_paper_convention']:>7.2f}G "
                      f"{_fmt(p.get('gflops'), '.2f') + 'G' if 'gflops' in p else '-':>11} "
                      f"{_fmt(p.get('fps'), '.1f'):>9} {(_fmt(fps, '.1f') + ' ' + how) if fps else '-':>22} {acc:>17}")
+    lines.append("FLOPs: multiply-adds (the paper's unit, thop MACs) from FlopCounterMode / 2, convolutions and linear "
+                 "layers only (BatchNorm, pooling, FFTs not counted; see ferret_train.models.peers). Paper FPS: its GPU; "
+                 "ours: fastest backend at batch 1 on this machine.")
     return "\n".join(lines)
 
 
