@@ -117,3 +117,13 @@ def test_killed_mid_save_keeps_the_previous_checkpoint(tmp_path):
     assert loaded.meta["epoch"] == 1 and loaded.config.arch == "ferretnet-s"
     leftovers = [p for p in os.listdir(tmp_path) if p != "last.pt"]
     assert all(p.startswith(".last.pt.") for p in leftovers)  # at most an orphan temp, never a torn file
+
+
+def test_atomic_write_gives_normal_permissions(tmp_path):
+    from ferret_runtime import fileio
+
+    out = fileio.atomic_write(tmp_path / "x.bin", lambda f: f.write(b"1"))
+    plain = tmp_path / "y.bin"
+    plain.write_bytes(b"1")
+    # mkstemp alone leaves 0o600: the file must get what open() gives under the process umask
+    assert out.stat().st_mode & 0o777 == plain.stat().st_mode & 0o777 == 0o666 & ~fileio._UMASK
