@@ -62,3 +62,12 @@ def test_bench_cli_writes_table_json_and_plots(tmp_path):
 def test_bench_usage_errors(args, match):
     proc = run_ferret("bench", *args)
     assert proc.returncode == 2 and match in proc.stderr and "Traceback" not in proc.stderr
+
+
+@pytest.mark.slow
+def test_bench_torch_compile_row(tmp_path):
+    proc = run_ferret("bench", "--models", "ferretnet-s", "--backends", "torch-compile", "--batch-sizes", "1",
+                      "--iters", "1", "--warmup", "1", "--image-size", "32", "--threads", "2", "--out", str(tmp_path))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (cell,) = json.loads((tmp_path / "bench.json").read_text())["cells"]
+    assert cell["backend"] == "torch-compile" and cell["status"] == "ok" and cell["img_s_median"] > 0
