@@ -112,8 +112,10 @@ def lpd_nodes(g: GraphBuilder, x: str, spec: LPDSpec, k: int) -> str:
 
 def lpd_plugin_node(g: GraphBuilder, x: str, func: str, k: int) -> str:
     """One ``ferret::lpd`` node for the TensorRT plugin (not runnable by standard ONNX consumers)."""
+    # plugin_namespace + aot=1: TensorRT's ONNX parser maps the node to the Python plugin ferret::lpd and
+    # asks for its ahead-of-time implementation, so the kernel's PTX is embedded in the engine
     return g.op(PLUGIN_OP, [x], "lpd_plugin", domain=PLUGIN_DOMAIN, func=func, window_size=k,
-                plugin_namespace=PLUGIN_DOMAIN)
+                plugin_namespace=PLUGIN_DOMAIN, aot=1)
 
 
 # ---------------------------------------------------------------------------------------------- CNN

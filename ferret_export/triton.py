@@ -486,9 +486,9 @@ def readme_text(desc: ModelDescription, *, name: str, max_batch: int, repo: str 
                   + ": use the Triton container whose TensorRT matches (NVIDIA's frameworks support matrix), "
                     "or rebuild the engine inside it.", ""]
         if meta["lpd_mode"] == "plugin":
-            lines += ["This engine contains the `ferret::lpd` plugin: Triton must load the plugin library, e.g. "
-                      "`LD_PRELOAD=/path/to/libferret_lpd.so tritonserver ...` or "
-                      "`tritonserver --backend-config=tensorrt,plugins=/path/to/libferret_lpd.so ...`.", ""]
+            lines += ["This engine contains the `ferret::lpd` plugin as an ahead-of-time (AOT) Python plugin: its "
+                      "CUDA kernel's PTX is embedded in the engine, so Triton's TensorRT backend runs it with no "
+                      "plugin library and no Python.", ""]
     elif max_batch > 0:
         lines += ["On GPUs, ONNX Runtime can hand the graph to TensorRT inside Triton: add "
                   "`optimization { execution_accelerators { gpu_execution_accelerator : [ { name : \"tensorrt\" } ] } }` "

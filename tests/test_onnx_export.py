@@ -162,7 +162,7 @@ def test_plugin_mode_has_one_ferret_node(authors_ckpt, tmp_path):
     custom = [n for n in res.model.graph.node if n.domain == "ferret"]
     assert len(custom) == 1 and custom[0].op_type == "lpd"
     attrs = {a.name: onnx.helper.get_attribute_value(a) for a in custom[0].attribute}
-    assert attrs == {"func": b"median", "window_size": 3, "plugin_namespace": b"ferret"}
+    assert attrs == {"func": b"median", "window_size": 3, "plugin_namespace": b"ferret", "aot": 1}
     assert custom_domains(res.model) == {"ferret"}
     assert not any(n.op_type in ("Min", "Max", "Pad") for n in res.model.graph.node)  # the LPD is the node
     assert all(c.passed for c in res.comparisons)  # verified through the portable twin

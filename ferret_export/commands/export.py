@@ -10,6 +10,9 @@ HELP = "export a checkpoint to ONNX (verified against PyTorch before it is writt
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("export", help=HELP, description=HELP + ".")
     formats = p.add_subparsers(dest="format", metavar="FORMAT", required=True)
+    from .export_tensorrt import add_parser as add_tensorrt
+
+    add_tensorrt(formats)
     o = formats.add_parser(
         "onnx", help="ONNX with standard operators only (ONNX Runtime, TensorRT's parser, any consumer)",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,

@@ -1,0 +1,293 @@
+"""TensorRT backend: ``.engine``/``.plan`` files built by ``ferret export tensorrt``, on a CUDA GPU.
+
+An engine is opaque without TensorRT and only runs with the TensorRT version and on the GPU it was
+built for, so every engine has a sidecar ``M.engine.json`` (format: ``ferret_export/triton.py``)
+whose ``ferret.engine`` entry records how it was built. The backend reads and checks the sidecar,
+and checks the engine file's SHA-256 against it, before TensorRT is imported; then refuses a
+different TensorRT version or GPU with ``check_engine_compat``, the one rule shared with the build.
+
+Engines built with ``--lpd plugin`` embed the ``ferret::lpd`` kernel as PTX (a TensorRT AOT
+Python plugin), so they deserialise without this toolkit's Python code or any plugin library:
+nothing is registered here, and ``trtexec``, Triton or C++ can run them too.
+
+Torch-free: buffers and the stream come from ``ferret_runtime.cuda`` (cuda-python).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import threading
+from pathlib import Path
+from typing import Any, Mapping
+
+import numpy as np
+
+from ..errors import ConfigError, FerretError
+from ..metadata import PREFIX, decode
+from .base import Backend, ModelInfo
+
+# The sidecar format (must agree with ferret_export.triton; a test compares them).
+SIDECAR_FORMAT, SIDECAR_VERSION = "ferret-tensorrt-sidecar", 1
+ENGINE_KEY = PREFIX + "engine"  # JSON object: how and where the engine was built (ferret_export.tensorrt)
+HARDWARE_COMPAT_MIN_CC = (8, 0)  # HardwareCompatibilityLevel.AMPERE_PLUS
+AOT_IMPLEMENTATION = "aot"
+
+
+def sidecar_path(engine: str | Path) -> Path:
+    """``M.engine`` -> ``M.engine.json``."""
+    engine = Path(engine)
+    return engine.with_name(engine.name + ".json")
+
+
+def _version_key(version: str) -> tuple[int, ...]:
+    """'10.9.0.34' -> (10, 9, 0): major.minor.patch, the part an engine must match."""
+    parts = []
+    for p in str(version).split(".")[:3]:
+        digits = "".join(c for c in p if c.isdigit())
+        parts.append(int(digits) if digits else -1)
+    return tuple(parts)
+
+
+def _cc(value: Any) -> tuple[int, int]:
+    """(9, 0) from '9.0', [9, 0] or (9, 0)."""
+    try:
+        if isinstance(value, str):
+            major, minor = value.split(".")
+        else:
+            major, minor = value
+        return int(major), int(minor)
+    except (TypeError, ValueError):
+        raise ConfigError(f"Received compute capability {value!r}; expected 'MAJOR.MINOR' such as '9.0'") from None
+
+
+def check_engine_compat(engine: Mapping[str, Any], trt_version: str, gpu_name: str,
+                        compute_capability: str | tuple[int, int], source: str = "engine") -> None:
+    """Refuse an engine built for another TensorRT or GPU; ``engine`` is the sidecar's ``ferret.engine``.
+
+    TensorRT: major.minor.patch must equal the builder's (TensorRT's default: a plan deserialises
+    only with the version that built it; the fourth, build, number is ignored).
+    GPU: the same compute capability and the same device name; with ``hardware_compat`` (built with
+    ``HardwareCompatibilityLevel.AMPERE_PLUS``) any GPU of compute capability 8.0 or newer.
+    """
+    built_trt = str(engine.get("tensorrt_version", "?"))
+    if _version_key(built_trt) != _version_key(trt_version):
+        raise ConfigError(f"{source}: built with TensorRT {built_trt}; this runtime has TensorRT {trt_version}; expected "
+                          "the same major.minor.patch (a TensorRT engine only loads with the version that built it): "
+                          "rebuild it here with 'ferret export tensorrt'")
+    have = _cc(compute_capability)
+    built_cc = _cc(engine.get("compute_capability"))
+    built_gpu = str(engine.get("gpu_name", "?"))
+    if engine.get("hardware_compat"):
+        if have < HARDWARE_COMPAT_MIN_CC:
+            raise ConfigError(f"{source}: built with --hardware-compat (Ampere and newer GPUs); this GPU is {gpu_name} "
+                              f"(compute capability {have[0]}.{have[1]}); expected compute capability "
+                              f"{HARDWARE_COMPAT_MIN_CC[0]}.{HARDWARE_COMPAT_MIN_CC[1]} or newer")
+        return
+    if have != built_cc or gpu_name != built_gpu:
+        raise ConfigError(f"{source}: built for {built_gpu} (compute capability {built_cc[0]}.{built_cc[1]}); this GPU "
+                          f"is {gpu_name} (compute capability {have[0]}.{have[1]}); expected the same GPU model (engines "
+                          "are tuned for one GPU): rebuild it here, or build with --hardware-compat for any Ampere or "
+                          "newer GPU")
+
+
+def read_sidecar(engine: str | Path) -> dict[str, Any]:
+    """The sidecar as a dict, with ``meta`` (decoded ``ferret.*``) and ``engine`` (the build record) added.
+
+    Checks what the runtime needs; ``ferret_export.triton.read_engine_sidecar`` checks the rest.
+    """
+    engine = Path(engine)
+    src = sidecar_path(engine)
+    if not src.is_file():
+        raise ConfigError(f"{src}: no such file; a TensorRT engine needs the sidecar written beside it by "
+                          f"'ferret export tensorrt' (the TensorRT version and GPU it was built for, its preprocessing); "
+                          f"expected it next to {engine.name}")
+    try:
+        data = json.loads(src.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ConfigError(f"{src}: received invalid JSON ({e}); expected a TensorRT sidecar object") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{src}: received a JSON {type(data).__name__}; expected an object")
+    if data.get("format", SIDECAR_FORMAT) != SIDECAR_FORMAT:
+        raise ConfigError(f"{src}: received format {data['format']!r}; expected {SIDECAR_FORMAT!r}")
+    version = data.get("version", SIDECAR_VERSION)
+    if not isinstance(version, int) or isinstance(version, bool) or not 1 <= version <= SIDECAR_VERSION:
+        raise ConfigError(f"{src}: received sidecar version {version!r}; expected 1..{SIDECAR_VERSION} "
+                          "(a newer toolkit wrote it)")
+    props = {k: v if isinstance(v, str) else json.dumps(v, sort_keys=True) if isinstance(v, dict) else str(v)
+             for k, v in data.items() if k.startswith(PREFIX)}
+    block = data.get(ENGINE_KEY)
+    if isinstance(block, str):
+        try:
+            block = json.loads(block)
+        except json.JSONDecodeError:
+            block = None
+    required = ("tensorrt_version", "gpu_name", "compute_capability", "hardware_compat", "engine_sha256")
+    if not isinstance(block, dict) or any(k not in block for k in required):
+        raise ConfigError(f"{src}: received no valid {ENGINE_KEY!r} entry (keys {', '.join(required)}); expected a "
+                          "sidecar written by 'ferret export tensorrt', which records the TensorRT version and GPU")
+    data["meta"], data["engine"] = decode(props, str(src)), block
+    return data
+
+
+def _import_tensorrt() -> Any:
+    try:
+        import tensorrt
+    except (ImportError, OSError) as e:
+        raise ConfigError(f"TensorRT engines need TensorRT: pip install 'ferretnet-deploy[trt]' (pulls tensorrt-cu13 "
+                          f"from NVIDIA's index) ({type(e).__name__}: {e})") from None
+    return tensorrt
+
+
+def _device_index(device: str) -> int:
+    if device in ("auto", "cuda"):
+        return 0
+    if device.startswith("cuda:") and device[5:].isdigit():
+        return int(device[5:])
+    if device == "cpu":
+        raise ConfigError("Received device 'cpu'; TensorRT engines run on CUDA GPUs only; expected 'auto', 'cuda' or "
+                          "'cuda:N' (run the .onnx with ONNX Runtime on a CPU)")
+    raise ConfigError(f"Received device {device!r}; expected 'auto', 'cuda' or 'cuda:N'")
+
+
+class TrtBackend(Backend):
+    """One TensorRT execution context, with pinned host and device buffers allocated once for the
+    profile's largest batch and a stream of its own. Batches above that size run in chunks."""
+
+    name = "tensorrt"
+    suffixes = (".engine", ".plan")
+
+    def __init__(self, path: str | Path, *, device: str = "auto", verbose: bool = False):
+        self.path = Path(path)
+        self._closers: list[Any] = []
+        self._lock = threading.Lock()
+        if not self.path.is_file():
+            raise ConfigError(f"{self.path}: no such engine file")
+        sidecar = read_sidecar(self.path)
+        meta, build = sidecar["meta"], sidecar["engine"]
+        plugin = build.get("plugin")
+        if plugin and plugin.get("implementation") != AOT_IMPLEMENTATION:
+            raise ConfigError(f"{self.path}: received a plugin implementation {plugin.get('implementation')!r}; expected "
+                              f"{AOT_IMPLEMENTATION!r} (the kernel embedded as PTX, nothing to register at runtime)")
+        blob = self.path.read_bytes()
+        digest = hashlib.sha256(blob).hexdigest()
+        if digest != build["engine_sha256"]:
+            raise ConfigError(f"{self.path}: received an engine with SHA-256 {digest[:16]}...; its sidecar describes "
+                              f"{str(build['engine_sha256'])[:16]}...; expected the pair written together by "
+                              "'ferret export tensorrt'")
+        index = _device_index(device)
+        trt = _import_tensorrt()
+        from .. import cuda
+
+        try:
+            gpu = cuda.device_info(index)
+        except cuda.CudaError as e:
+            raise ConfigError(f"TensorRT engines need a CUDA GPU and driver: {e}") from None
+        check_engine_compat(build, trt.__version__, gpu.name, gpu.compute_capability, str(self.path))
+        self.info = self._model_info(sidecar, meta, build)
+        self.device = f"cuda:{index}"
+        try:
+            self._load(trt, cuda, blob, index, verbose)
+        except BaseException:
+            self.close()
+            raise
+
+    @staticmethod
+    def _model_info(sidecar: dict, meta: dict, build: dict) -> ModelInfo:
+        pre = meta["preprocess"]
+        inputs = sidecar.get("inputs") or [{}]
+        shape = inputs[0].get("shape") or []
+        hw = (shape[1:3] if pre.layout == "NHWC" else shape[2:4]) if len(shape) == 4 else []
+        fixed = tuple(hw) if len(hw) == 2 and all(isinstance(d, int) and d > 0 for d in hw) else None
+        extra = {k: meta[k] for k in ("lpd_mode", "precision", "toolkit_version", "provenance") if k in meta}
+        extra["engine"] = build
+        return ModelInfo(meta["arch"], meta["lpd_func"], meta["window_size"], pre, meta["threshold"],
+                         input_hw=fixed, extra=extra)
+
+    def _load(self, trt: Any, cuda: Any, blob: bytes, index: int, verbose: bool) -> None:
+        self._ctx = cuda.Context(index)
+        self._closers.append(self._ctx)
+        logger = trt.Logger(trt.Logger.VERBOSE if verbose else trt.Logger.WARNING)
+        with self._ctx.current():
+            self._runtime = trt.Runtime(logger)
+            self._engine = self._runtime.deserialize_cuda_engine(blob)
+            if self._engine is None:
+                raise ConfigError(f"{self.path}: TensorRT {trt.__version__} could not deserialise this engine (see its "
+                                  "log above); expected an engine from 'ferret export tensorrt' with this TensorRT")
+            names = [self._engine.get_tensor_name(i) for i in range(self._engine.num_io_tensors)]
+            ins = [n for n in names if self._engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT]
+            outs = [n for n in names if n not in ins]
+            if len(ins) != 1 or len(outs) != 1:
+                raise ConfigError(f"{self.path}: received an engine with inputs {ins} and outputs {outs}; expected one each")
+            self.input_name, self.output_name = ins[0], outs[0]
+            self.input_dtype = np.dtype(trt.nptype(self._engine.get_tensor_dtype(self.input_name)))
+            self.output_dtype = np.dtype(trt.nptype(self._engine.get_tensor_dtype(self.output_name)))
+            if self.input_dtype != np.dtype(self.info.preprocess.dtype):
+                raise ConfigError(f"{self.path}: the engine's input is {self.input_dtype}; its sidecar says "
+                                  f"{self.info.preprocess.dtype}; expected the pair written together")
+            lo, _, hi = (tuple(int(d) for d in s) for s in self._engine.get_tensor_profile_shape(self.input_name, 0))
+            self.profile_min, self.profile_max = lo, hi
+            out_shape = tuple(int(d) for d in self._engine.get_tensor_shape(self.output_name))
+            self._out_per_item = int(np.prod(out_shape[1:])) if len(out_shape) > 1 else 1
+            self.context = self._engine.create_execution_context()
+            max_batch = hi[0]
+            in_bytes = int(np.prod(hi)) * self.input_dtype.itemsize
+            out_bytes = max_batch * self._out_per_item * self.output_dtype.itemsize
+            self._stream = self._own(cuda.Stream(self._ctx))
+            self._host_in = self._own(cuda.PinnedBuffer(in_bytes, self._ctx))
+            self._dev_in = self._own(cuda.DeviceBuffer(in_bytes, self._ctx))
+            self._host_out = self._own(cuda.PinnedBuffer(out_bytes, self._ctx))
+            self._dev_out = self._own(cuda.DeviceBuffer(out_bytes, self._ctx))
+            # the buffers never move, so their addresses are bound once
+            self.context.set_tensor_address(self.input_name, self._dev_in.ptr)
+            self.context.set_tensor_address(self.output_name, self._dev_out.ptr)
+        self._cuda = cuda
+
+    def _own(self, obj: Any) -> Any:
+        self._closers.append(obj)
+        return obj
+
+    def _check_shape(self, shape: tuple[int, ...]) -> None:
+        lo, hi = self.profile_min, self.profile_max
+        if len(shape) != len(hi) or any(not (a <= s <= b) for a, s, b in zip(lo[1:], shape[1:], hi[1:])):
+            raise ValueError(f"Received a batch of shape {shape}; expected shapes from {lo} to {hi} (the engine's "
+                             "optimisation profile; rebuild with other --batch/--dynamic-hw ranges)")
+
+    def run_impl(self, batch: np.ndarray) -> np.ndarray:
+        if batch.shape[0] == 0:
+            return np.empty((0, self._out_per_item), self.output_dtype)
+        self._check_shape(batch.shape)
+        step = self.profile_max[0]
+        with self._lock:
+            return np.concatenate([self._run_chunk(batch[i : i + step]) for i in range(0, batch.shape[0], step)])
+
+    def _run_chunk(self, batch: np.ndarray) -> np.ndarray:
+        n = batch.shape[0]
+        pad = max(0, self.profile_min[0] - n)  # a profile whose smallest batch is > 1: pad with zeros, drop after
+        shape = (n + pad, *batch.shape[1:])
+        host_in = self._host_in.array(self.input_dtype, shape)
+        np.copyto(host_in[:n], batch, casting="no")
+        host_in[n:] = 0
+        cuda = self._cuda
+        with self._ctx.current():
+            cuda.copy_htod_async(self._dev_in, self._host_in, host_in.nbytes, self._stream)
+            if not self.context.set_input_shape(self.input_name, shape):
+                raise FerretError(f"TensorRT rejected input shape {shape} for {self.input_name!r}")
+            if not self.context.execute_async_v3(self._stream.handle):
+                raise FerretError(f"{self.path}: TensorRT execute_async_v3 failed (see its log above)")
+            out_bytes = shape[0] * self._out_per_item * self.output_dtype.itemsize
+            cuda.copy_dtoh_async(self._host_out, self._dev_out, out_bytes, self._stream)
+            self._stream.synchronize()
+        out = self._host_out.array(self.output_dtype, (shape[0], self._out_per_item))
+        return out[:n].copy()  # the pinned buffer is reused by the next call
+
+    def close(self) -> None:
+        """Release the context and engine, then buffers and stream, then the CUDA context (idempotent)."""
+        ctx = getattr(self, "_ctx", None)
+        if ctx is not None and not ctx.closed:
+            with ctx.current():  # TensorRT objects go first, in their context, while the buffers are alive
+                for attr in ("context", "_engine", "_runtime"):
+                    setattr(self, attr, None)
+        closers, self._closers = getattr(self, "_closers", []), []
+        for obj in reversed(closers):  # Context was appended first, so it is released last
+            obj.close()
