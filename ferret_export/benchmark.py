@@ -272,7 +272,31 @@ def _trt_runner(ctx: _Context, backend: str, batch: int) -> Runner:
         raise _Skip("TensorRT is not installed (pip install 'ferretnet-deploy[trt]' on a machine with an NVIDIA GPU)")
     if not ctx.device.startswith("cuda"):
         raise _Skip("TensorRT needs a CUDA device")
-    raise _Skip("TensorRT engines are built by 'ferret export tensorrt', which is not implemented yet")
+    if not _is_ferret(ctx.name):
+        raise _Skip("TensorRT rows are built from our FerretNet export")
+    precision = backend.split("-", 1)[1]
+    if precision == "int8":
+        raise _Skip("INT8 engines need calibration images: build one with 'ferret export tensorrt --int8' "
+                    "and time it with --backends pipeline on that engine")
+    from ferret_runtime.backends.tensorrt import TrtBackend
+
+    from .tensorrt import export_and_build
+
+    engine = ctx.tmp / f"{ctx.name}-{precision}-b{batch}.engine"
+    if not engine.exists():
+        export_and_build(ctx.tmp / f"{ctx.name}.pth" if (ctx.tmp / f"{ctx.name}.pth").exists() else _save(ctx),
+                         engine, precision=precision, input_size=ctx.size, batch=(1, batch, batch), verify=False,
+                         log=lambda *_: None)
+    be = TrtBackend(engine, device="cuda")
+    x = np.random.default_rng(0).standard_normal((batch, 3, ctx.size, ctx.size)).astype(
+        np.float16 if be.info.preprocess.dtype == "float16" else np.float32)
+    return (lambda: be.run(x)), False, be.close
+
+
+def _save(ctx: _Context) -> Path:
+    from ferret_train.checkpoint import save_checkpoint
+
+    return save_checkpoint(ctx.tmp / f"{ctx.name}.pth", ctx.model)
 
 
 RUNNERS: dict[str, Callable[[_Context, str, int], Runner]] = {
