@@ -251,3 +251,62 @@ def test_source_model_errors(fp32_onnx, int8, authors_ckpt, proxy, tmp_path):
     with pytest.raises(ConfigError, match=r"junk\.onnx: received a file onnx cannot parse"):
         quantize_int8(junk, out, calib, log=_quiet)
     assert not out.exists()
+
+
+# ------------------------------------------------------------------------------------------ CLI
+def test_cli_export_int8_writes_a_verified_qdq_graph(authors_ckpt, reference, proxy, tmp_path, capsys):
+    from ferret_runtime.cli import main
+
+    out = tmp_path / "models" / "s.int8.onnx"
+    rc = main(["export", "onnx", "-w", str(authors_ckpt), "-o", str(out), "--int8", "--calib-data", str(proxy["train"]),
+               "--calib-images", "16", "--verify-images", str(reference / "images")])
+    text = capsys.readouterr().out
+    assert rc == 0, text
+    assert "label agreement 100.00%" in text and "images 10 " in text  # int8 vs fp32 on the 10 reference images
+    proto = onnx.load(str(out))
+    ops = {n.op_type for n in proto.graph.node}
+    assert {"QuantizeLinear", "DequantizeLinear"} <= ops
+    meta = decode(_props(proto), "s.int8.onnx")
+    cal = meta["provenance"]["int8"]
+    assert meta["precision"] == "int8" and cal["n_images"] == 16 and cal["method"] == "percentile"
+    assert [p.name for p in out.parent.iterdir()] == [out.name]  # the temporary fp32 graph is gone
+    paths, y = _labelled("reference", reference, proxy)
+    with Detector.open(out) as det:
+        acc = np.mean([(r.label == "fake") == bool(t) for r, t in zip(det.predict(paths), y)])
+    assert acc == 1.0
+
+
+@pytest.mark.parametrize("extra, message", [
+    ([], "without --calib-data"),
+    (["--calib-data", "CALIB", "--fp16"], "--int8 with --fp16"),
+    (["--calib-data", "CALIB", "--lpd", "plugin"], "--int8 with --lpd plugin"),
+    (["--calib-data", "MISSING"], "does not exist"),
+])
+def test_cli_int8_bad_options_name_the_problem_and_keep_the_old_file(authors_ckpt, proxy, tmp_path, capsys, extra,
+                                                                     message):
+    from ferret_runtime.cli import main
+
+    out = tmp_path / "old.onnx"
+    out.write_bytes(b"previous model")
+    extra = [str(proxy["train"]) if a == "CALIB" else str(tmp_path / "nope") if a == "MISSING" else a for a in extra]
+    rc = main(["export", "onnx", "-w", str(authors_ckpt), "-o", str(out), "--int8", "--no-verify", *extra])
+    err = capsys.readouterr().err
+    assert rc == 2 and message in err and "Traceback" not in err, err
+    assert out.read_bytes() == b"previous model"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["old.onnx"]
+
+
+def test_cli_int8_fails_below_the_agreement_floor_and_writes_nothing(authors_ckpt, proxy, tmp_path, capsys):
+    """All-int8 with entropy calibration on 16 images agrees on ~95% of proxy test labels (measured 94.5%):
+    the default floor of 99% must refuse it."""
+    from ferret_runtime.cli import main
+
+    out = tmp_path / "old.onnx"
+    out.write_bytes(b"previous model")
+    rc = main(["export", "onnx", "-w", str(authors_ckpt), "-o", str(out), "--int8", "--no-verify",
+               "--calib-data", str(proxy["train"]), "--calib-images", "16", "--int8-float-layers", "0",
+               "--calib-method", "entropy", "--verify-images", str(proxy["test"])])
+    err = capsys.readouterr().err
+    assert rc == 2 and "not written" in err and "labels agree on" in err, err
+    assert out.read_bytes() == b"previous model"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["old.onnx"]

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from ferret_runtime.errors import ConfigError
+
 HELP = "export a checkpoint to ONNX (verified against PyTorch before it is written)"
 
 
@@ -20,7 +22,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                     "Min/Max network for 3x3, TopK for larger windows), BatchNorm is folded into the convolutions, "
                     "and ONNX Runtime's output is compared with PyTorch's on real and random inputs before the file "
                     "is written.",
-        epilog="Example: ferret export onnx -w ferretnet-s-median-3.pth -o ferretnet-s.onnx --dynamic-hw",
+        epilog="Examples:\n  ferret export onnx -w ferretnet-s-median-3.pth -o ferretnet-s.onnx --dynamic-hw\n"
+               "  ferret export onnx -w ferretnet-s-median-3.pth -o ferretnet-s.int8.onnx --int8 "
+               "--calib-data data/train --calib-images 256",
     )
     o.add_argument("--weights", "-w", required=True, help="checkpoint (.pth/.pt), the authors' format or ours")
     o.add_argument("--out", "-o", required=True, help="output .onnx path (written atomically, only if verified)")
@@ -43,6 +47,23 @@ def register(sub: argparse._SubParsersAction) -> None:
     o.add_argument("--verify-images", nargs="+", metavar="PATH", default=None,
                    help="image files/folders for verification (default: generated samples)")
     o.add_argument("--threshold", type=float, default=0.5, help="decision threshold stored in the metadata")
+    q = o.add_argument_group("INT8 (a Q/DQ graph calibrated on real images; runs in ONNX Runtime and TensorRT)")
+    q.add_argument("--int8", action="store_true", help="post-training static quantisation: int8 per-channel weights and "
+                   "calibrated per-tensor activations; the LPD, the residual and the first --int8-float-layers "
+                   "convolutions stay float32. Needs --calib-data")
+    q.add_argument("--calib-data", nargs="+", metavar="PATH", default=None,
+                   help="image files/folders (e.g. a ForenSynths train root) to calibrate on, read through the "
+                        "runtime's preprocessing")
+    q.add_argument("--calib-images", type=int, default=256, metavar="N", help="images drawn (seeded) from --calib-data")
+    q.add_argument("--calib-method", choices=["percentile", "entropy", "minmax"], default="percentile",
+                   help="activation ranges: 99.9999th percentile of |x|, KL divergence (TensorRT's entropy "
+                        "calibrator), or min/max")
+    q.add_argument("--int8-float-layers", type=int, default=2, metavar="K",
+                   help="leading Conv layers kept float32 (0 = all int8; the first two read the LPD residual, whose "
+                        "signal is in rare large values)")
+    q.add_argument("--int8-min-agreement", type=float, default=0.99, metavar="F",
+                   help="fail (nothing written) when int8 and fp32 labels agree on fewer than this share of the "
+                        "verification images (--verify-images, else the calibration images)")
     o.add_argument("--lpd-func", default=None, help="LPD function for checkpoints that do not record it")
     o.add_argument("--window", type=int, default=None, help="LPD window for checkpoints that do not record it")
     o.set_defaults(func=run_onnx)
@@ -96,10 +117,59 @@ def run_onnx(args: argparse.Namespace) -> int:
 
     opts = GraphOptions(opset=args.opset, fp16=args.fp16, dynamic_batch=args.dynamic, dynamic_hw=args.dynamic_hw,
                         input_size=args.input_size, preprocess=args.preprocess, lpd=args.lpd)
+    if args.int8:
+        return _run_int8(args, opts)
+    if args.calib_data:
+        raise ConfigError("Received --calib-data without --int8; expected both (calibration is for INT8 graphs)")
     export_onnx(args.weights, args.out, opts, lpd_func=args.lpd_func, window_size=args.window,
                 verify_images=args.verify_images, run_verify=args.verify, simplify=args.simplify,
                 threshold=args.threshold)
     return 0
+
+
+def _run_int8(args: argparse.Namespace, opts) -> int:
+    """fp32 export (verified against PyTorch) -> calibrated Q/DQ graph -> int8 vs fp32 check -> OUT."""
+    import os
+    import tempfile
+    from pathlib import Path
+
+    from ..onnx_export import export_onnx
+    from ..quantize import quantize_int8, verify_int8
+    from ..verify import ParityError
+
+    if args.fp16 or args.lpd == "plugin":
+        raise ConfigError("Received --int8 with " + ("--fp16" if args.fp16 else "--lpd plugin") + "; expected neither "
+                          "(INT8 quantises the fp32 portable graph: ONNX Runtime must run it to calibrate)")
+    if not args.calib_data:
+        raise ConfigError("Received --int8 without --calib-data; expected image files or folders to calibrate on "
+                          "(e.g. --calib-data data/train --calib-images 256)")
+    if not 0.0 <= args.int8_min_agreement <= 1.0:
+        raise ConfigError(f"Received --int8-min-agreement {args.int8_min_agreement}; expected 0..1")
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=".ferret-int8-", dir=out.parent) as tmp:
+        fp32, q = Path(tmp) / "fp32.onnx", Path(tmp) / "int8.onnx"
+        export_onnx(args.weights, fp32, opts, lpd_func=args.lpd_func, window_size=args.window,
+                    verify_images=args.verify_images, run_verify=args.verify, simplify=args.simplify,
+                    threshold=args.threshold)
+        res = quantize_int8(fp32, q, args.calib_data, n_images=args.calib_images, method=args.calib_method,
+                            float_layers=args.int8_float_layers)
+        images = args.verify_images or [str(p) for p in _calib_paths(args.calib_data, args.calib_images)]
+        cmp = verify_int8(fp32, q, images)
+        if cmp.agreement < args.int8_min_agreement:
+            raise ParityError(f"{out}: not written: int8 and fp32 labels agree on {100 * cmp.agreement:.2f}% of "
+                              f"{cmp.n} images; expected >= {100 * args.int8_min_agreement:.2f}% (try --calib-method "
+                              f"percentile, more --calib-images or a larger --int8-float-layers)")
+        os.replace(q, out)  # same directory: atomic, and the file keeps the permissions atomic_write gave it
+    print(f"[export] wrote {out} ({out.stat().st_size / 1e6:.2f} MB int8, {res.n_images} calibration images, "
+          f"{res.method})")
+    return 0
+
+
+def _calib_paths(data: list[str], n: int) -> list:
+    from ..quantize import select_images
+
+    return select_images(data, n)
 
 
 def run_triton(args: argparse.Namespace) -> int:
