@@ -437,5 +437,5 @@ def test_cli(models, tmp_path):
     assert bad.returncode == 2 and "Received '8,x'; expected comma-separated positive integers" in bad.stderr
     helptext = run_ferret("export", "triton", "--help").stdout
     for opt in ["--model", "--repo", "--name", "--max-batch", "--instances", "--preferred-batch",
-                "--max-queue-delay-us", "--kind", "--force", "Example: ferret export triton"]:
+                "--max-queue-delay-us", "--kind", "--force", "Example:\n  ferret export triton"]:
         assert opt in helptext

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 
+from ferret_runtime.commands import HelpFormatter
 from ferret_runtime.errors import ConfigError
 
 HELP = "export a checkpoint to ONNX (verified against PyTorch before it is written)"
@@ -17,7 +18,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     add_tensorrt(formats)
     o = formats.add_parser(
         "onnx", help="ONNX with standard operators only (ONNX Runtime, TensorRT's parser, any consumer)",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=HelpFormatter,
         description="Export a FerretNet checkpoint to ONNX. The LPD becomes standard operators (a median-of-9 "
                     "Min/Max network for 3x3, TopK for larger windows), BatchNorm is folded into the convolutions, "
                     "and ONNX Runtime's output is compared with PyTorch's on real and random inputs before the file "
@@ -70,13 +71,13 @@ def register(sub: argparse._SubParsersAction) -> None:
 
     t = formats.add_parser(
         "triton", help="a Triton Inference Server model repository from an exported .onnx or TensorRT engine",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=HelpFormatter,
         description="Write a Triton Inference Server model repository: REPO/NAME/config.pbtxt, REPO/NAME/1/model.onnx "
                     "(platform onnxruntime_onnx) or REPO/NAME/1/model.plan (tensorrt_plan), REPO/NAME/README.md with "
                     "the exact preprocessing, and REPO/client_example.py (tritonclient.http, numpy only). Input names, "
                     "dtypes and shapes are read from the ONNX graph; a TensorRT engine needs its sidecar ENGINE.json "
                     "(written by the TensorRT export). The model's ferret.* metadata goes into the config's parameters.",
-        epilog="Example: ferret export triton --model ferretnet-s.onnx --repo models --max-batch 64 "
+        epilog="\nExample:\n  ferret export triton --model ferretnet-s.onnx --repo models --max-batch 64 "
                "--preferred-batch 8,16,32 --instances 2",
     )
     t.add_argument("--model", "-m", required=True, help="exported model: .onnx (from 'ferret export onnx') or a "

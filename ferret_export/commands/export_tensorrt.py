@@ -3,16 +3,11 @@
 from __future__ import annotations
 
 import argparse
+
+from ferret_runtime.commands import HelpFormatter
 from pathlib import Path
 
 HELP = "build a TensorRT engine from an exported .onnx or a checkpoint (verified against ONNX Runtime first)"
-
-
-class _Formatter(argparse.ArgumentDefaultsHelpFormatter):
-    """Shows defaults, except None ones, whose meaning the help text states."""
-
-    def _get_help_string(self, action: argparse.Action) -> str | None:
-        return action.help if action.default is None else super()._get_help_string(action)
 
 
 def _triple(option: str):
@@ -35,7 +30,7 @@ def add_parser(formats: argparse._SubParsersAction) -> argparse.ArgumentParser:
     from ..tensorrt import DEFAULT_BATCH, DEFAULT_WORKSPACE_MB
 
     p = formats.add_parser(
-        "tensorrt", help=HELP, formatter_class=_Formatter,
+        "tensorrt", help=HELP, formatter_class=HelpFormatter,
         description="Build a TensorRT engine for this machine's GPU from a graph written by 'ferret export onnx' "
                     "(--onnx), or export a checkpoint first (--weights). The network is strongly typed: the precision "
                     "is the graph's (float32, float16, or INT8 Q/DQ). Before anything is written, TensorRT's logits are "

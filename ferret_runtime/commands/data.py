@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+
+from ferret_runtime.commands import HelpFormatter
 import sys
 
 HELP = "generate datasets"
@@ -13,7 +15,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     kinds = p.add_subparsers(dest="kind", metavar="KIND", required=True)
     q = kinds.add_parser(
         "proxy", help="the proxy dataset: procedural 'real' scenes vs their re-synthesis by generator-like decoders",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=HelpFormatter,
         description="Write a deterministic proxy dataset in the ForenSynths layout: train/ and val/ with "
                     "nearest, bilinear and transposed-convolution decoders; test/<decoder>/ for each decoder, "
                     "with pixel-shuffle held out of training. A proxy for demos and tests, not a benchmark.")

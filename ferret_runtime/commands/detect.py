@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+
+from ferret_runtime.commands import HelpFormatter
 import json
 import sys
 from pathlib import Path
@@ -17,9 +19,9 @@ HELP = "classify images (files or folders, recursively) as real or AI-generated"
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "detect", help=HELP, description=HELP + ".",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=HelpFormatter,
         epilog="Exit status: 0 when every input was classified, 1 when any could not be read, "
-               "2 on a usage or model error. Example: ferret detect photos/ --weights "
+               "2 on a usage or model error. \nExample:\n  ferret detect photos/ --weights "
                "ferretnet-s-median-3.pth --json",
     )
     p.add_argument("paths", nargs="+", metavar="PATH",

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+
+from ferret_runtime.commands import HelpFormatter
 import sys
 
 from ..errors import ConfigError
@@ -13,11 +15,11 @@ HELP = "serve a model over HTTP (POST /v1/detect) with dynamic batching, health 
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
-        "serve", help=HELP, description=HELP + ".", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        "serve", help=HELP, description=HELP + ".", formatter_class=HelpFormatter,
         epilog="Endpoints: POST /v1/detect (an image as the raw body, or several as multipart/form-data file parts) "
                "-> {\"results\": [{path, logit, prob_fake, label}]}; 400 bad image, 413 body too large, 503 + "
                "Retry-After when the queue is full. GET /healthz, /readyz (model warmed up), /metrics (Prometheus). "
-               "SIGTERM finishes in-flight requests, then exits. Example: ferret serve --model ferretnet-s.onnx "
+               "SIGTERM finishes in-flight requests, then exits. \nExample:\n  ferret serve --model ferretnet-s.onnx "
                "--port 8000, then: curl --data-binary @photo.jpg localhost:8000/v1/detect",
     )
     src = p.add_mutually_exclusive_group(required=True)

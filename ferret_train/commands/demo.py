@@ -7,6 +7,8 @@ in training), then runs ``ferret detect`` with explanation panels on held-out im
 from __future__ import annotations
 
 import argparse
+
+from ferret_runtime.commands import HelpFormatter
 import sys
 import time
 from pathlib import Path
@@ -15,7 +17,7 @@ HELP = "generate the proxy dataset, train FerretNet-S on it, evaluate, and class
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("demo", help=HELP, description=HELP + ".", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = sub.add_parser("demo", help=HELP, description=HELP + ".", formatter_class=HelpFormatter)
     p.add_argument("--out", default="demo_out", help="folder for the dataset, the run, the evaluation and the panels")
     p.add_argument("--config", default=None, help="training config (default: configs/demo.yaml's settings)")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="training config overrides, e.g. total_epochs=4")

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+
+from ferret_runtime.commands import HelpFormatter
 import sys
 from pathlib import Path
 
@@ -12,9 +14,9 @@ HELP = "evaluate a model on a ForenSynths-layout folder: ACC, AP, real/fake ACC 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "eval", help=HELP, description=HELP + " (as the original SynTester).",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=HelpFormatter,
         epilog="Layout: ROOT/<subset>/[<class>/]0_real|1_fake/*.png|jpg...; each subset is scored "
-               "separately, then the mean. Example: ferret eval -w best.pt --data ForenSynths --json eval.json",
+               "separately, then the mean. \nExample:\n  ferret eval -w best.pt --data ForenSynths --json eval.json",
     )
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--weights", "-w", help="PyTorch checkpoint")

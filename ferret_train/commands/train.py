@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import argparse
 
+from ferret_runtime.commands import HelpFormatter
+
 HELP = "train FerretNet (CPU, one GPU, or several with torchrun)"
 
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "train", help=HELP, description=HELP + ". Settings come from --config (YAML), then KEY=VALUE overrides.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=HelpFormatter,
         epilog="Examples:\n  ferret train --config configs/train.yaml data.train_root=SID/progan-4cls optim.lr=1e-4\n"
                "  ferret train --resume runs/train/last.pt total_epochs=150\n"
                "  torchrun --nproc_per_node 4 -m ferret_runtime.cli train --config configs/train.yaml\n"
