@@ -22,13 +22,32 @@ def _cuda_available() -> bool:
     return torch.cuda.is_available()
 
 
+def _driver_gpus() -> int:
+    """CUDA devices the driver sees (cuda-python), whatever torch build is installed; 0 without either."""
+    try:
+        from ferret_runtime import cuda
+
+        return cuda.device_count()
+    except Exception:  # CudaError without cuda-python or a driver
+        return 0
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    no_gpu = pytest.mark.skip(reason="no CUDA GPU visible to PyTorch on this machine")
+    """``gpu`` tests need PyTorch's CUDA, except TensorRT ones (``trt``) and ``gpu(torch=False)`` ones:
+    those use torch on the CPU at most and reach the GPU through cuda-python, so a GPU the driver
+    sees is enough (a CPU-only torch on a GPU machine does not skip them)."""
+    no_torch_gpu = pytest.mark.skip(reason="no CUDA GPU visible to PyTorch on this machine")
+    no_gpu = pytest.mark.skip(reason="no CUDA GPU visible to the CUDA driver (cuda-python) on this machine")
     no_trt = pytest.mark.skip(reason="TensorRT (the 'tensorrt' package) is not installed")
-    has_gpu, has_trt = _cuda_available(), importlib.util.find_spec("tensorrt") is not None
+    has_torch_gpu, has_trt = _cuda_available(), importlib.util.find_spec("tensorrt") is not None
+    has_gpu = has_torch_gpu or _driver_gpus() > 0
     for item in items:
-        if "gpu" in item.keywords and not has_gpu:
-            item.add_marker(no_gpu)
+        if "gpu" in item.keywords:
+            driver_only = "trt" in item.keywords or item.get_closest_marker("gpu").kwargs.get("torch") is False
+            if driver_only and not has_gpu:
+                item.add_marker(no_gpu)
+            elif not driver_only and not has_torch_gpu:
+                item.add_marker(no_torch_gpu)
         if "trt" in item.keywords and not has_trt:
             item.add_marker(no_trt)
 

@@ -753,7 +753,7 @@ def test_gpu_detector_gives_the_reference_logits(authors_ckpt, reference, tmp_pa
         assert abs(r.logit - ref[name]["logit_center_crop_256"]) <= 1e-3, (name, r.logit)
 
 
-@pytest.mark.gpu
+@pytest.mark.gpu(torch=False)
 def test_gpu_cuda_buffers_round_trip():
     with cuda.Context(0) as ctx, cuda.Stream(ctx) as stream, cuda.PinnedBuffer(4096, ctx) as a, \
             cuda.DeviceBuffer(4096, ctx) as d, cuda.PinnedBuffer(4096, ctx) as b, cuda.Event(ctx) as e0, \
