@@ -44,6 +44,35 @@ def _name(item: ImageInput, i: int) -> str:
     return str(item) if isinstance(item, (str, os.PathLike)) else f"<input {i}>"
 
 
+class _Done:
+    """Logits already computed (a backend that runs synchronously), shaped like a pending batch."""
+
+    def __init__(self, logits: np.ndarray):
+        self.logits = logits
+
+    def result(self) -> np.ndarray:
+        return self.logits
+
+
+class _Batch:
+    """One batch of inputs: results filled in as its groups' logits arrive."""
+
+    def __init__(self, det: "Detector", names: list[str], decoded: list):
+        self.det, self.names, self.decoded = det, names, decoded
+        self.out: list = [None] * len(names)
+        self.parts: list[tuple[list[int], Any]] = []  # (image indices, pending logits), oldest first
+
+    def collect_oldest(self) -> None:
+        idx, pending = self.parts.pop(0)
+        for i, logit in zip(idx, pending.result()):
+            self.out[i] = (self.det._result(self.names[i], float(logit)), self.decoded[i])
+
+    def finish(self) -> list[tuple[Result, np.ndarray | None]]:
+        while self.parts:
+            self.collect_oldest()
+        return self.out
+
+
 class Detector:
     """Classifies images as real or AI-generated with a FerretNet model of any supported format."""
 
@@ -58,7 +87,7 @@ class Detector:
         self._pool = ThreadPoolExecutor(max(1, workers), thread_name_prefix="ferret-decode")
         self._run_lock = threading.Lock()  # one batch in the backend at a time; decoding runs alongside
         self.prefetch = 2  # batches decoded ahead of the one running
-        self._buffer: np.ndarray | None = None
+        self._local = threading.local()  # each thread's normalisation buffer
 
     @classmethod
     def open(cls, path: str | Path, *, device: str = "auto", crop: int | None | str = "model",
@@ -101,44 +130,78 @@ class Detector:
 
     def predict_named(self, pairs: Iterable[tuple[str, ImageInput]]) -> Iterator[tuple[Result, np.ndarray | None]]:
         """As :meth:`predict_iter`, for (name, input) pairs: the name becomes ``Result.path``."""
-        pending: deque[tuple[list[str], list[Future]]] = deque()
+        decoding: deque[tuple[list[str], list[Future]]] = deque()
+        running: deque[_Batch] = deque()  # started on the backend, yielded in order
         chunk: list[tuple[str, ImageInput]] = []
 
         def submit() -> None:
-            pending.append(([n for n, _ in chunk], [self._pool.submit(self._decode, item, n) for n, item in chunk]))
+            decoding.append(([n for n, _ in chunk], [self._pool.submit(self._decode, item, n) for n, item in chunk]))
+
+        def start_next() -> Iterator[tuple[Result, np.ndarray | None]]:
+            running.append(self._start(*decoding.popleft(), running))
+            while len(running) > (1 if self._pipelined else 0):  # the newest stays in flight on the GPU
+                yield from running.popleft().finish()
 
         for name, item in pairs:
             chunk.append((name, item))
             if len(chunk) == self.batch_size:
                 submit()
                 chunk = []
-                if len(pending) > self.prefetch:
-                    yield from self._finish(*pending.popleft())
+                if len(decoding) > self.prefetch:
+                    yield from start_next()
         if chunk:
             submit()
-        while pending:
-            yield from self._finish(*pending.popleft())
+        while decoding:
+            yield from start_next()
+        while running:
+            yield from running.popleft().finish()
 
     def _run_chunk(self, chunk: list[tuple[str, ImageInput]]) -> list[tuple[Result, np.ndarray | None]]:
         """Decode (on the pool) and classify one chunk of (name, input) pairs."""
         return self._finish([n for n, _ in chunk], [self._pool.submit(self._decode, item, n) for n, item in chunk])
 
     def _finish(self, names: list[str], futures: list[Future]) -> list[tuple[Result, np.ndarray | None]]:
+        return self._start(names, futures, deque()).finish()
+
+    @property
+    def _pipelined(self) -> bool:
+        """The backend keeps batches in flight (TensorRT with >= 2 slots): submit now, collect later."""
+        return callable(getattr(self.backend, "submit", None)) and getattr(self.backend, "slots", 1) >= 2
+
+    def _start(self, names: list[str], futures: list[Future], running: deque["_Batch"]) -> "_Batch":
+        """Wait for one batch's decoding, then run its images (grouped by size) or enqueue them.
+
+        A pipelined backend gets each group with ``submit(block=False)``; when all its slots are
+        taken, this caller first collects its own oldest batch (earlier batches in ``running``, then
+        this one's groups), so it never waits for a slot while holding one.
+        """
         decoded = [f.result() for f in futures]
-        out: list[tuple[Result, np.ndarray | None]] = [None] * len(names)  # type: ignore[list-item]
+        batch = _Batch(self, names, decoded)
         groups: dict[tuple[int, ...], list[int]] = {}
         for i, img in enumerate(decoded):
             if isinstance(img, FerretError):
-                out[i] = (Result(names[i], error=str(img)), None)
+                batch.out[i] = (Result(names[i], error=str(img)), None)
             else:
                 groups.setdefault(img.shape, []).append(i)
+        step = getattr(self.backend, "max_batch", None) or self.batch_size
         for idx in groups.values():
-            u8 = np.stack([decoded[i] for i in idx])
-            with self._run_lock:  # the input buffer is shared: fill it under the lock
-                logits = self.backend.run(self._batch(u8))
-            for i, logit in zip(idx, logits):
-                out[i] = (self._result(names[i], float(logit)), decoded[i])
-        return out
+            for j in range(0, len(idx), step if self._pipelined else len(idx)):
+                part = idx[j : j + step] if self._pipelined else idx
+                u8 = np.stack([decoded[i] for i in part])
+                batch.parts.append((part, self._enqueue(u8, running, batch)))
+        return batch
+
+    def _enqueue(self, u8: np.ndarray, running: deque["_Batch"], current: "_Batch") -> Any:
+        if not self._pipelined:
+            with self._run_lock:  # one batch in the backend at a time
+                return _Done(self.backend.run(self._batch(u8)))
+        x = self._batch(u8)  # this thread's buffer; submit copies it into the slot's pinned memory
+        while True:  # no lock: slots are the backend's, and a thread never waits for one while holding one
+            held = [b for b in running if b.parts] + ([current] if current.parts else [])
+            pending = self.backend.submit(x, block=not held)
+            if pending is not None:
+                return pending
+            held[0].collect_oldest()
 
     def _batch(self, u8: np.ndarray) -> np.ndarray:
         """uint8 NHWC -> the model's input format (the graph may do the normalisation itself)."""
@@ -146,9 +209,10 @@ class Detector:
         if pre.dtype == "uint8":
             return u8 if pre.layout == "NHWC" else np.ascontiguousarray(u8.transpose(0, 3, 1, 2))
         shape = (u8.shape[0], 3, u8.shape[1], u8.shape[2])
-        if self._buffer is None or self._buffer.shape != shape:
-            self._buffer = np.empty(shape, np.float32)  # reused while batches keep their shape
-        x = normalize(u8, pre.mean, pre.std, out=self._buffer)
+        buf = getattr(self._local, "buffer", None)
+        if buf is None or buf.shape != shape:
+            buf = self._local.buffer = np.empty(shape, np.float32)  # per thread, reused while batches keep their shape
+        x = normalize(u8, pre.mean, pre.std, out=buf)
         return x if pre.dtype == "float32" else x.astype(pre.dtype)
 
     def predict(self, inputs: ImageInput | Iterable[ImageInput]) -> list[Result]:

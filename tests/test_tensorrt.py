@@ -38,7 +38,7 @@ from ferret_export.onnx_graph import PLUGIN_DOMAIN, PLUGIN_OP, GraphOptions, lpd
 from ferret_export.triton import SIDECAR_FORMAT, SIDECAR_VERSION, read_engine_sidecar, write_engine_sidecar
 from ferret_runtime import cli, cuda
 from ferret_runtime.backends import tensorrt as trt_backend
-from ferret_runtime.errors import ConfigError
+from ferret_runtime.errors import ConfigError, FerretError
 from ferret_runtime.kernels import VARIANT_IDS, host, launch
 from ferret_runtime.lpd_spec import LPD_SPECS
 from ferret_runtime.preprocess import normalize
@@ -919,8 +919,14 @@ class FakeContext:
         return True
 
     def execute_async_v3(self, stream):
+        shape = self.shape
+        LazyStream.by_handle[stream].enqueue(lambda: self._execute(shape))
+        return True
+
+    def _execute(self, shape):
         import ctypes
 
+        self.shape = shape
         e = self.engine
         dtype = np.dtype(e.trt.nptype(e.dtypes[e.names[0]]))
         count = int(np.prod(self.shape))
@@ -965,11 +971,53 @@ def _fake_cuda(monkeypatch):
         def close(self):
             self.closed = True
 
-    copy = lambda dst, src, nbytes, stream: ctypes.memmove(dst.ptr, src.ptr, nbytes)  # noqa: E731
-    stream = lambda ctx: types.SimpleNamespace(handle=0, synchronize=lambda: None, close=lambda: None)  # noqa: E731
+    def copy(dst, src, nbytes, stream):
+        stream.enqueue(lambda: ctypes.memmove(dst.ptr, src.ptr, nbytes))
+
     for name, value in dict(device_info=lambda index=0: GPU, Context=Ctx, PinnedBuffer=HostMemory,
-                            DeviceBuffer=HostMemory, Stream=stream, copy_htod_async=copy, copy_dtoh_async=copy).items():
+                            DeviceBuffer=HostMemory, Stream=LazyStream, Event=LazyEvent, copy_htod_async=copy,
+                            copy_dtoh_async=copy).items():
         monkeypatch.setattr(cuda, name, value)
+
+
+class LazyStream:
+    """A stream whose work runs only when an event on it (or the stream) is synchronised, as late as a
+    real GPU may run it: a slot reused before its logits were collected would be caught."""
+
+    by_handle: dict = {}
+
+    def __init__(self, ctx=None):
+        self.ops, self.done, self.closed = [], 0, False
+        self.handle = 1000 + len(LazyStream.by_handle)
+        LazyStream.by_handle[self.handle] = self
+
+    def enqueue(self, op):
+        self.ops.append(op)
+
+    def run_until(self, n):
+        while self.done < n:
+            self.ops[self.done]()
+            self.done += 1
+
+    def synchronize(self):
+        self.run_until(len(self.ops))
+
+    def close(self):
+        self.closed = True
+
+
+class LazyEvent:
+    def __init__(self, ctx=None, timing=True):
+        self.stream, self.mark, self.closed = None, 0, False
+
+    def record(self, stream):
+        self.stream, self.mark = stream, len(stream.ops)
+
+    def synchronize(self):
+        self.stream.run_until(self.mark)
+
+    def close(self):
+        self.closed = True
 
 
 @pytest.fixture
@@ -1051,7 +1099,43 @@ def test_backend_runs_in_chunks_and_pads_to_the_profile(fake_trt, graphs, tmp_pa
                                              r"\(2, 32, 32, 3\) to \(4, 32, 32, 3\)"):
             backend.run(u8[:1, :16])
         buffers = backend._closers[1:]
-    assert all(b.closed for b in buffers if isinstance(b, HostMemory)) and len(buffers) == 5
+    assert all(b.closed for b in buffers) and len(buffers) == 2 * 6  # 2 slots: stream, 4 buffers, event
+
+
+def test_submit_keeps_two_batches_in_flight(fake_trt, graphs, tmp_path):
+    """The stand-in stream runs work only when it is waited on: results must come from each batch's own slot."""
+    import threading
+
+    engine = trt_export.build_engine(graphs["nhwc"], tmp_path / "m.plan", batch=(1, 3, 4), verify=False,
+                                     log=_quiet).path
+    rng = np.random.default_rng(5)
+    a, b, c = (rng.integers(0, 256, (n, 32, 32, 3), dtype=np.uint8) for n in (4, 3, 2))
+    want = {k: _session(graphs["nhwc"]).run(None, {"input": v})[0][:, 0] for k, v in dict(a=a, b=b, c=c).items()}
+    with trt_backend.TrtBackend(engine) as backend:
+        pa, pb = backend.submit(a), backend.submit(b)  # both enqueued, neither has run yet
+        got_c = []
+        t = threading.Thread(target=lambda: got_c.append(backend.submit(c).result()))
+        t.start()
+        t.join(0.3)
+        assert t.is_alive()  # no free slot until a result is collected
+        np.testing.assert_allclose(pa.result(), want["a"], rtol=1e-6, atol=1e-6)
+        t.join(10)
+        assert not t.is_alive()
+        np.testing.assert_allclose(got_c[0], want["c"], rtol=1e-6, atol=1e-6)
+        np.testing.assert_allclose(pb.result(), want["b"], rtol=1e-6, atol=1e-6)
+        with pytest.raises(FerretError, match="second result"):
+            pb.result()
+        with pytest.raises(ValueError, match=r"Received a batch of 5; expected 1..4 per submit"):
+            backend.submit(np.resize(a, (5, 32, 32, 3)))
+        with pytest.raises(ValueError, match="expected uint8 ndarray"):
+            backend.submit(a.astype(np.float32))
+        np.testing.assert_allclose(backend.run(np.concatenate([a, b, c])), np.concatenate(list(want.values())),
+                                   rtol=1e-6, atol=1e-6)  # 3 chunks through 2 slots
+    with trt_backend.TrtBackend(engine, slots=1) as one:
+        np.testing.assert_allclose(one.run(np.concatenate([a, b])), np.concatenate([want["a"], want["b"]]),
+                                   rtol=1e-6, atol=1e-6)
+    with pytest.raises(ConfigError, match="Received slots 0; expected an int >= 1"):
+        trt_backend.TrtBackend(engine, slots=0)
 
 
 def test_build_checks_the_kernel_limits_first(fake_trt, graphs, tmp_path):
@@ -1068,3 +1152,43 @@ def test_cli_builds_with_the_stand_in(fake_trt, graphs, tmp_path, monkeypatch, c
     assert "random, max size 40x40" in out and "PASSED" in out and "FAILED" not in out
     side = trt_backend.read_sidecar(tmp_path / "m.plan")
     assert side["engine"]["profiles"][0]["max"] == [3, 3, 40, 40] and side["engine"]["workspace_mb"] == 64
+
+
+def test_detector_pipelines_batches_through_the_slots(fake_trt, graphs, tmp_path):
+    """Detector over the (lazy) stand-in engine equals Detector over ONNX Runtime: same order, same logits, the
+    unreadable input reported in place, batches larger than the profile split, four threads at once."""
+    import threading
+
+    from ferret_runtime import Detector
+    from ferret_runtime.backends.onnxruntime import OrtBackend
+
+    engine = trt_export.build_engine(graphs["portable"], tmp_path / "m.engine", batch=(1, 2, 4), verify=False,
+                                     log=_quiet).path
+    rng = np.random.default_rng(6)
+    images = [rng.integers(0, 256, (40 + i % 3, 36 + i % 5, 3), dtype=np.uint8) for i in range(23)]
+    inputs = images[:7] + [b"not an image"] + images[7:]
+    with Detector(OrtBackend(graphs["portable"], device="cpu"), batch_size=5, workers=2) as ref:
+        want = ref.predict(inputs)
+    assert want[7].error is not None and sum(r.error is None for r in want) == 23
+    for batch_size in (3, 10):  # 10: groups above the profile's max 4 go in chunks
+        with Detector(trt_backend.TrtBackend(engine), batch_size=batch_size, workers=2) as det:
+            assert det._pipelined
+            got = det.predict(inputs)
+        assert [r.path for r in got] == [r.path for r in want] and got[7].error == want[7].error
+        np.testing.assert_allclose([r.logit for r in got if r.error is None], [r.logit for r in want if r.error is None],
+                                   rtol=1e-5, atol=1e-5)
+    with Detector(trt_backend.TrtBackend(engine, slots=2), batch_size=2, workers=2) as det:
+        results: dict[int, list] = {}
+
+        def worker(k: int) -> None:
+            results[k] = det.predict(images[k::4])
+
+        threads = [threading.Thread(target=worker, args=(k,), daemon=True) for k in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(20)
+        assert not any(t.is_alive() for t in threads)  # no thread waits for a slot while holding one
+    for k in range(4):
+        want_k = [want[i + (i >= 7)].logit for i in range(k, 23, 4)]
+        np.testing.assert_allclose([r.logit for r in results[k]], want_k, rtol=1e-5, atol=1e-5)

@@ -45,14 +45,17 @@ class Backend(ABC):
         Usually float32 NCHW, normalised; float16 for fp16 graphs; uint8 NHWC when the graph
         contains the preprocessing.
         """
+        self._validate(batch)
+        out = np.asarray(self.run_impl(batch), dtype=np.float32).reshape(batch.shape[0], -1)
+        return out[:, 0]
+
+    def _validate(self, batch: np.ndarray) -> None:
         pre = self.info.preprocess
         channel_axis = 1 if pre.layout == "NCHW" else 3
         if not isinstance(batch, np.ndarray) or batch.dtype != np.dtype(pre.dtype) or batch.ndim != 4 \
                 or batch.shape[channel_axis] != 3:
             got = f"{type(batch).__name__} {getattr(batch, 'dtype', '')} {getattr(batch, 'shape', '')}"
             raise ValueError(f"Received batch {got}; expected {pre.dtype} ndarray in {pre.layout} layout with 3 channels")
-        out = np.asarray(self.run_impl(batch), dtype=np.float32).reshape(batch.shape[0], -1)
-        return out[:, 0]
 
     @abstractmethod
     def run_impl(self, batch: np.ndarray) -> np.ndarray: ...

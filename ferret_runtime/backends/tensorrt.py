@@ -17,7 +17,8 @@ from __future__ import annotations
 
 import hashlib
 import json
-import threading
+import queue
+from collections import deque
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -150,17 +151,50 @@ def _device_index(device: str) -> int:
     raise ConfigError(f"Received device {device!r}; expected 'auto', 'cuda' or 'cuda:N'")
 
 
+class _Slot:
+    """One batch in flight: an execution context bound once to its own device buffers, a stream,
+    pinned staging for input and logits, and an event marking the logits' arrival."""
+
+    def __init__(self, context: Any, stream: Any, host_in: Any, dev_in: Any, host_out: Any, dev_out: Any, done: Any):
+        self.context, self.stream, self.done = context, stream, done
+        self.host_in, self.dev_in, self.host_out, self.dev_out = host_in, dev_in, host_out, dev_out
+        self.rows = self.n = 0
+
+
+class Pending:
+    """A batch enqueued on the GPU by :meth:`TrtBackend.submit`; ``result()`` waits for its logits
+    and frees its slot. Call ``result()`` exactly once, from any thread."""
+
+    def __init__(self, backend: "TrtBackend", slot: _Slot):
+        self._backend, self._slot = backend, slot
+
+    def result(self) -> np.ndarray:
+        slot, self._slot = self._slot, None
+        if slot is None:
+            raise FerretError("Received a second result() call on one Pending batch; expected one (its slot is reused)")
+        try:
+            out = self._backend._collect(slot)
+        finally:
+            self._backend._free.put(slot)
+        return np.asarray(out, np.float32).reshape(out.shape[0], -1)[:, 0]  # logits (N,), as Backend.run
+
+
 class TrtBackend(Backend):
-    """One TensorRT execution context, with pinned host and device buffers allocated once for the
-    profile's largest batch and a stream of its own. Batches above that size run in chunks."""
+    """A TensorRT engine with ``slots`` batches in flight (default 2): each slot is an execution
+    context with pinned host and device buffers allocated once for the profile's largest batch, a
+    stream and an event, so one batch's copies overlap another's compute. ``run`` pipelines the
+    chunks of a batch larger than the profile; ``submit``/``Pending.result`` let a caller (the
+    ``Detector``) prepare the next batch while this one runs."""
 
     name = "tensorrt"
     suffixes = (".engine", ".plan")
 
-    def __init__(self, path: str | Path, *, device: str = "auto", verbose: bool = False):
+    def __init__(self, path: str | Path, *, device: str = "auto", verbose: bool = False, slots: int = 2):
+        if not isinstance(slots, int) or slots < 1:
+            raise ConfigError(f"Received slots {slots!r}; expected an int >= 1 (batches in flight on the GPU)")
+        self.slots = slots
         self.path = Path(path)
         self._closers: list[Any] = []
-        self._lock = threading.Lock()
         if not self.path.is_file():
             raise ConfigError(f"{self.path}: no such engine file")
         sidecar = read_sidecar(self.path)
@@ -229,18 +263,26 @@ class TrtBackend(Backend):
             self.profile_min, self.profile_max = lo, hi
             out_shape = tuple(int(d) for d in self._engine.get_tensor_shape(self.output_name))
             self._out_per_item = int(np.prod(out_shape[1:])) if len(out_shape) > 1 else 1
-            self.context = self._engine.create_execution_context()
             max_batch = hi[0]
             in_bytes = int(np.prod(hi)) * self.input_dtype.itemsize
             out_bytes = max_batch * self._out_per_item * self.output_dtype.itemsize
-            self._stream = self._own(cuda.Stream(self._ctx))
-            self._host_in = self._own(cuda.PinnedBuffer(in_bytes, self._ctx))
-            self._dev_in = self._own(cuda.DeviceBuffer(in_bytes, self._ctx))
-            self._host_out = self._own(cuda.PinnedBuffer(out_bytes, self._ctx))
-            self._dev_out = self._own(cuda.DeviceBuffer(out_bytes, self._ctx))
-            # the buffers never move, so their addresses are bound once
-            self.context.set_tensor_address(self.input_name, self._dev_in.ptr)
-            self.context.set_tensor_address(self.output_name, self._dev_out.ptr)
+            self._slots: list[_Slot] = []
+            for _ in range(self.slots):
+                context = self._engine.create_execution_context()
+                if context is None:
+                    raise ConfigError(f"{self.path}: TensorRT could not create execution context {len(self._slots) + 1} "
+                                      f"of {self.slots} (out of GPU memory?); expected slots=1 to fit")
+                slot = _Slot(context, self._own(cuda.Stream(self._ctx)), self._own(cuda.PinnedBuffer(in_bytes, self._ctx)),
+                             self._own(cuda.DeviceBuffer(in_bytes, self._ctx)),
+                             self._own(cuda.PinnedBuffer(out_bytes, self._ctx)),
+                             self._own(cuda.DeviceBuffer(out_bytes, self._ctx)), self._own(cuda.Event(self._ctx, timing=False)))
+                # the buffers never move, so their addresses are bound once per context
+                context.set_tensor_address(self.input_name, slot.dev_in.ptr)
+                context.set_tensor_address(self.output_name, slot.dev_out.ptr)
+                self._slots.append(slot)
+            self._free: queue.Queue[_Slot] = queue.Queue()
+            for slot in self._slots:
+                self._free.put(slot)
         self._cuda = cuda
 
     def _own(self, obj: Any) -> Any:
@@ -253,40 +295,83 @@ class TrtBackend(Backend):
             raise ValueError(f"Received a batch of shape {shape}; expected shapes from {lo} to {hi} (the engine's "
                              "optimisation profile; rebuild with other --batch/--dynamic-hw ranges)")
 
+    @property
+    def max_batch(self) -> int:
+        """The largest batch one ``submit`` takes (the profile's)."""
+        return self.profile_max[0]
+
     def run_impl(self, batch: np.ndarray) -> np.ndarray:
         if batch.shape[0] == 0:
             return np.empty((0, self._out_per_item), self.output_dtype)
         self._check_shape(batch.shape)
-        step = self.profile_max[0]
-        with self._lock:
-            return np.concatenate([self._run_chunk(batch[i : i + step]) for i in range(0, batch.shape[0], step)])
+        step, out, inflight = self.max_batch, [], deque()
+        for i in range(0, batch.shape[0], step):  # chunk i+1 is copied while chunk i computes
+            if len(inflight) == self.slots:
+                out.append(inflight.popleft().result())
+            inflight.append(self._submit(batch[i : i + step]))
+        out.extend(p.result() for p in inflight)
+        return np.concatenate(out)
 
-    def _run_chunk(self, batch: np.ndarray) -> np.ndarray:
+    def submit(self, batch: np.ndarray, block: bool = True) -> Pending | None:
+        """Enqueue one batch (at most ``max_batch``, in the model's input format) and return at once;
+        the batch is copied, so the caller may reuse its array.
+
+        With every slot holding an uncollected batch, waits for one (``block=True``) or returns None.
+        A caller that holds pending batches of its own must not wait: it would wait on itself when
+        every slot is its own (or deadlock with another such caller). Try ``block=False``, and on
+        None collect its oldest batch first (what the ``Detector`` does).
+        """
+        self._validate(batch)
+        if not 1 <= batch.shape[0] <= self.max_batch:
+            raise ValueError(f"Received a batch of {batch.shape[0]}; expected 1..{self.max_batch} per submit "
+                             "(run() splits larger ones)")
+        self._check_shape(batch.shape)
+        return self._submit(batch, block)
+
+    def _submit(self, batch: np.ndarray, block: bool = True) -> Pending | None:
+        try:
+            slot = self._free.get(block=block)
+        except queue.Empty:
+            return None
+        try:
+            self._enqueue(slot, batch)
+        except BaseException:
+            self._free.put(slot)
+            raise
+        return Pending(self, slot)
+
+    def _enqueue(self, slot: _Slot, batch: np.ndarray) -> None:
         n = batch.shape[0]
         pad = max(0, self.profile_min[0] - n)  # a profile whose smallest batch is > 1: pad with zeros, drop after
         shape = (n + pad, *batch.shape[1:])
-        host_in = self._host_in.array(self.input_dtype, shape)
+        host_in = slot.host_in.array(self.input_dtype, shape)
         np.copyto(host_in[:n], batch, casting="no")
         host_in[n:] = 0
         cuda = self._cuda
         with self._ctx.current():
-            cuda.copy_htod_async(self._dev_in, self._host_in, host_in.nbytes, self._stream)
-            if not self.context.set_input_shape(self.input_name, shape):
+            cuda.copy_htod_async(slot.dev_in, slot.host_in, host_in.nbytes, slot.stream)
+            if not slot.context.set_input_shape(self.input_name, shape):
                 raise FerretError(f"TensorRT rejected input shape {shape} for {self.input_name!r}")
-            if not self.context.execute_async_v3(self._stream.handle):
+            if not slot.context.execute_async_v3(slot.stream.handle):
                 raise FerretError(f"{self.path}: TensorRT execute_async_v3 failed (see its log above)")
-            out_bytes = shape[0] * self._out_per_item * self.output_dtype.itemsize
-            cuda.copy_dtoh_async(self._host_out, self._dev_out, out_bytes, self._stream)
-            self._stream.synchronize()
-        out = self._host_out.array(self.output_dtype, (shape[0], self._out_per_item))
-        return out[:n].copy()  # the pinned buffer is reused by the next call
+            slot.rows, slot.n = shape[0], n
+            cuda.copy_dtoh_async(slot.host_out, slot.dev_out, slot.rows * self._out_per_item * self.output_dtype.itemsize,
+                                 slot.stream)
+            slot.done.record(slot.stream)
+
+    def _collect(self, slot: _Slot) -> np.ndarray:
+        slot.done.synchronize()
+        out = slot.host_out.array(self.output_dtype, (slot.rows, self._out_per_item))
+        return out[: slot.n].copy()  # the pinned buffer is reused by the slot's next batch
 
     def close(self) -> None:
         """Release the context and engine, then buffers and stream, then the CUDA context (idempotent)."""
         ctx = getattr(self, "_ctx", None)
         if ctx is not None and not ctx.closed:
             with ctx.current():  # TensorRT objects go first, in their context, while the buffers are alive
-                for attr in ("context", "_engine", "_runtime"):
+                for slot in getattr(self, "_slots", []):
+                    slot.context = None
+                for attr in ("_engine", "_runtime"):
                     setattr(self, attr, None)
         closers, self._closers = getattr(self, "_closers", []), []
         for obj in reversed(closers):  # Context was appended first, so it is released last
