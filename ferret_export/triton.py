@@ -52,6 +52,7 @@ from pathlib import Path
 from typing import Any
 
 from ferret_runtime import __version__
+from ferret_runtime.backends.tensorrt import SIDECAR_FORMAT, SIDECAR_VERSION, load_sidecar, sidecar_path
 from ferret_runtime.errors import ConfigError
 from ferret_runtime.fileio import atomic_write, sha256
 from ferret_runtime.metadata import PREFIX, decode
@@ -62,7 +63,6 @@ DEFAULT_PREFERRED = (8, 16, 32)
 DEFAULT_QUEUE_DELAY_US = 500
 VERSION = "1"
 CLIENT_EXAMPLE = "client_example.py"
-SIDECAR_FORMAT, SIDECAR_VERSION = "ferret-tensorrt-sidecar", 1
 ONNX_SUFFIXES, ENGINE_SUFFIXES = (".onnx",), (".engine", ".plan")
 PLATFORMS = {"onnx": ("onnxruntime_onnx", "model.onnx"), "tensorrt": ("tensorrt_plan", "model.plan")}
 KINDS = {"gpu": "KIND_GPU", "cpu": "KIND_CPU"}
@@ -120,12 +120,6 @@ class ModelDescription:
 
 
 # ----------------------------------------------------------------------------------------- reading
-def sidecar_path(engine: str | os.PathLike) -> Path:
-    """``M.engine`` -> ``M.engine.json``."""
-    engine = Path(engine)
-    return engine.with_name(engine.name + ".json")
-
-
 def describe_model(path: str | os.PathLike) -> ModelDescription:
     """Read names, dtypes, shapes and metadata from a .onnx, or from a TensorRT engine's sidecar."""
     path = Path(path)
@@ -255,28 +249,9 @@ def read_engine_sidecar(engine: str | os.PathLike) -> ModelDescription:
     """The description of a TensorRT engine from its ``.json`` sidecar (format: module docstring)."""
     engine = Path(engine)
     src = sidecar_path(engine)
-    if not src.is_file():
-        raise ConfigError(f"{src}: no such file; a TensorRT engine's input names, shapes and ferret.* metadata are "
-                          f"read from this sidecar (TensorRT cannot be assumed here), expected next to {engine.name} "
-                          "as written by the toolkit's TensorRT export (format: ferret_export/triton.py)")
-    try:
-        data = json.loads(src.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ConfigError(f"{src}: received invalid JSON ({e}); expected a TensorRT sidecar object") from None
-    if not isinstance(data, dict):
-        raise ConfigError(f"{src}: received a JSON {type(data).__name__}; expected an object")
-    if data.get("format", SIDECAR_FORMAT) != SIDECAR_FORMAT:
-        raise ConfigError(f"{src}: received format {data['format']!r}; expected {SIDECAR_FORMAT!r}")
-    version = data.get("version", SIDECAR_VERSION)
-    if not isinstance(version, int) or isinstance(version, bool) or not 1 <= version <= SIDECAR_VERSION:
-        raise ConfigError(f"{src}: received sidecar version {version!r}; expected 1..{SIDECAR_VERSION} "
-                          "(a newer toolkit wrote it)")
-    props = {}
-    for key, value in data.items():
-        if not key.startswith(PREFIX):
-            continue
-        props[key] = value if isinstance(value, str) else \
-            json.dumps(value, sort_keys=True) if isinstance(value, dict) else str(value)
+    data, props = load_sidecar(engine, "a TensorRT engine's input names, shapes and ferret.* metadata are read from "
+                               f"this sidecar (TensorRT cannot be assumed here), expected next to {engine.name} as "
+                               "written by the toolkit's TensorRT export (format: ferret_export/triton.py)")
     meta = decode(props, str(src))
     trt = data.get("tensorrt_version")
     return ModelDescription(engine, "tensorrt", props, meta, _sidecar_tensors(data, "inputs", src),

@@ -28,7 +28,7 @@ from ..errors import ConfigError, FerretError
 from ..metadata import PREFIX, decode
 from .base import Backend, ModelInfo
 
-# The sidecar format (must agree with ferret_export.triton; a test compares them).
+# The sidecar format, documented in ferret_export.triton (which writes it and imports these).
 SIDECAR_FORMAT, SIDECAR_VERSION = "ferret-tensorrt-sidecar", 1
 ENGINE_KEY = PREFIX + "engine"  # JSON object: how and where the engine was built (ferret_export.tensorrt)
 HARDWARE_COMPAT_MIN_CC = (8, 0)  # HardwareCompatibilityLevel.AMPERE_PLUS
@@ -92,17 +92,13 @@ def check_engine_compat(engine: Mapping[str, Any], trt_version: str, gpu_name: s
                           "newer GPU")
 
 
-def read_sidecar(engine: str | Path) -> dict[str, Any]:
-    """The sidecar as a dict, with ``meta`` (decoded ``ferret.*``) and ``engine`` (the build record) added.
-
-    Checks what the runtime needs; ``ferret_export.triton.read_engine_sidecar`` checks the rest.
-    """
-    engine = Path(engine)
+def load_sidecar(engine: str | Path, missing: str) -> tuple[dict[str, Any], dict[str, str]]:
+    """The sidecar's JSON object and its ``ferret.*`` entries as ONNX-style string props, after the
+    checks every reader needs (file, JSON object, format, version). ``missing``: what to say,
+    after the path, when the file is absent."""
     src = sidecar_path(engine)
     if not src.is_file():
-        raise ConfigError(f"{src}: no such file; a TensorRT engine needs the sidecar written beside it by "
-                          f"'ferret export tensorrt' (the TensorRT version and GPU it was built for, its preprocessing); "
-                          f"expected it next to {engine.name}")
+        raise ConfigError(f"{src}: no such file; {missing}")
     try:
         data = json.loads(src.read_text(encoding="utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
@@ -117,6 +113,19 @@ def read_sidecar(engine: str | Path) -> dict[str, Any]:
                           "(a newer toolkit wrote it)")
     props = {k: v if isinstance(v, str) else json.dumps(v, sort_keys=True) if isinstance(v, dict) else str(v)
              for k, v in data.items() if k.startswith(PREFIX)}
+    return data, props
+
+
+def read_sidecar(engine: str | Path) -> dict[str, Any]:
+    """The sidecar as a dict, with ``meta`` (decoded ``ferret.*``) and ``engine`` (the build record) added.
+
+    Checks what the runtime needs; ``ferret_export.triton.read_engine_sidecar`` checks the rest.
+    """
+    engine = Path(engine)
+    src = sidecar_path(engine)
+    data, props = load_sidecar(engine, "a TensorRT engine needs the sidecar written beside it by 'ferret export "
+                               "tensorrt' (the TensorRT version and GPU it was built for, its preprocessing); "
+                               f"expected it next to {engine.name}")
     block = data.get(ENGINE_KEY)
     if isinstance(block, str):
         try:
