@@ -29,8 +29,8 @@ from typing import Any, Callable, List, Tuple, Union
 
 from ferret_runtime.errors import ConfigError
 from ferret_runtime.kernels import cache_dir, read_source, source_hash, variant_id, write_atomic
-from ferret_runtime.kernels.launch import (MAX_GRID_YZ, NVRTC_OPTIONS, ROWS_PER_THREAD, KernelCompileError,
-                                           _bindings, _call, _status_text, launch_config, nvrtc_version)
+from ferret_runtime.kernels.launch import (MAX_GRID_YZ, NVRTC_OPTIONS, ROWS_PER_THREAD, launch_config, nvrtc_compile,
+                                           nvrtc_version)
 from ferret_runtime.lpd_spec import check_window
 
 from .onnx_graph import PLUGIN_DOMAIN, PLUGIN_OP
@@ -118,25 +118,8 @@ def compile_trt_ptx(arch: int = PTX_ARCH, cache: Path | None = None) -> bytes:
     path = (cache or cache_dir()) / f"lpd-trt-{key}-compute{arch}-nvrtc{major}{minor}.ptx"
     if path.is_file():
         return path.read_bytes()
-    nvrtc = _bindings("nvrtc")
-    name = b"lpd_trt.cu"
-    prog = _call("nvrtcCreateProgram", nvrtc.nvrtcCreateProgram, (read_source() + TRT_ENTRY_SOURCE).encode(), name,
-                 0, [], [])
-    try:
-        opts = [f"--gpu-architecture=compute_{arch}".encode(), *(o.encode() for o in NVRTC_OPTIONS)]
-        status, = nvrtc.nvrtcCompileProgram(prog, len(opts), opts)
-        if int(status) != 0:
-            size = _call("nvrtcGetProgramLogSize", nvrtc.nvrtcGetProgramLogSize, prog)
-            log = b" " * size
-            _call("nvrtcGetProgramLog", nvrtc.nvrtcGetProgramLog, prog, log)
-            raise KernelCompileError(f"nvrtcCompileProgram: received {_status_text(status)} for lpd.cu with the "
-                                     f"TensorRT entry points (compute_{arch}); expected success",
-                                     log.decode(errors="replace").rstrip("\0 "))
-        size = _call("nvrtcGetPTXSize", nvrtc.nvrtcGetPTXSize, prog)
-        data = b" " * size
-        _call("nvrtcGetPTX", nvrtc.nvrtcGetPTX, prog, data)
-    finally:
-        _call("nvrtcDestroyProgram", nvrtc.nvrtcDestroyProgram, prog)
+    data = nvrtc_compile(read_source() + TRT_ENTRY_SOURCE, "lpd_trt.cu", f"compute_{arch}", "ptx",
+                         f"lpd.cu with the TensorRT entry points (compute_{arch})")
     data = data.rstrip(b"\0")  # TensorRT takes the PTX text; NVRTC's size counts the terminating NUL
     write_atomic(path, data)
     return data

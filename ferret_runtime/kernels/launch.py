@@ -187,6 +187,30 @@ def nvrtc_version() -> tuple[int, int]:
     return _call("nvrtcVersion", _bindings("nvrtc").nvrtcVersion)
 
 
+def nvrtc_compile(source: str, name: str, gpu: str, target: str, what: str) -> bytes:
+    """``source`` compiled by NVRTC for ``gpu`` ('sm_XX' for a CUBIN, 'compute_XX' for PTX) with
+    NVRTC_OPTIONS; KernelCompileError with NVRTC's log when it fails (``what`` names the build)."""
+    nvrtc = _bindings("nvrtc")
+    prog = _call("nvrtcCreateProgram", nvrtc.nvrtcCreateProgram, source.encode(), name.encode(), 0, [], [])
+    try:
+        opts = [f"--gpu-architecture={gpu}".encode(), *(o.encode() for o in NVRTC_OPTIONS)]
+        status, = nvrtc.nvrtcCompileProgram(prog, len(opts), opts)
+        if int(status) != 0:
+            size = _call("nvrtcGetProgramLogSize", nvrtc.nvrtcGetProgramLogSize, prog)
+            log = b" " * size
+            _call("nvrtcGetProgramLog", nvrtc.nvrtcGetProgramLog, prog, log)
+            raise KernelCompileError(f"nvrtcCompileProgram: received {_status_text(status)} for {what}; expected "
+                                     "success", log.decode(errors="replace").rstrip("\0 "))
+        get_size, get = ((nvrtc.nvrtcGetCUBINSize, nvrtc.nvrtcGetCUBIN) if target == "cubin"
+                         else (nvrtc.nvrtcGetPTXSize, nvrtc.nvrtcGetPTX))
+        size = _call(get_size.__name__, get_size, prog)
+        data = b" " * size
+        _call(get.__name__, get, prog, data)
+    finally:
+        _call("nvrtcDestroyProgram", nvrtc.nvrtcDestroyProgram, prog)
+    return data
+
+
 def compile_lpd(arch: int | str | tuple[int, int], target: str = "cubin", cache: Path | None = None) -> CompiledModule:
     """lpd.cu compiled by NVRTC for ``arch`` (CUBIN: sm_XX machine code; PTX: compute_XX), cached on disk.
 
@@ -200,26 +224,8 @@ def compile_lpd(arch: int | str | tuple[int, int], target: str = "cubin", cache:
     path = (cache or cache_dir()) / f"lpd-{key}-sm{arch}-nvrtc{major}{minor}.{target}"
     if path.is_file():
         return CompiledModule(path.read_bytes(), target, arch, path, from_cache=True)
-    nvrtc = _bindings("nvrtc")
-    prog = _call("nvrtcCreateProgram", nvrtc.nvrtcCreateProgram, read_source().encode(), SOURCE_PATH.name.encode(),
-                 0, [], [])
-    try:
-        gpu = f"sm_{arch}" if target == "cubin" else f"compute_{arch}"
-        opts = [f"--gpu-architecture={gpu}".encode(), *(o.encode() for o in NVRTC_OPTIONS)]
-        status, = nvrtc.nvrtcCompileProgram(prog, len(opts), opts)
-        if int(status) != 0:
-            size = _call("nvrtcGetProgramLogSize", nvrtc.nvrtcGetProgramLogSize, prog)
-            log = b" " * size
-            _call("nvrtcGetProgramLog", nvrtc.nvrtcGetProgramLog, prog, log)
-            raise KernelCompileError(f"nvrtcCompileProgram: received {_status_text(status)} for {SOURCE_PATH.name} "
-                                     f"with {gpu}; expected success", log.decode(errors="replace").rstrip("\0 "))
-        get_size, get = ((nvrtc.nvrtcGetCUBINSize, nvrtc.nvrtcGetCUBIN) if target == "cubin"
-                         else (nvrtc.nvrtcGetPTXSize, nvrtc.nvrtcGetPTX))
-        size = _call(get_size.__name__, get_size, prog)
-        data = b" " * size
-        _call(get.__name__, get, prog, data)
-    finally:
-        _call("nvrtcDestroyProgram", nvrtc.nvrtcDestroyProgram, prog)
+    gpu = f"sm_{arch}" if target == "cubin" else f"compute_{arch}"
+    data = nvrtc_compile(read_source(), SOURCE_PATH.name, gpu, target, f"{SOURCE_PATH.name} with {gpu}")
     write_atomic(path, data)
     return CompiledModule(data, target, arch, path, from_cache=False)
 
