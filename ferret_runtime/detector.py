@@ -183,16 +183,16 @@ class Detector:
                 batch.out[i] = (Result(names[i], error=str(img)), None)
             else:
                 groups.setdefault(img.shape, []).append(i)
-        step = getattr(self.backend, "max_batch", None) or self.batch_size
+        pipelined = self._pipelined
         for idx in groups.values():
-            for j in range(0, len(idx), step if self._pipelined else len(idx)):
-                part = idx[j : j + step] if self._pipelined else idx
-                u8 = np.stack([decoded[i] for i in part])
-                batch.parts.append((part, self._enqueue(u8, running, batch)))
+            step = self.backend.max_batch if pipelined else len(idx)  # a submit takes at most the profile's batch
+            for j in range(0, len(idx), step):
+                part = idx[j : j + step]
+                batch.parts.append((part, self._enqueue(np.stack([decoded[i] for i in part]), running, batch, pipelined)))
         return batch
 
-    def _enqueue(self, u8: np.ndarray, running: deque["_Batch"], current: "_Batch") -> Any:
-        if not self._pipelined:
+    def _enqueue(self, u8: np.ndarray, running: deque["_Batch"], current: "_Batch", pipelined: bool) -> Any:
+        if not pipelined:
             with self._run_lock:  # one batch in the backend at a time
                 return _Done(self.backend.run(self._batch(u8)))
         x = self._batch(u8)  # this thread's buffer; submit copies it into the slot's pinned memory

@@ -135,7 +135,7 @@ def _run_int8(args: argparse.Namespace, opts) -> int:
     from pathlib import Path
 
     from ..onnx_export import export_onnx
-    from ..quantize import quantize_int8, verify_int8
+    from ..quantize import quantize_int8, select_images, verify_int8
     from ..verify import ParityError
 
     if args.fp16 or args.lpd == "plugin":
@@ -155,7 +155,7 @@ def _run_int8(args: argparse.Namespace, opts) -> int:
                     threshold=args.threshold)
         res = quantize_int8(fp32, q, args.calib_data, n_images=args.calib_images, method=args.calib_method,
                             float_layers=args.int8_float_layers)
-        images = args.verify_images or [str(p) for p in _calib_paths(args.calib_data, args.calib_images)]
+        images = args.verify_images or select_images(args.calib_data, args.calib_images)  # the same seeded draw
         cmp = verify_int8(fp32, q, images)
         if cmp.agreement < args.int8_min_agreement:
             raise ParityError(f"{out}: not written: int8 and fp32 labels agree on {100 * cmp.agreement:.2f}% of "
@@ -166,11 +166,6 @@ def _run_int8(args: argparse.Namespace, opts) -> int:
           f"{res.method})")
     return 0
 
-
-def _calib_paths(data: list[str], n: int) -> list:
-    from ..quantize import select_images
-
-    return select_images(data, n)
 
 
 def run_triton(args: argparse.Namespace) -> int:
