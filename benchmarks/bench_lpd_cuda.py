@@ -9,6 +9,12 @@ GPU (``gpu`` marker): the residual ``x - lpd(x)`` (median, 3x3) at the paper's b
 Each test reports its time per batch, images/s and effective DRAM bandwidth (2 x bytes of x per
 batch), and the copy's bandwidth measured in the same test with the same timer.
 
+GPU preprocessing, uint8 NHWC (256 x 256 x 256 x 3) in, network input out, each against ``normalize``
+(the plain uint8 -> float normalisation kernel) measured in the same test:
+- ``fused``: preprocess_lpd, normalise + LPD residual in one pass;
+- ``two-pass``: normalize, then the residual kernel (what running them separately costs);
+- ``normalize``: the baseline itself. Goal: ``fused`` at least as fast as ``normalize``.
+
 CPU: the host build of the same kernel source against the original, on a small batch.
 ``make bench`` times them; CI runs each body once (``--benchmark-disable``), and skips the GPU ones.
 """
@@ -95,6 +101,54 @@ def bench_lpd_residual_gpu(benchmark, shape, dtype, impl):
         copy_GBps=round(moved / copy_ms / 1e6, 1), fraction_of_copy=round(copy_ms / ms, 3))
     print(f"\n{impl:8s} {benchmark.group}: {ms:.3f} ms/batch, {shape[0] / ms * 1e3:,.0f} images/s, "
           f"{moved / ms / 1e6:,.0f} GB/s ({copy_ms / ms:.0%} of a copy at {moved / copy_ms / 1e6:,.0f} GB/s)")
+
+
+PRE_SHAPE = (256, 256, 256, 3)
+
+
+def _preprocess_fn(impl: str, images: torch.Tensor, dtype: torch.dtype):
+    module, stream = launch.get_module(images.device.index), torch.cuda.current_stream().cuda_stream
+    n, h, w, _ = images.shape
+    out = torch.empty((n, 3, h, w), dtype=dtype, device=images.device)
+    mid = torch.empty_like(out)
+    args = (images.data_ptr(), out.data_ptr(), tuple(images.shape), dtype)
+
+    def fused() -> torch.Tensor:
+        launch.preprocess_lpd(module, *args, stream=stream)
+        return out
+
+    def plain() -> torch.Tensor:
+        launch.normalize(module, *args, stream=stream)
+        return out
+
+    def two_pass() -> torch.Tensor:
+        launch.normalize(module, images.data_ptr(), mid.data_ptr(), tuple(images.shape), dtype, stream=stream)
+        launch.lpd(module, mid.data_ptr(), out.data_ptr(), tuple(out.shape), dtype, stream=stream)
+        return out
+
+    return {"fused": fused, "normalize": plain, "two-pass": two_pass}[impl]
+
+
+@pytest.mark.gpu
+@NEEDS_GPU
+@pytest.mark.parametrize("impl", ["fused", "two-pass", "normalize"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["f32", "f16"])
+def bench_preprocess_gpu(benchmark, dtype, impl):
+    benchmark.group = f"preprocess uint8 {'x'.join(map(str, PRE_SHAPE))} -> {str(dtype).removeprefix('torch.')} GPU"
+    images = torch.randint(0, 256, PRE_SHAPE, dtype=torch.uint8, device="cuda")
+    fn, baseline = _preprocess_fn(impl, images, dtype), _preprocess_fn("normalize", images, dtype)
+    if impl == "fused":  # the two-pass result: bit for bit in float32; float16 two-pass rounds its midpoint too
+        want = _preprocess_fn("two-pass", images, dtype)().clone()
+        atol = 0 if dtype == torch.float32 else 5e-3
+        torch.testing.assert_close(fn(), want, rtol=0, atol=atol)
+    benchmark.pedantic(_batches, (fn,), rounds=ROUNDS, warmup_rounds=WARMUP, iterations=1)
+    moved = images.numel() + images.numel() * torch.finfo(dtype).bits // 8  # uint8 read once, output written once
+    ms, base_ms = _event_ms(fn), _event_ms(baseline)
+    benchmark.extra_info.update(
+        ms_per_batch=round(ms, 4), images_per_s=round(PRE_SHAPE[0] / ms * 1e3), effective_GBps=round(moved / ms / 1e6, 1),
+        normalize_ms=round(base_ms, 4), speed_vs_normalize=round(base_ms / ms, 3))
+    print(f"\n{impl:9s} {benchmark.group}: {ms:.3f} ms/batch, {PRE_SHAPE[0] / ms * 1e3:,.0f} images/s, "
+          f"{moved / ms / 1e6:,.0f} GB/s; {base_ms / ms:.2f}x the speed of normalize ({base_ms:.3f} ms)")
 
 
 CPU_SHAPE = (2, 3, 128, 128)

@@ -204,6 +204,7 @@ def test_launch_config_preprocess_and_residual():
     ("lpd_generic", (1, 1, 0, 2), "float32", 3, r"Received shape \(1, 1, 0, 2\); expected sizes from 1"),
     ("lpd_residual", (1, 1, 2, 2), "float32", 5, "Received k=5 for lpd_residual; expected 3"),
     ("preprocess_lpd", (1, 2, 2, 4), "float32", 3, r"Received shape \(1, 2, 2, 4\) for preprocess_lpd"),
+    ("normalize", (1, 3, 2, 2), "float32", 3, r"Received shape \(1, 3, 2, 2\) for normalize; expected \(N, H, W, 3\)"),
 ])
 def test_launch_config_names_bad_inputs(kernel, shape, dtype, k, match):
     with pytest.raises(ConfigError, match=match):
@@ -256,6 +257,27 @@ def test_emulated_preprocess_equals_per_pixel(reference):
     images = _images(reference)[:, :45, :37]
     cfg = launch.launch_config("preprocess_lpd", images.shape, "float32", 90)
     np.testing.assert_array_equal(host.emulate_preprocess_lpd(images, cfg), host.preprocess_lpd_host(images))
+
+
+@pytest.mark.parametrize("shape", [(1, 1, 1, 3), (2, 3, 5, 3), (3, 45, 37, 3), (2, 257, 33, 3)],
+                         ids=lambda s: "x".join(map(str, s)))
+def test_emulated_normalize_equals_numpy(shape):
+    # the runtime's GPU normalisation for graphs that contain the LPD: numpy's float32 ops, bit for bit
+    images = np.random.default_rng(3).integers(0, 256, shape, dtype=np.uint8)
+    cfg = launch.launch_config("normalize", shape, "float32", 80)
+    assert cfg.name == "normalize_f32" and cfg.shared_mem_bytes == 0
+    np.testing.assert_array_equal(host.emulate_normalize(images, cfg), normalize(images))
+    one_plane = dataclasses.replace(cfg, grid=(*cfg.grid[:2], 1))  # every image through the grid-stride loop
+    np.testing.assert_array_equal(host.emulate_normalize(images, one_plane), normalize(images))
+    mean, std = (0.5, 0.25, 0.0), (0.25, 0.5, 1.0)
+    np.testing.assert_array_equal(host.emulate_normalize(images, cfg, mean, std), normalize(images, mean, std))
+
+
+def test_emulated_normalize_shows_short_grids():
+    images = np.zeros((1, 40, 70, 3), np.uint8)
+    cfg = launch.launch_config("normalize", images.shape, "float32", 80)
+    out = host.emulate_normalize(images, dataclasses.replace(cfg, grid=(2, cfg.grid[1], 1)))
+    assert np.isnan(out[..., 64:]).all() and not np.isnan(out[..., :64]).any()
 
 
 def test_launch_constants_and_arguments_match_the_source():
@@ -512,6 +534,25 @@ def test_gpu_preprocess_lpd(reference, dtype):
             np.testing.assert_array_equal(out.cpu().numpy(), want)
         else:
             torch.testing.assert_close(out.cpu().float(), torch.from_numpy(want), rtol=1e-3, atol=1e-3)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_gpu_normalize(dtype):
+    rng = np.random.default_rng(2)
+    for shape in [(1, 1, 1, 3), (2, 3, 5, 3), (3, 257, 511, 3), (256, 31, 47, 3)]:
+        batch = rng.integers(0, 256, shape, dtype=np.uint8)
+        n, h, w, _ = shape
+        img = torch.from_numpy(batch).cuda()
+        out = torch.empty((n, 3, h, w), dtype=dtype, device="cuda")
+        launch.normalize(launch.get_module(img.device.index), img.data_ptr(), out.data_ptr(), shape, dtype, MEAN, STD,
+                         stream=torch.cuda.current_stream().cuda_stream)
+        torch.cuda.synchronize()
+        want = normalize(batch)
+        if dtype == torch.float32:
+            np.testing.assert_array_equal(out.cpu().numpy(), want)
+        else:
+            np.testing.assert_array_equal(out.cpu().numpy(), want.astype(np.float16))  # one rounding, to nearest
 
 
 @pytest.mark.gpu

@@ -74,6 +74,7 @@ def load_host_library() -> ctypes.CDLL:
         "lpd_generic_emulate": [f32, f32, i32, i32, i32, i32, i32, i32, i32, ints, ints, i64],
         "lpd_residual_emulate": [f32, f32, i32, i32, i32, i32, ints, ints, i64],
         "preprocess_lpd_emulate": [u8, f32, i32, i32, i32, f32, f32, ints, ints, i64],
+        "normalize_emulate": [u8, f32, i32, i32, i32, f32, f32, ints, ints, i64],
     }
     for name, argtypes in signatures.items():
         fn = getattr(lib, name)
@@ -179,10 +180,21 @@ def emulate_lpd(x: np.ndarray, cfg: LaunchConfig, func: str = "median", k: int =
 def emulate_preprocess_lpd(images: np.ndarray, cfg: LaunchConfig, mean: tuple[float, ...] = MEAN,
                            std: tuple[float, ...] = STD) -> np.ndarray:
     """Run preprocess_lpd_f32 block by block on the CPU as ``cfg`` would launch it (NaN where unwritten)."""
+    return _emulate_nhwc("preprocess_lpd", images, cfg, mean, std)
+
+
+def emulate_normalize(images: np.ndarray, cfg: LaunchConfig, mean: tuple[float, ...] = MEAN,
+                      std: tuple[float, ...] = STD) -> np.ndarray:
+    """Run normalize_f32 block by block on the CPU as ``cfg`` would launch it (NaN where unwritten)."""
+    return _emulate_nhwc("normalize", images, cfg, mean, std)
+
+
+def _emulate_nhwc(kernel: str, images: np.ndarray, cfg: LaunchConfig, mean: tuple[float, ...],
+                  std: tuple[float, ...]) -> np.ndarray:
     images = _nhwc_u8(images)
     n, h, w, _ = images.shape
     out = np.full((n, 3, h, w), np.nan, dtype=np.float32)
-    grid, block = _launch_arrays(cfg, "preprocess_lpd_f32")
-    _check(load_host_library().preprocess_lpd_emulate(images, out, n, h, w, _norm(mean, "mean"), _norm(std, "std"),
-                                                      grid, block, cfg.shared_mem_bytes), "preprocess_lpd_emulate")
+    grid, block = _launch_arrays(cfg, f"{kernel}_f32")
+    _check(getattr(load_host_library(), f"{kernel}_emulate")(images, out, n, h, w, _norm(mean, "mean"), _norm(std, "std"),
+                                                             grid, block, cfg.shared_mem_bytes), f"{kernel}_emulate")
     return out

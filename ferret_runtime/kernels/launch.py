@@ -28,13 +28,15 @@ MAX_THREADS = 256  # __launch_bounds__
 MAX_GRID_YZ = 65535  # gridDim.y and gridDim.z limits; planes beyond gridDim.z are a grid-stride loop
 MAX_INT = 2**31 - 1  # the kernels take int sizes
 
-KERNELS: tuple[str, ...] = ("lpd_residual", "lpd_generic", "preprocess_lpd")
+KERNELS: tuple[str, ...] = ("lpd_residual", "lpd_generic", "preprocess_lpd", "normalize")
+NHWC_KERNELS: tuple[str, ...] = ("preprocess_lpd", "normalize")  # uint8 (N, H, W, 3) in, NCHW out
 DTYPE_SUFFIX: dict[str, str] = {"float32": "f32", "float16": "f16"}
 # Kernel parameters in order ("ptr": a device pointer); a test checks them against lpd.cu's signatures.
 KERNEL_ARGS: dict[str, tuple[str, ...]] = {
     "lpd_residual": ("ptr", "ptr", "int", "int", "int", "int"),  # x, out, N, C, H, W
     "lpd_generic": ("ptr", "ptr", "int", "int", "int", "int", "int", "int", "int"),  # ..., k, variant, residual
     "preprocess_lpd": ("ptr", "ptr", "int", "int", "int", *("float",) * 6),  # image, out, N, H, W, mean, std
+    "normalize": ("ptr", "ptr", "int", "int", "int", *("float",) * 6),  # the same, without the LPD
 }
 # No --use_fast_math: IEEE division keeps normalisation bit-identical to numpy's.
 NVRTC_OPTIONS: tuple[str, ...] = ("--std=c++17",)
@@ -97,16 +99,16 @@ def parse_arch(arch: int | str | tuple[int, int]) -> int:
 def launch_config(kernel: str, shape: tuple[int, ...], dtype: Any, arch: int | str | tuple[int, int],
                   k: int = 3) -> LaunchConfig:
     """The grid, block and shared memory for ``kernel`` on ``shape`` ((N, C, H, W), or (N, H, W, 3)
-    for preprocess_lpd), the only place launch tuples are computed."""
+    for preprocess_lpd and normalize), the only place launch tuples are computed."""
     if kernel not in KERNELS:
         raise ConfigError(f"Received kernel {kernel!r}; expected one of {', '.join(KERNELS)}")
     name = dtype_name(dtype)
     if name not in DTYPE_SUFFIX:
         raise ConfigError(f"Received dtype {name}; expected one of {', '.join(DTYPE_SUFFIX)}")
     shape = tuple(int(s) for s in shape)
-    if kernel == "preprocess_lpd":
+    if kernel in NHWC_KERNELS:
         if len(shape) != 4 or shape[3] != 3:
-            raise ConfigError(f"Received shape {shape} for preprocess_lpd; expected (N, H, W, 3)")
+            raise ConfigError(f"Received shape {shape} for {kernel}; expected (N, H, W, 3)")
         (n, h, w, _), planes, channels = shape, shape[0], 3
     else:
         if len(shape) != 4:
@@ -123,7 +125,7 @@ def launch_config(kernel: str, shape: tuple[int, ...], dtype: Any, arch: int | s
     if grid[1] > MAX_GRID_YZ:
         raise ConfigError(f"Received height {h}; expected at most {MAX_GRID_YZ * tile_rows}")
     r = k // 2
-    shared = (bx + 2 * r) * (tile_rows + 2 * r) * channels * 4  # float tiles with a k//2 halo
+    shared = 0 if kernel == "normalize" else (bx + 2 * r) * (tile_rows + 2 * r) * channels * 4  # float tiles, k//2 halo
     return LaunchConfig(f"{kernel}_{DTYPE_SUFFIX[name]}", parse_arch(arch), grid, BLOCK, shared)
 
 
@@ -336,10 +338,21 @@ def lpd(module: LpdModule, x_ptr: int, out_ptr: int, shape: tuple[int, int, int,
 def preprocess_lpd(module: LpdModule, image_ptr: int, out_ptr: int, shape: tuple[int, int, int, int], dtype: Any,
                    mean: tuple[float, ...] = MEAN, std: tuple[float, ...] = STD, stream: int = 0) -> None:
     """Enqueue uint8 NHWC ``image`` -> normalise -> median-LPD residual -> NCHW ``out`` (float32/16)."""
+    _launch_nhwc("preprocess_lpd", module, image_ptr, out_ptr, shape, dtype, mean, std, stream)
+
+
+def normalize(module: LpdModule, image_ptr: int, out_ptr: int, shape: tuple[int, int, int, int], dtype: Any,
+              mean: tuple[float, ...] = MEAN, std: tuple[float, ...] = STD, stream: int = 0) -> None:
+    """Enqueue uint8 NHWC ``image`` -> ((v / 255 - mean) / std) -> NCHW ``out`` (float32/16), no LPD."""
+    _launch_nhwc("normalize", module, image_ptr, out_ptr, shape, dtype, mean, std, stream)
+
+
+def _launch_nhwc(kernel: str, module: LpdModule, image_ptr: int, out_ptr: int, shape: tuple[int, int, int, int],
+                 dtype: Any, mean: tuple[float, ...], std: tuple[float, ...], stream: int) -> None:
     if len(mean) != 3 or len(std) != 3:
         raise ConfigError(f"Received mean {tuple(mean)} and std {tuple(std)}; expected 3 values each")
     if 0 in shape:
         return
-    cfg = launch_config("preprocess_lpd", shape, dtype, module.arch)
+    cfg = launch_config(kernel, shape, dtype, module.arch)
     n, h, w, _ = shape
     module.launch(cfg, (image_ptr, out_ptr, n, h, w, *map(float, mean), *map(float, std)), stream)

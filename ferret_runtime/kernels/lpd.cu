@@ -234,6 +234,23 @@ __host__ __device__ __forceinline__ void ferret_tile_outputs_k(int k, const floa
     else if (k == 7) ferret_tile_outputs<7>(tile, tw, out_plane, H, W, x0, y0, tx, ty, by, variant, residual);
 }
 
+// Plain normalisation (for graphs that compute the LPD themselves): thread (tx, ty) of a (bx, by)
+// block writes rows ty, ty + by, ... of its tile, three channels per pixel; no shared memory.
+template <class T>
+__host__ __device__ __forceinline__ void ferret_normalize_outputs(const unsigned char* image, T* out, int H, int W,
+                                                                  int x0, int y0, int tx, int ty, int by,
+                                                                  const float* mean, const float* std) {
+    const long long plane_size = (long long)H * W;
+    FERRET_UNROLL
+    for (int j = 0; j < FERRET_ROWS_PER_THREAD; ++j) {
+        const int gy = y0 + ty + j * by, gx = x0 + tx;
+        if (gy >= H || gx >= W) continue;
+        const long long at = (long long)gy * W + gx;
+        FERRET_UNROLL
+        for (int c = 0; c < 3; ++c) ferret_store(out + c * plane_size + at, ferret_normalize(image[at * 3 + c], mean[c], std[c]));
+    }
+}
+
 // ---------------------------------------------------------------------------------------------
 // Kernels. Grid: x over column tiles, y over row tiles, z over planes (n, c) with a grid-stride
 // loop, so gridDim.z may be capped at 65535. Block: at most FERRET_MAX_THREADS threads, z = 1.
@@ -299,6 +316,20 @@ __device__ __forceinline__ void ferret_preprocess_kernel(const unsigned char* __
     }
 }
 
+// uint8 NHWC -> normalised NCHW: the baseline preprocess_lpd is measured against, and the
+// runtime's preprocessing when the graph contains the LPD.
+template <class T>
+__device__ __forceinline__ void ferret_normalize_kernel(const unsigned char* __restrict__ image, T* __restrict__ out,
+                                                        int N, int H, int W, float m0, float m1, float m2, float s0,
+                                                        float s1, float s2) {
+    const float mean[3] = {m0, m1, m2}, std[3] = {s0, s1, s2};
+    const int x0 = blockIdx.x * blockDim.x, y0 = blockIdx.y * blockDim.y * FERRET_ROWS_PER_THREAD;
+    const long long plane_size = (long long)H * W;
+    for (long long n = blockIdx.z; n < N; n += gridDim.z)
+        ferret_normalize_outputs(image + n * plane_size * 3, out + n * 3 * plane_size, H, W, x0, y0, threadIdx.x,
+                                 threadIdx.y, blockDim.y, mean, std);
+}
+
 #define FERRET_KERNEL extern "C" __global__ void __launch_bounds__(FERRET_MAX_THREADS)
 
 FERRET_KERNEL lpd_residual_f32(const float* x, float* out, int N, int C, int H, int W) {
@@ -322,6 +353,15 @@ FERRET_KERNEL preprocess_lpd_f32(const unsigned char* image, float* out, int N, 
 FERRET_KERNEL preprocess_lpd_f16(const unsigned char* image, unsigned short* out, int N, int H, int W, float m0,
                                  float m1, float m2, float s0, float s1, float s2) {
     ferret_preprocess_kernel(image, out, N, H, W, m0, m1, m2, s0, s1, s2);
+}
+
+FERRET_KERNEL normalize_f32(const unsigned char* image, float* out, int N, int H, int W, float m0, float m1, float m2,
+                            float s0, float s1, float s2) {
+    ferret_normalize_kernel(image, out, N, H, W, m0, m1, m2, s0, s1, s2);
+}
+FERRET_KERNEL normalize_f16(const unsigned char* image, unsigned short* out, int N, int H, int W, float m0, float m1,
+                            float m2, float s0, float s1, float s2) {
+    ferret_normalize_kernel(image, out, N, H, W, m0, m1, m2, s0, s1, s2);
 }
 
 #endif  // __CUDACC__
@@ -484,6 +524,23 @@ extern "C" int preprocess_lpd_emulate(const unsigned char* image, float* out, in
                 }
             }
     free(tile);
+    return FERRET_OK;
+}
+
+extern "C" int normalize_emulate(const unsigned char* image, float* out, int N, int H, int W, const float* mean,
+                                 const float* std, const int* grid, const int* block, long long smem_bytes) {
+    const int err = ferret_check_launch(grid, block, 0, smem_bytes);
+    if (err) return err;
+    const int bx = block[0], by = block[1];
+    const long long plane_size = (long long)H * W;
+    for (int gz = 0; gz < grid[2]; ++gz)
+        for (int gy = 0; gy < grid[1]; ++gy)
+            for (int gx = 0; gx < grid[0]; ++gx)
+                for (long long n = gz; n < N; n += grid[2])
+                    for (int ty = 0; ty < by; ++ty)
+                        for (int tx = 0; tx < bx; ++tx)
+                            ferret_normalize_outputs(image + n * plane_size * 3, out + n * 3 * plane_size, H, W,
+                                                     gx * bx, gy * by * FERRET_ROWS_PER_THREAD, tx, ty, by, mean, std);
     return FERRET_OK;
 }
 
