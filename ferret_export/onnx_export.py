@@ -15,7 +15,7 @@ from ferret_runtime import __version__
 from ferret_runtime.errors import ConfigError
 from ferret_runtime.fileio import atomic_write, sha256
 from ferret_runtime.metadata import encode
-from ferret_runtime.preprocess import Preprocess, find_images, load_image, normalize, prepare
+from ferret_runtime.preprocess import Preprocess, find_images, load_image, median_residual, normalize, prepare
 from ferret_runtime.samples import write_samples
 
 from .onnx_graph import GraphOptions, build_graph
@@ -24,6 +24,8 @@ from .verify import Comparison, ParityError, Tolerance, compare
 # fp16: float16's epsilon (~1e-3) as rtol, since out-of-distribution inputs (noise) reach logits of ~35
 TOLERANCE = {"fp32": Tolerance(1e-4), "fp16": Tolerance(2e-2, 1e-3)}
 MIN_OPSET, MAX_OPSET = 17, 21
+LPD_MODES = ("portable", "plugin", "external")
+EXTERNAL_LPD = ("median", 3)  # what preprocess_lpd (GPU) and median_residual (CPU) compute
 
 
 @dataclass
@@ -88,7 +90,8 @@ def verify(model_proto: onnx.ModelProto, loaded, opts: GraphOptions, pre: Prepro
         x = normalize(u8, pre.mean, pre.std)
         with torch.inference_mode():
             ref = model(torch.from_numpy(x)).numpy()
-        feed = u8 if opts.preprocess else x
+        # external: the CNN gets what the runtime feeds it, the residual from ferret_runtime's own LPD
+        feed = u8 if opts.preprocess else median_residual(x) if opts.lpd == "external" else x
         got = sess.run(None, {"input": feed})[0]
         c = compare(name, feed.shape, got, ref, tol)
         log(f"[verify] {c}")
@@ -105,12 +108,20 @@ def export_onnx(weights: str | Path, out: str | Path, opts: GraphOptions = Graph
 
     if not MIN_OPSET <= opts.opset <= MAX_OPSET:
         raise ConfigError(f"Received opset {opts.opset}; expected {MIN_OPSET}..{MAX_OPSET}")
-    if opts.lpd not in ("portable", "plugin"):
-        raise ConfigError(f"Received LPD mode {opts.lpd!r}; expected 'portable' or 'plugin'")
+    if opts.lpd not in LPD_MODES:
+        raise ConfigError(f"Received LPD mode {opts.lpd!r}; expected one of {', '.join(LPD_MODES)}")
+    if opts.lpd == "external" and opts.preprocess:
+        raise ConfigError("Received --lpd external with --preprocess; expected one of them (with an external LPD the "
+                          "runtime does all the preprocessing, in one kernel on a GPU)")
     if opts.input_size < 8:
         raise ConfigError(f"Received input size {opts.input_size}; expected >= 8")
     weights, out = Path(weights), Path(out)
     loaded = load_checkpoint(weights, lpd_func=lpd_func, window_size=window_size)
+    cfg = loaded.config
+    if opts.lpd == "external" and (cfg.lpd_func, cfg.window_size) != EXTERNAL_LPD:
+        raise ConfigError(f"{weights}: received --lpd external for a model with LPD {cfg.lpd_func}/{cfg.window_size}; "
+                          f"expected {EXTERNAL_LPD[0]}/{EXTERNAL_LPD[1]}, the LPD the fused preprocessing kernel "
+                          "computes (export this model with --lpd portable)")
     pre = graph_preprocess(loaded.preprocess, opts)
     proto = build_graph(loaded.model, opts, pre.mean, pre.std)
     if simplify:
@@ -121,8 +132,9 @@ def export_onnx(weights: str | Path, out: str | Path, opts: GraphOptions = Graph
         f"({loaded.lpd_source}) opset {opts.opset} {'fp16' if opts.fp16 else 'fp32'} lpd-mode {opts.lpd} "
         f"{len(proto.graph.node)} nodes")
     if check:
-        onnx.checker.check_model(proto, full_check=opts.lpd == "portable")
-        log("[check] onnx.checker " + ("full check" if opts.lpd == "portable" else "(custom domain: structure only)") + " PASSED")
+        full = opts.lpd != "plugin"  # a ferret::lpd node has no schema for shape inference
+        onnx.checker.check_model(proto, full_check=full)
+        log("[check] onnx.checker " + ("full check" if full else "(custom domain: structure only)") + " PASSED")
     comparisons: list[Comparison] = []
     if run_verify:
         with tempfile.TemporaryDirectory() as tmp:

@@ -179,11 +179,14 @@ class GraphOptions:
     dynamic_hw: bool = False
     input_size: int = 256
     preprocess: bool = False  # fold uint8 NHWC -> normalised float into the graph
-    lpd: str = "portable"  # or "plugin"
+    lpd: str = "portable"  # "plugin": one ferret::lpd node; "external": no LPD, the input is the residual
 
 
 def build_graph(model, opts: GraphOptions, mean=None, std=None) -> onnx.ModelProto:
     """The whole model: [preprocess] -> x - lpd(x) -> [cast to float16] -> CNN -> logit (float32).
+
+    ``lpd="external"`` leaves the LPD out: the input is the residual ``x - lpd(x)`` itself, which the
+    runtime computes (the fused ``preprocess_lpd`` kernel on a GPU, ``median_residual`` on the CPU).
 
     With ``fp16`` the input and the LPD stay float32: the residual subtracts nearly equal
     neighbours, so rounding the input to float16 first (about 1e-3 on normalised pixels) would
@@ -201,7 +204,7 @@ def build_graph(model, opts: GraphOptions, mean=None, std=None) -> onnx.ModelPro
         x = INPUT
     cfg = model.cfg
     spec = get_lpd_spec(cfg.lpd_func)
-    if spec is not None:
+    if spec is not None and opts.lpd != "external":
         rec = lpd_plugin_node(g, x, cfg.lpd_func, cfg.window_size) if opts.lpd == "plugin" \
             else lpd_nodes(g, x, spec, cfg.window_size)
         x = g.op("Sub", [x, rec], "lpd_residual")

@@ -117,6 +117,9 @@ def _load_source(src: Path) -> tuple[onnx.ModelProto, dict]:
                           "ONNX Runtime cannot calibrate a ferret::lpd node")
     if domains:
         raise ConfigError(f"{src}: received nodes in domains {sorted(domains)}; expected standard ONNX operators only")
+    if meta["lpd_mode"] == "external":
+        raise ConfigError(f"{src}: received a model without its LPD (ferret.lpd_mode=external); expected a portable "
+                          "export (--lpd portable): calibration feeds normalised images")
     return proto, meta
 
 

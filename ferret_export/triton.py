@@ -129,7 +129,12 @@ def describe_model(path: str | os.PathLike) -> ModelDescription:
                           "(export a checkpoint first: ferret export onnx)")
     if not path.is_file():
         raise ConfigError(f"{path}: no such model file")
-    return read_onnx(path) if suffix in ONNX_SUFFIXES else read_engine_sidecar(path)
+    desc = read_onnx(path) if suffix in ONNX_SUFFIXES else read_engine_sidecar(path)
+    if desc.meta["lpd_mode"] == "external":
+        raise ConfigError(f"{path}: received a model without its LPD (ferret.lpd_mode=external), whose input is the LPD "
+                          "residual the ferret runtime computes; expected a model with the LPD inside for Triton "
+                          "(export with --lpd portable, or --lpd plugin for a TensorRT engine)")
+    return desc
 
 
 _ONNX_DTYPES = {1: "float32", 2: "uint8", 3: "int8", 4: "uint16", 5: "int16", 6: "int32", 7: "int64", 8: "string",

@@ -16,7 +16,7 @@ import numpy as np
 
 from .backends import Backend, backend_for
 from .errors import ConfigError, FerretError
-from .preprocess import ImageInput, Preprocess, load_image, normalize, prepare
+from .preprocess import ImageInput, Preprocess, load_image, median_residual, normalize, prepare
 
 
 @dataclass
@@ -80,6 +80,12 @@ class Detector:
                  batch_size: int = 32, workers: int = 4):
         if batch_size < 1:
             raise ValueError(f"Received batch_size {batch_size}; expected >= 1")
+        info = backend.info
+        # a graph exported with --lpd external takes the LPD residual: this pipeline computes it
+        self.external_lpd = info.extra.get("lpd_mode") == "external"
+        if self.external_lpd and (info.lpd_func, info.window_size) != ("median", 3):
+            raise ConfigError(f"Received a model without its LPD (lpd_mode external) whose LPD is {info.lpd_func}/"
+                              f"{info.window_size}; expected median/3, the only LPD the runtime computes outside the graph")
         self.backend = backend
         self.preprocess = preprocess or backend.info.preprocess
         self.threshold = backend.info.threshold if threshold is None else threshold
@@ -107,7 +113,11 @@ class Detector:
             backend.close()
             raise ConfigError(f"{path}: received crop {pre.crop}; this model takes a fixed {fixed[0]}x{fixed[1]} input "
                               "(export it with --dynamic-hw for other sizes)")
-        return cls(backend, preprocess=pre, threshold=threshold, batch_size=batch_size, workers=workers)
+        try:
+            return cls(backend, preprocess=pre, threshold=threshold, batch_size=batch_size, workers=workers)
+        except BaseException:
+            backend.close()
+            raise
 
     def _decode(self, item: ImageInput, name: str) -> np.ndarray | FerretError:
         try:
@@ -204,7 +214,8 @@ class Detector:
             held[0].collect_oldest()
 
     def _batch(self, u8: np.ndarray) -> np.ndarray:
-        """uint8 NHWC -> the model's input format (the graph may do the normalisation itself)."""
+        """uint8 NHWC -> the model's input format (the graph may do the normalisation itself, or
+        leave the LPD to us)."""
         pre = self.preprocess
         if pre.dtype == "uint8":
             return u8 if pre.layout == "NHWC" else np.ascontiguousarray(u8.transpose(0, 3, 1, 2))
@@ -213,6 +224,8 @@ class Detector:
         if buf is None or buf.shape != shape:
             buf = self._local.buffer = np.empty(shape, np.float32)  # per thread, reused while batches keep their shape
         x = normalize(u8, pre.mean, pre.std, out=buf)
+        if self.external_lpd:
+            x = median_residual(x)
         return x if pre.dtype == "float32" else x.astype(pre.dtype)
 
     def predict(self, inputs: ImageInput | Iterable[ImageInput]) -> list[Result]:

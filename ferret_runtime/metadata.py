@@ -14,7 +14,9 @@ KEYS: dict[str, tuple[type, bool]] = {
     "arch": (str, True),
     "lpd_func": (str, True),
     "window_size": (int, True),
-    "lpd_mode": (str, True),  # "portable" (standard ops), "plugin" (one ferret::lpd node), "none" (origin)
+    # "portable" (standard ops), "plugin" (one ferret::lpd node), "none" (origin), "external" (no LPD in the
+    # graph: its input is the LPD residual, computed by the runtime)
+    "lpd_mode": (str, True),
     "precision": (str, True),  # "fp32", "fp16", "int8"
     "preprocess": (dict, True),  # Preprocess.to_dict(); dtype/layout describe the graph's input
     "threshold": (float, True),

@@ -17,6 +17,7 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from .errors import ConfigError, ImageError
+from .lpd_spec import LPD_SPECS, median3x3_centre, median9
 
 MEAN: tuple[float, float, float] = (0.48145466, 0.4578275, 0.40821073)
 STD: tuple[float, float, float] = (0.26862954, 0.26130258, 0.27577711)
@@ -130,6 +131,22 @@ def normalize(batch: np.ndarray, mean: tuple[float, ...] = MEAN, std: tuple[floa
     out -= np.asarray(mean, dtype=np.float32).reshape(cshape)
     out /= np.asarray(std, dtype=np.float32).reshape(cshape)
     return out
+
+
+def median_residual(x: np.ndarray) -> np.ndarray:
+    """``x - lpd(x)`` for the paper's LPD (masked median, 3x3, zero padding) on float32 NCHW, in numpy.
+
+    What a graph exported with ``--lpd external`` expects as input, computed on the CPU. It runs
+    lpd_spec's median-of-9 network with numpy's min/max, which are exact: the result equals the
+    CUDA kernel, the PyTorch LPD and the exported graph's LPD bit for bit.
+    """
+    if x.ndim != 4 or x.dtype != np.float32:
+        raise ValueError(f"Received x {x.dtype} {x.shape}; expected float32 (N, C, H, W)")
+    h, w = x.shape[2:]
+    padded = np.pad(x, ((0, 0), (0, 0), (1, 1), (1, 1)))
+    views = [padded[:, :, i : i + h, j : j + w] for i in range(3) for j in range(3)]
+    views[4] = median3x3_centre(LPD_SPECS["median"], views[4])
+    return x - median9(views, np.minimum, np.maximum)
 
 
 def prepare(img: np.ndarray, pre: Preprocess) -> np.ndarray:

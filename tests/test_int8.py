@@ -246,6 +246,10 @@ def test_source_model_errors(fp32_onnx, int8, authors_ckpt, proxy, tmp_path):
     export_onnx(authors_ckpt, plugin, GraphOptions(input_size=256, lpd="plugin"), run_verify=False, log=_quiet)
     with pytest.raises(ConfigError, match=r"plugin\.onnx: received a plugin-mode model .*; expected a portable export"):
         quantize_int8(plugin, out, calib, log=_quiet)
+    external = tmp_path / "external.onnx"
+    export_onnx(authors_ckpt, external, GraphOptions(input_size=256, lpd="external"), run_verify=False, log=_quiet)
+    with pytest.raises(ConfigError, match=r"external\.onnx: received a model without its LPD .*expected a portable"):
+        quantize_int8(external, out, calib, log=_quiet)
     junk = tmp_path / "junk.onnx"
     junk.write_bytes(b"not a model")
     with pytest.raises(ConfigError, match=r"junk\.onnx: received a file onnx cannot parse"):

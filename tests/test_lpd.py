@@ -6,6 +6,7 @@ import torch
 
 from ferret_runtime.errors import ConfigError
 from ferret_runtime.lpd_spec import LPD_SPECS
+from ferret_runtime.preprocess import median_residual
 from ferret_train.layers.lpd import LPD
 
 
@@ -24,6 +25,25 @@ def test_matches_original(lpd_ref, func, k, inp, impl):
     want = lpd_ref[f"{func}_k{k}_{inp}"]
     assert got.shape == want.shape
     np.testing.assert_allclose(got, want, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("inp", ["continuous", "image"])
+def test_numpy_median_residual_matches_original(lpd_ref, inp):
+    # the runtime's CPU LPD for graphs exported with --lpd external (numpy, no torch)
+    x = lpd_ref[f"x_{inp}"]
+    np.testing.assert_allclose(median_residual(x), x - lpd_ref[f"median_k3_{inp}"], rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("shape", [(1, 3, 1, 1), (2, 3, 2, 5), (1, 1, 31, 23), (3, 3, 64, 40)])
+def test_numpy_median_residual_equals_torch_bit_for_bit(shape):
+    x = np.random.default_rng(shape[-1]).integers(-2, 3, shape).astype(np.float32) / 2  # ties everywhere
+    x[0, 0, 0, 0] = 7.5  # an isolated spike survives the masked median
+    want = (torch.from_numpy(x) - LPD("median", 3, impl="reference")(torch.from_numpy(x))).numpy()
+    got = median_residual(x)
+    assert got.dtype == np.float32 and got.shape == shape
+    np.testing.assert_array_equal(got, want)
+    with pytest.raises(ValueError, match="expected float32 \\(N, C, H, W\\)"):
+        median_residual(x.astype(np.float64))
 
 
 def test_reference_image_input_has_ties(lpd_ref):

@@ -168,6 +168,69 @@ def test_plugin_mode_has_one_ferret_node(authors_ckpt, tmp_path):
     assert all(c.passed for c in res.comparisons)  # verified through the portable twin
 
 
+@pytest.fixture(scope="module")
+def external_onnx(authors_ckpt, tmp_path_factory):
+    out = tmp_path_factory.mktemp("onnx_ext") / "ferretnet-s-ext.onnx"
+    res = export_onnx(authors_ckpt, out, GraphOptions(lpd="external"), log=_quiet)
+    assert res.comparisons and all(c.passed for c in res.comparisons)  # the CNN fed our residual == the whole model
+    return out
+
+
+def test_external_lpd_graph_is_the_cnn_alone(external_onnx, authors_onnx):
+    proto = onnx.load(external_onnx)
+    ops = {n.op_type for n in proto.graph.node}
+    assert not ops & {"Pad", "Slice", "Min", "Max"} and custom_domains(proto) == set()
+    assert decode({p.key: p.value for p in proto.metadata_props}, "t")["lpd_mode"] == "external"
+    inp = _session(external_onnx).get_inputs()[0]
+    assert inp.type == "tensor(float)" and inp.shape[1:] == [3, 256, 256]
+    # what the portable graph computes before its CNN is exactly our residual: same logits on the same pixels
+    u8 = np.random.default_rng(5).integers(0, 256, (3, 256, 256, 3), dtype=np.uint8)
+    x = normalize(u8)
+    from ferret_runtime.preprocess import median_residual
+
+    whole = _session(authors_onnx).run(None, {"input": x})[0]
+    cnn = _session(external_onnx).run(None, {"input": median_residual(x)})[0]
+    np.testing.assert_allclose(cnn, whole, rtol=0, atol=1e-4)
+    assert np.abs(_session(external_onnx).run(None, {"input": x})[0] - whole).max() > 0.1  # it needs the residual
+
+
+def test_external_lpd_through_detector_and_cli(external_onnx, reference, ref_logits):
+    names = sorted(ref_logits)
+    with Detector.open(external_onnx) as det:
+        assert det.external_lpd
+        results = det.predict([reference / "images" / n for n in names])
+    for n, r in zip(names, results):
+        assert abs(r.logit - ref_logits[n]["logit_center_crop_256"]) <= 1e-4, (n, r.logit)
+    proc = run_ferret("detect", str(reference / "images"), "--model", str(external_onnx), "--json")
+    assert proc.returncode == 0, proc.stderr
+    rows = {row["path"].rsplit("/", 1)[-1]: row["logit"] for row in map(json.loads, proc.stdout.splitlines())}
+    assert rows == {n: r.logit for n, r in zip(names, results)}
+
+
+def test_external_lpd_refusals(tmp_path, capsys):
+    from ferret_runtime.cli import main
+
+    _, ckpt = _random_ckpt(tmp_path, lpd_func="excmed")
+    with pytest.raises(ConfigError, match="--lpd external for a model with LPD excmed/3; expected median/3"):
+        export_onnx(ckpt, tmp_path / "x.onnx", GraphOptions(lpd="external"), log=_quiet)
+    with pytest.raises(ConfigError, match="--lpd external with --preprocess"):
+        export_onnx(ckpt, tmp_path / "x.onnx", GraphOptions(lpd="external", preprocess=True), log=_quiet)
+    assert not (tmp_path / "x.onnx").exists()
+    rc = main(["export", "onnx", "-w", str(ckpt), "-o", str(tmp_path / "q.onnx"), "--int8", "--calib-data",
+               str(tmp_path), "--lpd", "external"])
+    assert rc == 2 and "--int8 with --lpd external" in capsys.readouterr().err
+    # a model file claiming an external LPD other than median/3 is refused by the runtime, not mis-run
+    _, med = _random_ckpt(tmp_path, seed=1)
+    export_onnx(med, tmp_path / "m.onnx", GraphOptions(lpd="external", input_size=32), run_verify=False, log=_quiet)
+    proto = onnx.load(tmp_path / "m.onnx")
+    for prop in proto.metadata_props:
+        if prop.key == "ferret.lpd_func":
+            prop.value = "min"
+    onnx.save(proto, tmp_path / "m2.onnx")
+    with pytest.raises(ConfigError, match="whose LPD is min/3; expected median/3"):
+        Detector.open(tmp_path / "m2.onnx")
+
+
 # ------------------------------------------------------------------------------------------ errors
 def test_parity_failure_writes_nothing_and_keeps_old_file(tmp_path, monkeypatch):
     import ferret_export.onnx_export as ex

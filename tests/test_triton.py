@@ -71,14 +71,15 @@ def parse_config(model_dir: Path):
 
 @pytest.fixture(scope="module")
 def models(tmp_path_factory) -> dict[str, Path]:
-    """Small real exports: float dynamic H/W, uint8 --preprocess, static batch, and the plugin LPD."""
+    """Small real exports: float dynamic H/W, uint8 --preprocess, static batch, the plugin LPD, no LPD."""
     tmp = tmp_path_factory.mktemp("triton_models")
     torch.manual_seed(0)
     ckpt = save_checkpoint(tmp / "s.pth", create_model("ferretnet-s").eval())
     variants = {"float": GraphOptions(input_size=32, dynamic_hw=True),
                 "uint8": GraphOptions(input_size=32, preprocess=True),
                 "static": GraphOptions(input_size=32, dynamic_batch=False),
-                "plugin": GraphOptions(input_size=32, lpd="plugin")}
+                "plugin": GraphOptions(input_size=32, lpd="plugin"),
+                "external": GraphOptions(input_size=32, lpd="external")}
     out = {}
     for key, opts in variants.items():
         out[key] = tmp / f"{key}.onnx"
@@ -298,6 +299,9 @@ def test_static_batch_onnx_with_max_batch_is_an_error(models, tmp_path):
 def test_models_triton_cannot_serve(models, tmp_path):
     with pytest.raises(ConfigError, match=r"plugin\.onnx: received an ONNX model with the ferret::lpd plugin node"):
         write_triton_repo(models["plugin"], tmp_path / "r", log=_quiet)
+    with pytest.raises(ConfigError, match=r"external\.onnx: received a model without its LPD \(ferret\.lpd_mode=external\)"):
+        write_triton_repo(models["external"], tmp_path / "r", log=_quiet)
+    assert not (tmp_path / "r").exists()
     x = onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, ["N", 3, 8, 8])
     foreign = onnx.helper.make_model(onnx.helper.make_graph([onnx.helper.make_node("Identity", ["x"], ["y"])], "g", [x],
                                                             [onnx.helper.make_tensor_value_info("y", 1, ["N", 3, 8, 8])]))

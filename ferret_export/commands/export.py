@@ -39,9 +39,11 @@ def register(sub: argparse._SubParsersAction) -> None:
                    "within 2e-2 instead of 1e-4")
     o.add_argument("--preprocess", action="store_true", help="fold uint8 NHWC -> normalised float into the graph, "
                    "so a service can feed decoded bytes directly")
-    o.add_argument("--lpd", choices=["portable", "plugin"], default="portable",
+    o.add_argument("--lpd", choices=["portable", "plugin", "external"], default="portable",
                    help="'portable': standard ops; 'plugin': one ferret::lpd node for the TensorRT plugin "
-                        "(verification then runs the same weights with the portable LPD)")
+                        "(verification then runs the same weights with the portable LPD); 'external': the CNN "
+                        "alone, its input the LPD residual, which the ferret runtime computes (on a GPU: decoded "
+                        "uint8 -> network input in one kernel, 4x fewer bytes over PCIe; median/3 models only)")
     o.add_argument("--simplify", action="store_true", help="run onnxslim on the graph (pip install onnxslim)")
     o.add_argument("--verify", action=argparse.BooleanOptionalAction, default=True,
                    help="compare ONNX Runtime (CPU) with PyTorch before writing")
@@ -138,9 +140,9 @@ def _run_int8(args: argparse.Namespace, opts) -> int:
     from ..quantize import quantize_int8, select_images, verify_int8
     from ..verify import ParityError
 
-    if args.fp16 or args.lpd == "plugin":
-        raise ConfigError("Received --int8 with " + ("--fp16" if args.fp16 else "--lpd plugin") + "; expected neither "
-                          "(INT8 quantises the fp32 portable graph: ONNX Runtime must run it to calibrate)")
+    if args.fp16 or args.lpd != "portable":
+        raise ConfigError("Received --int8 with " + ("--fp16" if args.fp16 else f"--lpd {args.lpd}") + "; expected "
+                          "neither (INT8 quantises the fp32 portable graph: ONNX Runtime must run it to calibrate)")
     if not args.calib_data:
         raise ConfigError("Received --int8 without --calib-data; expected image files or folders to calibrate on "
                           "(e.g. --calib-data data/train --calib-images 256)")

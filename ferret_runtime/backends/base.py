@@ -42,8 +42,8 @@ class Backend(ABC):
     def run(self, batch: np.ndarray) -> np.ndarray:
         """Logits of shape (N,) for a batch in the model's input format (``info.preprocess``).
 
-        Usually float32 NCHW, normalised; float16 for fp16 graphs; uint8 NHWC when the graph
-        contains the preprocessing.
+        Usually float32 NCHW, normalised; uint8 NHWC when the graph contains the preprocessing;
+        the LPD residual of the normalised batch when it leaves the LPD out (lpd_mode "external").
         """
         self._validate(batch)
         out = np.asarray(self.run_impl(batch), dtype=np.float32).reshape(batch.shape[0], -1)
