@@ -37,14 +37,14 @@ from ferret_runtime.errors import ConfigError, FerretError
 from ferret_runtime.fileio import atomic_write, sha256
 from ferret_runtime.lpd_spec import get_lpd_spec
 from ferret_runtime.metadata import PREFIX, decode
-from ferret_runtime.preprocess import Preprocess, find_images, load_image, normalize, prepare
+from ferret_runtime.preprocess import Preprocess, find_images, load_image, median_residual, normalize, prepare
 
 from .verify import Comparison, ParityError, Tolerance, compare
 
 DEFAULT_BATCH: tuple[int, int, int] = (1, 64, 256)
 DEFAULT_WORKSPACE_MB = 4096
 MIN_HW = 8  # as 'ferret export onnx --input-size'
-LPD_MODES = ("native", "plugin")
+LPD_MODES = ("native", "plugin", "external")  # external: no LPD in the engine (ferret export onnx --lpd external)
 TOLERANCE = {"fp32": Tolerance(1e-3, 1e-3), "fp16": Tolerance(5e-2, 5e-3), "int8": Tolerance(2.5e-1, 5e-2)}
 TRT_MISSING = "TensorRT is not installed: pip install 'ferretnet-deploy[trt]' (pulls tensorrt-cu13 from NVIDIA's index)"
 PLUGIN_CONTROL_ATTRS = ("plugin_namespace", "plugin_version", "aot")  # read by the parser, not passed to the plugin
@@ -146,11 +146,12 @@ def resolve_lpd(model: OnnxModel, lpd: str | None) -> str:
     """The build's LPD mode: the graph decides; ``lpd`` may only confirm it."""
     if lpd is not None and lpd not in LPD_MODES:
         raise ConfigError(f"Received --lpd {lpd!r}; expected one of {', '.join(LPD_MODES)}")
-    graph = "plugin" if model.meta["lpd_mode"] == "plugin" else "native"
+    graph = model.meta["lpd_mode"] if model.meta["lpd_mode"] in ("plugin", "external") else "native"
     if lpd is not None and lpd != graph:
-        what = "the ferret::lpd plugin node" if graph == "plugin" else "the LPD as standard operators"
+        what = {"plugin": "the ferret::lpd plugin node", "external": "no LPD (its input is the LPD residual)",
+                "native": "the LPD as standard operators"}[graph]
         raise ConfigError(f"Received --lpd {lpd} for {model.path.name}, a graph with {what}; expected --lpd {graph}, or "
-                          f"a graph exported with 'ferret export onnx --lpd {'plugin' if lpd == 'plugin' else 'portable'}'"
+                          f"a graph exported with 'ferret export onnx --lpd {'portable' if lpd == 'native' else lpd}'"
                           " (or --weights W, which exports one)")
     if graph == "plugin":
         from .trt_plugin import ATTRIBUTES, OPS, PLUGIN_NAMESPACE, check_attributes
@@ -471,10 +472,14 @@ def _cases(model: OnnxModel, profile: Profile, images: list[Path]) -> list[tuple
 
 
 def _feed(u8: np.ndarray, model: OnnxModel) -> np.ndarray:
+    """The graph's input for decoded images, prepared on the host (ONNX Runtime's side of the check)."""
     pre: Preprocess = model.meta["preprocess"]
     if pre.dtype == "uint8":
         return u8 if pre.layout == "NHWC" else np.ascontiguousarray(u8.transpose(0, 3, 1, 2))
-    return normalize(u8, pre.mean, pre.std).astype(pre.dtype)
+    x = normalize(u8, pre.mean, pre.std)
+    if model.meta["lpd_mode"] == "external":
+        x = median_residual(x)
+    return x.astype(pre.dtype)
 
 
 def verify_engine(blob: bytes, content: tuple, model: OnnxModel, profile: Profile, tol: Tolerance, out: Path,
@@ -500,10 +505,10 @@ def verify_engine(blob: bytes, content: tuple, model: OnnxModel, profile: Profil
         write_engine_sidecar(engine, props, inputs, outputs, tensorrt_version=_record(props)["tensorrt_version"])
         hw = profile.opt[1] if model.layout == "NHWC" else profile.opt[2]
         images = find_images(verify_images) if verify_images else write_samples(Path(tmp) / "samples", n=2, size=hw)
-        with TrtBackend(engine) as backend:
+        with TrtBackend(engine) as backend:  # as deployed: float engines get uint8, preprocessed on the GPU
             for name, u8 in _cases(model, profile, images):
                 feed = _feed(u8, model)
-                got = backend.run_impl(feed)
+                got = backend.run_impl(np.ascontiguousarray(u8) if backend.kernel else feed)
                 ref = sess.run(None, {model.input_name: feed})[0]
                 c = compare(name, feed.shape, np.asarray(got).reshape(ref.shape), ref, tol)
                 log(f"[verify] {c}")
@@ -534,15 +539,15 @@ def export_and_build(weights: str | Path, out_engine: str | Path, *, precision: 
     lpd = lpd or "native"
     if lpd not in LPD_MODES:
         raise ConfigError(f"Received --lpd {lpd!r}; expected one of {', '.join(LPD_MODES)}")
-    if precision == "int8" and (lpd == "plugin" or not verify_images):
-        raise ConfigError("Received --int8 " + ("with --lpd plugin; expected --lpd native (ONNX Runtime calibrates the "
-                          "portable graph)" if lpd == "plugin" else "without --verify-images; expected real images to "
+    if precision == "int8" and (lpd != "native" or not verify_images):
+        raise ConfigError("Received --int8 " + (f"with --lpd {lpd}; expected --lpd native (ONNX Runtime calibrates the "
+                          "portable graph)" if lpd != "native" else "without --verify-images; expected real images to "
                           "calibrate the INT8 ranges on"))
     import_tensorrt()
     require_gpu()
     quantize = _quantizer() if precision == "int8" else None
     opts = GraphOptions(fp16=precision == "fp16", dynamic_batch=True, dynamic_hw=dynamic_hw is not None,
-                        input_size=input_size, lpd="plugin" if lpd == "plugin" else "portable")
+                        input_size=input_size, lpd="portable" if lpd == "native" else lpd)
     with tempfile.TemporaryDirectory(prefix="ferret-trt-") as tmp:
         onnx_path = Path(tmp) / (Path(out_engine).stem + ".onnx")
         export_onnx(weights, onnx_path, opts, verify_images=verify_images, log=log)

@@ -72,6 +72,7 @@ def graphs(ckpt, tmp_path_factory):
         "static": GraphOptions(input_size=32, dynamic_batch=False),
         "nhwc": GraphOptions(input_size=32, preprocess=True),
         "fp16": GraphOptions(input_size=32, fp16=True),
+        "external": GraphOptions(input_size=32, lpd="external"),
     }
     out = {}
     for name, opts in variants.items():
@@ -170,6 +171,9 @@ def test_int8_needs_calibration_images_and_the_native_lpd(ckpt, tmp_path):
     with pytest.raises(ConfigError, match=r"Received --int8 with --lpd plugin; expected --lpd native"):
         trt_export.export_and_build(ckpt, tmp_path / "m.engine", precision="int8", lpd="plugin", verify_images=["x"],
                                     log=_quiet)
+    with pytest.raises(ConfigError, match=r"Received --int8 with --lpd external; expected --lpd native"):
+        trt_export.export_and_build(ckpt, tmp_path / "m.engine", precision="int8", lpd="external",
+                                    verify_images=["x"], log=_quiet)
 
 
 @pytest.mark.skipif(_has_driver(), reason="checks the message where no CUDA driver is installed")
@@ -226,8 +230,15 @@ def test_lpd_mode_comes_from_the_graph(graphs):
     with pytest.raises(ConfigError, match=r"Received --lpd native for plugin\.onnx, a graph with the ferret::lpd plugin "
                                           r"node; expected --lpd plugin"):
         trt_export.resolve_lpd(plugin, "native")
-    with pytest.raises(ConfigError, match=r"Received --lpd 'cuda'; expected one of native, plugin"):
+    with pytest.raises(ConfigError, match=r"Received --lpd 'cuda'; expected one of native, plugin, external"):
         trt_export.resolve_lpd(portable, "cuda")
+    external = trt_export.read_onnx_model(graphs["external"])
+    assert trt_export.resolve_lpd(external, None) == trt_export.resolve_lpd(external, "external") == "external"
+    with pytest.raises(ConfigError, match=r"Received --lpd native for external\.onnx, a graph with no LPD \(its input is "
+                                          r"the LPD residual\); expected --lpd external"):
+        trt_export.resolve_lpd(external, "native")
+    with pytest.raises(ConfigError, match=r"Received --lpd external for portable\.onnx, .*onnx --lpd external'"):
+        trt_export.resolve_lpd(portable, "external")
 
 
 def test_network_flags_strongly_typed_on_10_only():
@@ -694,7 +705,8 @@ def test_gpu_build_verifies_and_writes(built, lpd):
 @pytest.mark.gpu
 def test_gpu_runs_at_min_opt_max_batch_and_plugin_equals_native(built):
     x = normalize(np.random.default_rng(3).integers(0, 256, (8, 64, 64, 3), dtype=np.uint8))
-    with trt_backend.TrtBackend(built["native"].path) as native, trt_backend.TrtBackend(built["plugin"].path) as plugin:
+    with trt_backend.TrtBackend(built["native"].path, gpu_preprocess=False) as native, \
+            trt_backend.TrtBackend(built["plugin"].path, gpu_preprocess=False) as plugin:
         assert native.profile_min[0] == 1 and native.profile_max[0] == 8
         for n in (1, 4, 8, 11):  # 11: two chunks of the largest batch
             batch = np.resize(x, (n, *x.shape[1:]))
@@ -703,6 +715,23 @@ def test_gpu_runs_at_min_opt_max_batch_and_plugin_equals_native(built):
             np.testing.assert_allclose(b, a, rtol=1e-3, atol=1e-3)
         with pytest.raises(ValueError, match=r"expected shapes from \(1, 3, 64, 64\) to \(8, 3, 64, 64\)"):
             native.run(np.zeros((1, 3, 32, 32), np.float32))
+
+
+@pytest.mark.trt
+@pytest.mark.gpu
+def test_gpu_preprocessing_equals_host_preprocessing(ckpt, built, tmp_path):
+    u8 = np.random.default_rng(4).integers(0, 256, (11, 64, 64, 3), dtype=np.uint8)
+    with trt_backend.TrtBackend(built["native"].path, gpu_preprocess=False) as host_side:
+        want = host_side.run(normalize(u8))
+    with trt_backend.TrtBackend(built["native"].path) as gpu_side:
+        assert gpu_side.kernel == "normalize"
+        np.testing.assert_allclose(gpu_side.run(u8), want, rtol=0, atol=0)  # the kernel normalises bit for bit
+    external = trt_export.export_and_build(ckpt, tmp_path / "ext.engine", precision="fp32", input_size=64,
+                                           lpd="external", batch=(1, 4, 8), log=print)
+    assert all(c.passed for c in external.comparisons)
+    with trt_backend.TrtBackend(external.path) as fused:
+        assert fused.kernel == "preprocess_lpd"
+        np.testing.assert_allclose(fused.run(u8), want, rtol=1e-3, atol=1e-3)
 
 
 @pytest.mark.trt
@@ -978,6 +1007,33 @@ def _fake_cuda(monkeypatch):
                             DeviceBuffer=HostMemory, Stream=LazyStream, Event=LazyEvent, copy_htod_async=copy,
                             copy_dtoh_async=copy).items():
         monkeypatch.setattr(cuda, name, value)
+    module = HostLpdModule()
+    monkeypatch.setattr(launch, "get_module", lambda device=0: module)
+    return module
+
+
+class HostLpdModule:
+    """launch.LpdModule whose launches run the kernel's blocks on the CPU (host.emulate_*) when the stand-in
+    stream gets to them: the launch tuple, pointers, sizes and stream order are the real ones."""
+
+    arch = 90
+
+    def __init__(self):
+        self.launches = []
+
+    def launch(self, cfg, args, stream=0):
+        self.launches.append((cfg, args[2:]))
+        LazyStream.by_handle[stream].enqueue(lambda: self._run(cfg, args))
+
+    @staticmethod
+    def _run(cfg, args):
+        import ctypes
+
+        image_ptr, out_ptr, n, h, w, *norm = args
+        images = np.frombuffer((ctypes.c_uint8 * (n * h * w * 3)).from_address(image_ptr), np.uint8).reshape(n, h, w, 3)
+        emulate = host.emulate_preprocess_lpd if cfg.name.startswith("preprocess_lpd") else host.emulate_normalize
+        out = emulate(images, cfg, tuple(norm[:3]), tuple(norm[3:]))  # NaN where no block writes
+        ctypes.memmove(out_ptr, out.ctypes.data, out.nbytes)
 
 
 class LazyStream:
@@ -1024,7 +1080,7 @@ class LazyEvent:
 def fake_trt(monkeypatch):
     trt = FakeTRT()
     monkeypatch.setitem(sys.modules, "tensorrt", trt)
-    _fake_cuda(monkeypatch)
+    trt.kernels = _fake_cuda(monkeypatch)
     return trt
 
 
@@ -1136,6 +1192,46 @@ def test_submit_keeps_two_batches_in_flight(fake_trt, graphs, tmp_path):
                                    rtol=1e-6, atol=1e-6)
     with pytest.raises(ConfigError, match="Received slots 0; expected an int >= 1"):
         trt_backend.TrtBackend(engine, slots=0)
+
+
+@pytest.mark.parametrize("graph, kernel", [("portable", "normalize"), ("external", "preprocess_lpd")])
+def test_backend_preprocesses_uint8_on_the_gpu(fake_trt, graphs, tmp_path, graph, kernel):
+    """Float engines take decoded uint8: one kernel on the slot's stream writes the engine's input (the stand-in
+    runs the kernel's blocks on the CPU); the logits are ONNX Runtime's on the host-prepared input."""
+    engine = trt_export.build_engine(graphs[graph], tmp_path / "m.engine", batch=(2, 3, 4), log=_quiet).path
+    assert fake_trt.kernels.launches  # the build's verification went through the kernel too
+    u8 = np.random.default_rng(8).integers(0, 256, (7, 32, 32, 3), dtype=np.uint8)
+    want = _session(graphs["portable"]).run(None, {"input": normalize(u8)})[0][:, 0]  # the whole model
+    with trt_backend.TrtBackend(engine) as backend:
+        assert backend.kernel == kernel and backend.info.preprocess.dtype == "uint8"
+        assert backend.info.preprocess.layout == "NHWC" and backend.profile_max == (4, 32, 32, 3)
+        fake_trt.kernels.launches.clear()
+        np.testing.assert_allclose(backend.run(u8), want, rtol=1e-5, atol=1e-5)  # chunks 4, 3
+        assert [(cfg.name, args[:3]) for cfg, args in fake_trt.kernels.launches] == \
+            [(f"{kernel}_f32", (4, 32, 32)), (f"{kernel}_f32", (3, 32, 32))]
+        np.testing.assert_allclose(backend.run(u8[:1]), want[:1], rtol=1e-5, atol=1e-5)  # padded to the min batch 2
+        with pytest.raises(ValueError, match="expected uint8 ndarray in NHWC layout"):
+            backend.run(normalize(u8))
+        assert len(backend._closers[1:]) == 2 * 7  # per slot: stream, 5 buffers (one for the uint8 batch), event
+    if graph == "portable":
+        with trt_backend.TrtBackend(engine, gpu_preprocess=False) as host_side:
+            assert host_side.kernel is None and host_side.info.preprocess.dtype == "float32"
+            np.testing.assert_allclose(host_side.run(normalize(u8)), want, rtol=1e-5, atol=1e-5)
+
+
+def test_gpu_preprocessing_without_nvrtc_is_a_clear_error(fake_trt, graphs, tmp_path, monkeypatch):
+    engine = trt_export.build_engine(graphs["portable"], tmp_path / "m.engine", batch=(1, 2, 4), verify=False,
+                                     log=_quiet).path
+
+    def no_nvrtc(device=0):
+        raise launch.CudaError("nvrtcVersion: received no NVRTC library (libnvrtc.so.13 not found)")
+
+    monkeypatch.setattr(launch, "get_module", no_nvrtc)
+    with pytest.raises(ConfigError, match=r"m\.engine: GPU preprocessing needs lpd\.cu compiled by NVRTC .*libnvrtc"
+                                          r".*or gpu_preprocess=False"):
+        trt_backend.TrtBackend(engine)
+    with trt_backend.TrtBackend(engine, gpu_preprocess=False) as backend:
+        assert backend.kernel is None
 
 
 def test_build_checks_the_kernel_limits_first(fake_trt, graphs, tmp_path):

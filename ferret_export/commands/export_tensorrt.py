@@ -60,9 +60,10 @@ def add_parser(formats: argparse._SubParsersAction) -> argparse.ArgumentParser:
                         "GPU and TensorRT skip re-timing layers (default: none)")
     p.add_argument("--hardware-compat", action="store_true",
                    help="build for any Ampere or newer GPU (HardwareCompatibilityLevel.AMPERE_PLUS; may be slower)")
-    p.add_argument("--lpd", choices=["native", "plugin"], default=None,
+    p.add_argument("--lpd", choices=["native", "plugin", "external"], default=None,
                    help="'native': the LPD as standard TensorRT layers; 'plugin': the fused ferret::lpd CUDA kernel, "
-                        "embedded in the engine as PTX (default: the graph's mode with --onnx, native with --weights)")
+                        "embedded in the engine as PTX; 'external': the CNN alone, the runtime's preprocess_lpd kernel "
+                        "turning uint8 into its input (default: the graph's mode with --onnx, native with --weights)")
     prec = p.add_mutually_exclusive_group()
     prec.add_argument("--fp16", action="store_true", help="with --weights only: export a float16 graph (input, LPD and "
                       "logits stay float32); with --onnx the precision is the graph's")

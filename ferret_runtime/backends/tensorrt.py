@@ -10,6 +10,13 @@ Engines built with ``--lpd plugin`` embed the ``ferret::lpd`` kernel as PTX (a T
 Python plugin), so they deserialise without this toolkit's Python code or any plugin library:
 nothing is registered here, and ``trtexec``, Triton or C++ can run them too.
 
+Preprocessing on the GPU (``gpu_preprocess=True``, the default): for an engine with a float input,
+the backend takes the decoded uint8 NHWC batch, copies those bytes (a quarter of float32's) to the
+device and launches ``normalize`` (engines with the LPD inside) or the fused ``preprocess_lpd``
+(engines exported with ``--lpd external``) from ``lpd.cu`` on the slot's stream, writing straight
+into the engine's input buffer. ``info.preprocess`` then says uint8 NHWC, so the ``Detector`` sends
+decoded bytes and does no float work on the host.
+
 Torch-free: buffers and the stream come from ``ferret_runtime.cuda`` (cuda-python).
 """
 
@@ -19,6 +26,7 @@ import hashlib
 import json
 import queue
 from collections import deque
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -164,9 +172,11 @@ class _Slot:
     """One batch in flight: an execution context bound once to its own device buffers, a stream,
     pinned staging for input and logits, and an event marking the logits' arrival."""
 
-    def __init__(self, context: Any, stream: Any, host_in: Any, dev_in: Any, host_out: Any, dev_out: Any, done: Any):
+    def __init__(self, context: Any, stream: Any, host_in: Any, dev_in: Any, host_out: Any, dev_out: Any, done: Any,
+                 dev_u8: Any = None):
         self.context, self.stream, self.done = context, stream, done
         self.host_in, self.dev_in, self.host_out, self.dev_out = host_in, dev_in, host_out, dev_out
+        self.dev_u8 = dev_u8  # the uint8 batch on the device, when the GPU preprocesses (host_in then holds uint8)
         self.rows = self.n = 0
 
 
@@ -193,15 +203,21 @@ class TrtBackend(Backend):
     context with pinned host and device buffers allocated once for the profile's largest batch, a
     stream and an event, so one batch's copies overlap another's compute. ``run`` pipelines the
     chunks of a batch larger than the profile; ``submit``/``Pending.result`` let a caller (the
-    ``Detector``) prepare the next batch while this one runs."""
+    ``Detector``) prepare the next batch while this one runs.
+
+    ``gpu_preprocess`` (default True): an engine with a float input takes uint8 NHWC batches and
+    normalises them (and computes the LPD residual, for ``--lpd external`` engines) on the GPU;
+    False takes the engine's own input format, prepared on the host."""
 
     name = "tensorrt"
     suffixes = (".engine", ".plan")
 
-    def __init__(self, path: str | Path, *, device: str = "auto", verbose: bool = False, slots: int = 2):
+    def __init__(self, path: str | Path, *, device: str = "auto", verbose: bool = False, slots: int = 2,
+                 gpu_preprocess: bool = True):
         if not isinstance(slots, int) or slots < 1:
             raise ConfigError(f"Received slots {slots!r}; expected an int >= 1 (batches in flight on the GPU)")
         self.slots = slots
+        self.kernel: str | None = None  # the lpd.cu kernel preprocessing each batch on the GPU, if any
         self.path = Path(path)
         self._closers: list[Any] = []
         if not self.path.is_file():
@@ -229,6 +245,8 @@ class TrtBackend(Backend):
         check_engine_compat(build, trt.__version__, gpu.name, gpu.compute_capability, str(self.path))
         self.info = self._model_info(sidecar, meta, build)
         self.device = f"cuda:{index}"
+        if gpu_preprocess and self.info.preprocess.dtype != "uint8":
+            self._gpu_preprocessing(index)
         try:
             self._load(trt, cuda, blob, index, verbose)
         except BaseException:
@@ -246,6 +264,25 @@ class TrtBackend(Backend):
         extra["engine"] = build
         return ModelInfo(meta["arch"], meta["lpd_func"], meta["window_size"], pre, meta["threshold"],
                          input_hw=fixed, extra=extra)
+
+    def _gpu_preprocessing(self, index: int) -> None:
+        """Take uint8 NHWC from now on: the engine's float input is written by an lpd.cu kernel."""
+        from ..kernels import launch
+
+        info, pre = self.info, self.info.preprocess
+        external = info.extra.get("lpd_mode") == "external"
+        if external and (info.lpd_func, info.window_size) != ("median", 3):
+            raise ConfigError(f"{self.path}: received an engine without its LPD whose LPD is {info.lpd_func}/"
+                              f"{info.window_size}; expected median/3, the LPD preprocess_lpd computes")
+        try:
+            self._module = launch.get_module(index)  # NVRTC-compiled on first use, cached on disk per GPU
+        except launch.CudaError as e:
+            raise ConfigError(f"{self.path}: GPU preprocessing needs lpd.cu compiled by NVRTC ({e}); expected "
+                              "cuda-python with NVRTC (pip install 'ferretnet-deploy[gpu]'), or gpu_preprocess=False "
+                              "to prepare batches on the host") from None
+        self.kernel = "preprocess_lpd" if external else "normalize"
+        self._engine_pre = pre  # mean/std for the kernel, dtype of the engine's input
+        self.info = replace(info, preprocess=replace(pre, layout="NHWC", dtype="uint8"))
 
     def _load(self, trt: Any, cuda: Any, blob: bytes, index: int, verbose: bool) -> None:
         self._ctx = cuda.Context(index)
@@ -265,15 +302,21 @@ class TrtBackend(Backend):
             self.input_name, self.output_name = ins[0], outs[0]
             self.input_dtype = np.dtype(trt.nptype(self._engine.get_tensor_dtype(self.input_name)))
             self.output_dtype = np.dtype(trt.nptype(self._engine.get_tensor_dtype(self.output_name)))
-            if self.input_dtype != np.dtype(self.info.preprocess.dtype):
+            declared = (self._engine_pre if self.kernel else self.info.preprocess).dtype
+            if self.input_dtype != np.dtype(declared):
                 raise ConfigError(f"{self.path}: the engine's input is {self.input_dtype}; its sidecar says "
-                                  f"{self.info.preprocess.dtype}; expected the pair written together")
+                                  f"{declared}; expected the pair written together")
             lo, _, hi = (tuple(int(d) for d in s) for s in self._engine.get_tensor_profile_shape(self.input_name, 0))
-            self.profile_min, self.profile_max = lo, hi
+            if self.kernel and (len(hi) != 4 or hi[1] != 3):
+                raise ConfigError(f"{self.path}: received an engine input profile up to {hi}; expected (N, 3, H, W) "
+                                  "for GPU preprocessing (or gpu_preprocess=False)")
+            # the profile in the layout callers send: uint8 (N, H, W, 3) when the GPU preprocesses
+            self.profile_min, self.profile_max = (self._caller_shape(s) for s in (lo, hi))
             out_shape = tuple(int(d) for d in self._engine.get_tensor_shape(self.output_name))
             self._out_per_item = int(np.prod(out_shape[1:])) if len(out_shape) > 1 else 1
             max_batch = hi[0]
             in_bytes = int(np.prod(hi)) * self.input_dtype.itemsize
+            host_bytes = int(np.prod(hi)) if self.kernel else in_bytes  # uint8 staging, or the input itself
             out_bytes = max_batch * self._out_per_item * self.output_dtype.itemsize
             self._slots: list[_Slot] = []
             for _ in range(self.slots):
@@ -281,10 +324,11 @@ class TrtBackend(Backend):
                 if context is None:
                     raise ConfigError(f"{self.path}: TensorRT could not create execution context {len(self._slots) + 1} "
                                       f"of {self.slots} (out of GPU memory?); expected slots=1 to fit")
-                slot = _Slot(context, self._own(cuda.Stream(self._ctx)), self._own(cuda.PinnedBuffer(in_bytes, self._ctx)),
+                slot = _Slot(context, self._own(cuda.Stream(self._ctx)), self._own(cuda.PinnedBuffer(host_bytes, self._ctx)),
                              self._own(cuda.DeviceBuffer(in_bytes, self._ctx)),
                              self._own(cuda.PinnedBuffer(out_bytes, self._ctx)),
-                             self._own(cuda.DeviceBuffer(out_bytes, self._ctx)), self._own(cuda.Event(self._ctx, timing=False)))
+                             self._own(cuda.DeviceBuffer(out_bytes, self._ctx)), self._own(cuda.Event(self._ctx, timing=False)),
+                             self._own(cuda.DeviceBuffer(host_bytes, self._ctx)) if self.kernel else None)
                 # the buffers never move, so their addresses are bound once per context
                 context.set_tensor_address(self.input_name, slot.dev_in.ptr)
                 context.set_tensor_address(self.output_name, slot.dev_out.ptr)
@@ -293,6 +337,13 @@ class TrtBackend(Backend):
             for slot in self._slots:
                 self._free.put(slot)
         self._cuda = cuda
+
+    def _caller_shape(self, engine_shape: tuple[int, ...]) -> tuple[int, ...]:
+        """(N, 3, H, W) of the engine -> (N, H, W, 3) when callers send uint8 for the GPU to preprocess."""
+        if not self.kernel:
+            return tuple(engine_shape)
+        n, c, h, w = engine_shape
+        return (n, h, w, c)
 
     def _own(self, obj: Any) -> Any:
         self._closers.append(obj)
@@ -353,12 +404,21 @@ class TrtBackend(Backend):
         n = batch.shape[0]
         pad = max(0, self.profile_min[0] - n)  # a profile whose smallest batch is > 1: pad with zeros, drop after
         shape = (n + pad, *batch.shape[1:])
-        host_in = slot.host_in.array(self.input_dtype, shape)
+        host_in = slot.host_in.array(batch.dtype, shape)
         np.copyto(host_in[:n], batch, casting="no")
         host_in[n:] = 0
         cuda = self._cuda
         with self._ctx.current():
-            cuda.copy_htod_async(slot.dev_in, slot.host_in, host_in.nbytes, slot.stream)
+            if self.kernel:  # uint8 over PCIe, then normalise (+ LPD) into the engine's input on the same stream
+                from ..kernels import launch
+
+                cuda.copy_htod_async(slot.dev_u8, slot.host_in, host_in.nbytes, slot.stream)
+                pre = self._engine_pre
+                getattr(launch, self.kernel)(self._module, slot.dev_u8.ptr, slot.dev_in.ptr, shape, self.input_dtype,
+                                             pre.mean, pre.std, stream=slot.stream.handle)
+                shape = (shape[0], 3, shape[1], shape[2])
+            else:
+                cuda.copy_htod_async(slot.dev_in, slot.host_in, host_in.nbytes, slot.stream)
             if not slot.context.set_input_shape(self.input_name, shape):
                 raise FerretError(f"TensorRT rejected input shape {shape} for {self.input_name!r}")
             if not slot.context.execute_async_v3(slot.stream.handle):
