@@ -10,12 +10,7 @@ Engines built with ``--lpd plugin`` embed the ``ferret::lpd`` kernel as PTX (a T
 Python plugin), so they deserialise without this toolkit's Python code or any plugin library:
 nothing is registered here, and ``trtexec``, Triton or C++ can run them too.
 
-Preprocessing on the GPU (``gpu_preprocess=True``, the default): for an engine with a float input,
-the backend takes the decoded uint8 NHWC batch, copies those bytes (a quarter of float32's) to the
-device and launches ``normalize`` (engines with the LPD inside) or the fused ``preprocess_lpd``
-(engines exported with ``--lpd external``) from ``lpd.cu`` on the slot's stream, writing straight
-into the engine's input buffer. ``info.preprocess`` then says uint8 NHWC, so the ``Detector`` sends
-decoded bytes and does no float work on the host.
+Batches in flight and GPU preprocessing: ``ferret_runtime.backends.slots``.
 
 Torch-free: buffers and the stream come from ``ferret_runtime.cuda`` (cuda-python).
 """
@@ -24,9 +19,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import queue
-from collections import deque
-from dataclasses import replace
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -34,7 +26,10 @@ import numpy as np
 
 from ..errors import ConfigError, FerretError
 from ..metadata import PREFIX, decode
-from .base import Backend, ModelInfo
+from .base import ModelInfo
+from .slots import Pending, Slot, SlotBackend
+
+__all__ = ["Pending", "TrtBackend", "check_engine_compat", "load_sidecar", "read_sidecar", "sidecar_path"]
 
 # The sidecar format, documented in ferret_export.triton (which writes it and imports these).
 SIDECAR_FORMAT, SIDECAR_VERSION = "ferret-tensorrt-sidecar", 1
@@ -168,37 +163,7 @@ def _device_index(device: str) -> int:
     raise ConfigError(f"Received device {device!r}; expected 'auto', 'cuda' or 'cuda:N'")
 
 
-class _Slot:
-    """One batch in flight: an execution context bound once to its own device buffers, a stream,
-    pinned staging for input and logits, and an event marking the logits' arrival."""
-
-    def __init__(self, context: Any, stream: Any, host_in: Any, dev_in: Any, host_out: Any, dev_out: Any, done: Any,
-                 dev_u8: Any = None):
-        self.context, self.stream, self.done = context, stream, done
-        self.host_in, self.dev_in, self.host_out, self.dev_out = host_in, dev_in, host_out, dev_out
-        self.dev_u8 = dev_u8  # the uint8 batch on the device, when the GPU preprocesses (host_in then holds uint8)
-        self.rows = self.n = 0
-
-
-class Pending:
-    """A batch enqueued on the GPU by :meth:`TrtBackend.submit`; ``result()`` waits for its logits
-    and frees its slot. Call ``result()`` exactly once, from any thread."""
-
-    def __init__(self, backend: "TrtBackend", slot: _Slot):
-        self._backend, self._slot = backend, slot
-
-    def result(self) -> np.ndarray:
-        slot, self._slot = self._slot, None
-        if slot is None:
-            raise FerretError("Received a second result() call on one Pending batch; expected one (its slot is reused)")
-        try:
-            out = self._backend._collect(slot)
-        finally:
-            self._backend._free.put(slot)
-        return np.asarray(out, np.float32).reshape(out.shape[0], -1)[:, 0]  # logits (N,), as Backend.run
-
-
-class TrtBackend(Backend):
+class TrtBackend(SlotBackend):
     """A TensorRT engine with ``slots`` batches in flight (default 2): each slot is an execution
     context with pinned host and device buffers allocated once for the profile's largest batch, a
     stream and an event, so one batch's copies overlap another's compute. ``run`` pipelines the
@@ -217,7 +182,6 @@ class TrtBackend(Backend):
         if not isinstance(slots, int) or slots < 1:
             raise ConfigError(f"Received slots {slots!r}; expected an int >= 1 (batches in flight on the GPU)")
         self.slots = slots
-        self.kernel: str | None = None  # the lpd.cu kernel preprocessing each batch on the GPU, if any
         self.path = Path(path)
         self._closers: list[Any] = []
         if not self.path.is_file():
@@ -265,25 +229,6 @@ class TrtBackend(Backend):
         return ModelInfo(meta["arch"], meta["lpd_func"], meta["window_size"], pre, meta["threshold"],
                          input_hw=fixed, extra=extra)
 
-    def _gpu_preprocessing(self, index: int) -> None:
-        """Take uint8 NHWC from now on: the engine's float input is written by an lpd.cu kernel."""
-        from ..kernels import launch
-
-        info, pre = self.info, self.info.preprocess
-        external = info.extra.get("lpd_mode") == "external"
-        if external and (info.lpd_func, info.window_size) != ("median", 3):
-            raise ConfigError(f"{self.path}: received an engine without its LPD whose LPD is {info.lpd_func}/"
-                              f"{info.window_size}; expected median/3, the LPD preprocess_lpd computes")
-        try:
-            self._module = launch.get_module(index)  # NVRTC-compiled on first use, cached on disk per GPU
-        except launch.CudaError as e:
-            raise ConfigError(f"{self.path}: GPU preprocessing needs lpd.cu compiled by NVRTC ({e}); expected "
-                              "cuda-python with NVRTC (pip install 'ferretnet-deploy[gpu]'), or gpu_preprocess=False "
-                              "to prepare batches on the host") from None
-        self.kernel = "preprocess_lpd" if external else "normalize"
-        self._engine_pre = pre  # mean/std for the kernel, dtype of the engine's input
-        self.info = replace(info, preprocess=replace(pre, layout="NHWC", dtype="uint8"))
-
     def _load(self, trt: Any, cuda: Any, blob: bytes, index: int, verbose: bool) -> None:
         self._ctx = cuda.Context(index)
         self._closers.append(self._ctx)
@@ -302,7 +247,7 @@ class TrtBackend(Backend):
             self.input_name, self.output_name = ins[0], outs[0]
             self.input_dtype = np.dtype(trt.nptype(self._engine.get_tensor_dtype(self.input_name)))
             self.output_dtype = np.dtype(trt.nptype(self._engine.get_tensor_dtype(self.output_name)))
-            declared = (self._engine_pre if self.kernel else self.info.preprocess).dtype
+            declared = (self._model_pre if self.kernel else self.info.preprocess).dtype
             if self.input_dtype != np.dtype(declared):
                 raise ConfigError(f"{self.path}: the engine's input is {self.input_dtype}; its sidecar says "
                                   f"{declared}; expected the pair written together")
@@ -318,120 +263,38 @@ class TrtBackend(Backend):
             in_bytes = int(np.prod(hi)) * self.input_dtype.itemsize
             host_bytes = int(np.prod(hi)) if self.kernel else in_bytes  # uint8 staging, or the input itself
             out_bytes = max_batch * self._out_per_item * self.output_dtype.itemsize
-            self._slots: list[_Slot] = []
+            slots: list[Slot] = []
             for _ in range(self.slots):
                 context = self._engine.create_execution_context()
                 if context is None:
-                    raise ConfigError(f"{self.path}: TensorRT could not create execution context {len(self._slots) + 1} "
+                    raise ConfigError(f"{self.path}: TensorRT could not create execution context {len(slots) + 1} "
                                       f"of {self.slots} (out of GPU memory?); expected slots=1 to fit")
-                slot = _Slot(context, self._own(cuda.Stream(self._ctx)), self._own(cuda.PinnedBuffer(host_bytes, self._ctx)),
-                             self._own(cuda.DeviceBuffer(in_bytes, self._ctx)),
-                             self._own(cuda.PinnedBuffer(out_bytes, self._ctx)),
-                             self._own(cuda.DeviceBuffer(out_bytes, self._ctx)), self._own(cuda.Event(self._ctx, timing=False)),
-                             self._own(cuda.DeviceBuffer(host_bytes, self._ctx)) if self.kernel else None)
+                slot = Slot(self._own(cuda.Stream(self._ctx)), self._own(cuda.Event(self._ctx, timing=False)),
+                            host_in=self._own(cuda.PinnedBuffer(host_bytes, self._ctx)),
+                            dev_in=self._own(cuda.DeviceBuffer(in_bytes, self._ctx)),
+                            host_out=self._own(cuda.PinnedBuffer(out_bytes, self._ctx)),
+                            dev_out=self._own(cuda.DeviceBuffer(out_bytes, self._ctx)),
+                            dev_u8=self._own(cuda.DeviceBuffer(host_bytes, self._ctx)) if self.kernel else None,
+                            context=context)
                 # the buffers never move, so their addresses are bound once per context
                 context.set_tensor_address(self.input_name, slot.dev_in.ptr)
                 context.set_tensor_address(self.output_name, slot.dev_out.ptr)
-                self._slots.append(slot)
-            self._free: queue.Queue[_Slot] = queue.Queue()
-            for slot in self._slots:
-                self._free.put(slot)
+                slots.append(slot)
+            self._start_slots(slots)
         self._cuda = cuda
-
-    def _caller_shape(self, engine_shape: tuple[int, ...]) -> tuple[int, ...]:
-        """(N, 3, H, W) of the engine -> (N, H, W, 3) when callers send uint8 for the GPU to preprocess."""
-        if not self.kernel:
-            return tuple(engine_shape)
-        n, c, h, w = engine_shape
-        return (n, h, w, c)
 
     def _own(self, obj: Any) -> Any:
         self._closers.append(obj)
         return obj
 
-    def _check_shape(self, shape: tuple[int, ...]) -> None:
-        lo, hi = self.profile_min, self.profile_max
-        if len(shape) != len(hi) or any(not (a <= s <= b) for a, s, b in zip(lo[1:], shape[1:], hi[1:])):
-            raise ValueError(f"Received a batch of shape {shape}; expected shapes from {lo} to {hi} (the engine's "
-                             "optimisation profile; rebuild with other --batch/--dynamic-hw ranges)")
-
-    @property
-    def max_batch(self) -> int:
-        """The largest batch one ``submit`` takes (the profile's)."""
-        return self.profile_max[0]
-
-    def run_impl(self, batch: np.ndarray) -> np.ndarray:
-        if batch.shape[0] == 0:
-            return np.empty((0, self._out_per_item), self.output_dtype)
-        self._check_shape(batch.shape)
-        step, out, inflight = self.max_batch, [], deque()
-        for i in range(0, batch.shape[0], step):  # chunk i+1 is copied while chunk i computes
-            if len(inflight) == self.slots:
-                out.append(inflight.popleft().result())
-            inflight.append(self._submit(batch[i : i + step]))
-        out.extend(p.result() for p in inflight)
-        return np.concatenate(out)
-
-    def submit(self, batch: np.ndarray, block: bool = True) -> Pending | None:
-        """Enqueue one batch (at most ``max_batch``, in the model's input format) and return at once;
-        the batch is copied, so the caller may reuse its array.
-
-        With every slot holding an uncollected batch, waits for one (``block=True``) or returns None.
-        A caller that holds pending batches of its own must not wait: it would wait on itself when
-        every slot is its own (or deadlock with another such caller). Try ``block=False``, and on
-        None collect its oldest batch first (what the ``Detector`` does).
-        """
-        self._validate(batch)
-        if not 1 <= batch.shape[0] <= self.max_batch:
-            raise ValueError(f"Received a batch of {batch.shape[0]}; expected 1..{self.max_batch} per submit "
-                             "(run() splits larger ones)")
-        self._check_shape(batch.shape)
-        return self._submit(batch, block)
-
-    def _submit(self, batch: np.ndarray, block: bool = True) -> Pending | None:
-        try:
-            slot = self._free.get(block=block)
-        except queue.Empty:
-            return None
-        try:
-            self._enqueue(slot, batch)
-        except BaseException:
-            self._free.put(slot)
-            raise
-        return Pending(self, slot)
-
-    def _enqueue(self, slot: _Slot, batch: np.ndarray) -> None:
-        n = batch.shape[0]
-        pad = max(0, self.profile_min[0] - n)  # a profile whose smallest batch is > 1: pad with zeros, drop after
-        shape = (n + pad, *batch.shape[1:])
-        host_in = slot.host_in.array(batch.dtype, shape)
-        np.copyto(host_in[:n], batch, casting="no")
-        host_in[n:] = 0
-        cuda = self._cuda
+    def _enqueue(self, slot: Slot, batch: np.ndarray) -> None:
         with self._ctx.current():
-            if self.kernel:  # uint8 over PCIe, then normalise (+ LPD) into the engine's input on the same stream
-                from ..kernels import launch
-
-                cuda.copy_htod_async(slot.dev_u8, slot.host_in, host_in.nbytes, slot.stream)
-                pre = self._engine_pre
-                getattr(launch, self.kernel)(self._module, slot.dev_u8.ptr, slot.dev_in.ptr, shape, self.input_dtype,
-                                             pre.mean, pre.std, stream=slot.stream.handle)
-                shape = (shape[0], 3, shape[1], shape[2])
-            else:
-                cuda.copy_htod_async(slot.dev_in, slot.host_in, host_in.nbytes, slot.stream)
+            shape = self._upload(slot, batch)
             if not slot.context.set_input_shape(self.input_name, shape):
                 raise FerretError(f"TensorRT rejected input shape {shape} for {self.input_name!r}")
             if not slot.context.execute_async_v3(slot.stream.handle):
                 raise FerretError(f"{self.path}: TensorRT execute_async_v3 failed (see its log above)")
-            slot.rows, slot.n = shape[0], n
-            cuda.copy_dtoh_async(slot.host_out, slot.dev_out, slot.rows * self._out_per_item * self.output_dtype.itemsize,
-                                 slot.stream)
-            slot.done.record(slot.stream)
-
-    def _collect(self, slot: _Slot) -> np.ndarray:
-        slot.done.synchronize()
-        out = slot.host_out.array(self.output_dtype, (slot.rows, self._out_per_item))
-        return out[: slot.n].copy()  # the pinned buffer is reused by the slot's next batch
+            self._download(slot, self._out_per_item, self.output_dtype)
 
     def close(self) -> None:
         """Release the context and engine, then buffers and stream, then the CUDA context (idempotent)."""
