@@ -1,0 +1,126 @@
+"""Stand-ins for the GPU side, so the runtime's own GPU code paths run on a CPU.
+
+``fake_cuda(monkeypatch)`` swaps ``ferret_runtime.cuda``'s buffers for host memory and its streams for
+``LazyStream``, whose work runs only when an event on it (or the stream) is synchronised, as late as a
+real GPU may run it; kernel launches (``launch.get_module``) go to ``HostLpdModule``, which runs the
+kernels' blocks on the CPU when the stream gets to them. What real CUDA does is the GPU tests' business.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from ferret_runtime import cuda
+from ferret_runtime.kernels import host, launch
+
+GPU = cuda.DeviceInfo(0, "NVIDIA H100 80GB HBM3", (9, 0), 80 << 30, 13000)
+
+
+class HostMemory:
+    """ferret_runtime.cuda's buffers, in host memory."""
+
+    def __init__(self, nbytes, context=None):
+        self.nbytes, self._mem, self.closed = nbytes, np.zeros(nbytes, np.uint8), False
+
+    @property
+    def ptr(self):
+        return self._mem.ctypes.data
+
+    def array(self, dtype, shape):
+        return self._mem[: int(np.prod(shape)) * np.dtype(dtype).itemsize].view(dtype).reshape(shape)
+
+    def close(self):
+        self.closed = True
+
+
+def fake_cuda(monkeypatch):
+    import contextlib
+    import ctypes
+
+    class Ctx:
+        closed = False
+
+        def __init__(self, device=0):
+            pass
+
+        @contextlib.contextmanager
+        def current(self):
+            yield
+
+        def close(self):
+            self.closed = True
+
+    def copy(dst, src, nbytes, stream):
+        stream.enqueue(lambda: ctypes.memmove(dst.ptr, src.ptr, nbytes))
+
+    for name, value in dict(device_info=lambda index=0: GPU, Context=Ctx, PinnedBuffer=HostMemory,
+                            DeviceBuffer=HostMemory, Stream=LazyStream, Event=LazyEvent, copy_htod_async=copy,
+                            copy_dtoh_async=copy).items():
+        monkeypatch.setattr(cuda, name, value)
+    module = HostLpdModule()
+    monkeypatch.setattr(launch, "get_module", lambda device=0: module)
+    return module
+
+
+class HostLpdModule:
+    """launch.LpdModule whose launches run the kernel's blocks on the CPU (host.emulate_*) when the stand-in
+    stream gets to them: the launch tuple, pointers, sizes and stream order are the real ones."""
+
+    arch = 90
+
+    def __init__(self):
+        self.launches = []
+
+    def launch(self, cfg, args, stream=0):
+        self.launches.append((cfg, args[2:]))
+        LazyStream.by_handle[stream].enqueue(lambda: self._run(cfg, args))
+
+    @staticmethod
+    def _run(cfg, args):
+        import ctypes
+
+        image_ptr, out_ptr, n, h, w, *norm = args
+        images = np.frombuffer((ctypes.c_uint8 * (n * h * w * 3)).from_address(image_ptr), np.uint8).reshape(n, h, w, 3)
+        emulate = host.emulate_preprocess_lpd if cfg.name.startswith("preprocess_lpd") else host.emulate_normalize
+        out = emulate(images, cfg, tuple(norm[:3]), tuple(norm[3:]))  # NaN where no block writes
+        ctypes.memmove(out_ptr, out.ctypes.data, out.nbytes)
+
+
+class LazyStream:
+    """A stream whose work runs only when an event on it (or the stream) is synchronised, as late as a
+    real GPU may run it: a slot reused before its logits were collected would be caught."""
+
+    by_handle: dict = {}
+
+    def __init__(self, ctx=None):
+        self.ops, self.done, self.closed = [], 0, False
+        self.handle = 1000 + len(LazyStream.by_handle)
+        LazyStream.by_handle[self.handle] = self
+
+    def enqueue(self, op):
+        self.ops.append(op)
+
+    def run_until(self, n):
+        while self.done < n:
+            self.ops[self.done]()
+            self.done += 1
+
+    def synchronize(self):
+        self.run_until(len(self.ops))
+
+    def close(self):
+        self.closed = True
+
+
+class LazyEvent:
+    def __init__(self, ctx=None, timing=True):
+        self.stream, self.mark, self.closed = None, 0, False
+
+    def record(self, stream):
+        self.stream, self.mark = stream, len(stream.ops)
+
+    def synchronize(self):
+        self.stream.run_until(self.mark)
+
+    def close(self):
+        self.closed = True
