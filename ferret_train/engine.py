@@ -37,6 +37,7 @@ class Dist:
     rank: int = 0
     world: int = 1
     local_rank: int = 0
+    owns_group: bool = False  # setup() created the process group, so close() destroys it
 
     @property
     def master(self) -> bool:
@@ -47,9 +48,18 @@ class Dist:
         world = int(os.environ.get("WORLD_SIZE", "1"))
         if world == 1:
             return cls()
-        if not dist.is_initialized():
+        owns = not dist.is_initialized()
+        if owns:
             dist.init_process_group("nccl" if device_type == "cuda" else "gloo")
-        return cls(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
+        return cls(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")), owns)
+
+    def close(self) -> None:
+        """After a successful run: wait for every rank, then destroy the group we created (left
+        alive, gloo's threads can abort the process at exit: "terminate called without an active
+        exception")."""
+        if self.world > 1 and self.owns_group and dist.is_initialized():
+            dist.barrier()
+            dist.destroy_process_group()
 
     def gather(self, obj: Any) -> list[Any]:
         if self.world == 1:
@@ -209,6 +219,7 @@ class Trainer:
                 writer.close()
         if self.d.master:
             self._plot_curves()
+        self.d.close()
         return self.run_dir
 
     def _train_epoch(self, epoch: int) -> dict[str, Any]:

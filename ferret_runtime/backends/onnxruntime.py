@@ -43,6 +43,7 @@ class OrtBackend(SlotBackend):
 
     name = "onnxruntime"
     suffixes = (".onnx",)
+    shape_hint = "the graph's fixed height and width; export with --dynamic-hw for any size"
 
     def __init__(self, path: str | Path, *, device: str = "auto", threads: int = 0, optimization: str = "all",
                  session_options: dict[str, Any] | None = None, io_binding: bool | None = None,

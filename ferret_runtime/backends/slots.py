@@ -69,6 +69,7 @@ class SlotBackend(Backend):
     profile_min: tuple[int, ...]
     profile_max: tuple[int, ...]
     input_dtype: np.dtype
+    shape_hint = "the model's input sizes"  # what bounds the shapes, said when a batch is outside them
 
     def _gpu_preprocessing(self, index: int) -> None:
         """Take uint8 NHWC from now on: the model's float input is written by an lpd.cu kernel."""
@@ -105,8 +106,7 @@ class SlotBackend(Backend):
     def _check_shape(self, shape: tuple[int, ...]) -> None:
         lo, hi = self.profile_min, self.profile_max
         if len(shape) != len(hi) or any(not (a <= s <= b) for a, s, b in zip(lo[1:], shape[1:], hi[1:]) if b):
-            raise ValueError(f"Received a batch of shape {shape}; expected shapes from {lo} to {hi} (the engine's "
-                             "optimisation profile; rebuild with other --batch/--dynamic-hw ranges)")
+            raise ValueError(f"Received a batch of shape {shape}; expected shapes from {lo} to {hi} ({self.shape_hint})")
 
     @property
     def max_batch(self) -> int:

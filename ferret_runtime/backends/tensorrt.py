@@ -176,6 +176,7 @@ class TrtBackend(SlotBackend):
 
     name = "tensorrt"
     suffixes = (".engine", ".plan")
+    shape_hint = "the engine's optimisation profile; rebuild with other --batch/--dynamic-hw ranges"
 
     def __init__(self, path: str | Path, *, device: str = "auto", verbose: bool = False, slots: int = 2,
                  gpu_preprocess: bool = True):
