@@ -153,6 +153,10 @@ def test_cuda_pipeline_binds_what_it_allocated(ort_cuda, graphs, monkeypatch):
         slot = backend._slots[0]
         assert bound[0].bound == [("input", "float32", (3, 3, 32, 32), slot.dev_in.ptr),
                                   ("logit", "float32", (3, 1), slot.dev_out.ptr)]
+        backend.submit(u8)  # never collected
+        stream = backend._stream
+        assert stream.done < len(stream.ops)
+    assert stream.done == len(stream.ops)  # close() let the batch finish before freeing its buffers
 
 
 def test_cuda_pipeline_any_size_grows_buffers_only_when_needed(ort_cuda, graphs):

@@ -1078,6 +1078,10 @@ def test_submit_keeps_two_batches_in_flight(fake_trt, graphs, tmp_path):
             backend.submit(a.astype(np.float32))
         np.testing.assert_allclose(backend.run(np.concatenate([a, b, c])), np.concatenate(list(want.values())),
                                    rtol=1e-6, atol=1e-6)  # 3 chunks through 2 slots
+    with trt_backend.TrtBackend(engine) as backend:
+        backend.submit(a)  # never collected
+        stream = backend._slots[0].stream
+    assert stream.done == len(stream.ops) > 0  # close() let the batch finish before freeing its buffers
     with trt_backend.TrtBackend(engine, slots=1) as one:
         np.testing.assert_allclose(one.run(np.concatenate([a, b])), np.concatenate([want["a"], want["b"]]),
                                    rtol=1e-6, atol=1e-6)

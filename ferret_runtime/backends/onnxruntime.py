@@ -194,6 +194,8 @@ class OrtBackend(SlotBackend):
 
     def close(self) -> None:
         """Release the session, then our buffers, stream and context (idempotent)."""
+        if getattr(self, "_closers", None):
+            self._drain()  # a batch submitted and never collected must not run on freed buffers
         self.session = None  # type: ignore[assignment]
         closers, self._closers = getattr(self, "_closers", []), []
         for obj in reversed(closers):  # the Context was appended first, so it is released last

@@ -184,6 +184,12 @@ class SlotBackend(Backend):
         self._cuda.copy_dtoh_async(slot.host_out, slot.dev_out, slot.rows * per_item * dtype.itemsize, slot.stream)
         slot.done.record(slot.stream)
 
+    def _drain(self) -> None:
+        """Wait for the work still enqueued on the slots' streams (before their buffers are freed)."""
+        for stream in {id(s.stream): s.stream for s in getattr(self, "_slots", [])}.values():
+            if not stream.closed:
+                stream.synchronize()
+
     def _collect(self, slot: Slot) -> np.ndarray:
         slot.done.synchronize()
         out = slot.host_out.array(self.output_dtype, (slot.rows, self._out_per_item))

@@ -301,6 +301,7 @@ class TrtBackend(SlotBackend):
         """Release the context and engine, then buffers and stream, then the CUDA context (idempotent)."""
         ctx = getattr(self, "_ctx", None)
         if ctx is not None and not ctx.closed:
+            self._drain()  # a batch submitted and never collected must not run on freed buffers
             with ctx.current():  # TensorRT objects go first, in their context, while the buffers are alive
                 for slot in getattr(self, "_slots", []):
                     slot.context = None
