@@ -12,6 +12,7 @@ import numpy as np
 import onnx
 
 from ferret_runtime import __version__
+from ferret_runtime.backends import EXTERNAL_LPD
 from ferret_runtime.errors import ConfigError
 from ferret_runtime.fileio import atomic_write, sha256
 from ferret_runtime.metadata import encode
@@ -25,7 +26,6 @@ from .verify import Comparison, ParityError, Tolerance, compare
 TOLERANCE = {"fp32": Tolerance(1e-4), "fp16": Tolerance(2e-2, 1e-3)}
 MIN_OPSET, MAX_OPSET = 17, 21
 LPD_MODES = ("portable", "plugin", "external")
-EXTERNAL_LPD = ("median", 3)  # what preprocess_lpd (GPU) and median_residual (CPU) compute
 
 
 @dataclass

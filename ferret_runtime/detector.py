@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from .backends import Backend, backend_for
+from .backends import Backend, backend_for, external_lpd
 from .errors import ConfigError, FerretError
 from .preprocess import ImageInput, Preprocess, load_image, median_residual, normalize, prepare
 
@@ -80,12 +80,8 @@ class Detector:
                  batch_size: int = 32, workers: int = 4):
         if batch_size < 1:
             raise ValueError(f"Received batch_size {batch_size}; expected >= 1")
-        info = backend.info
         # a graph exported with --lpd external takes the LPD residual: this pipeline computes it
-        self.external_lpd = info.extra.get("lpd_mode") == "external"
-        if self.external_lpd and (info.lpd_func, info.window_size) != ("median", 3):
-            raise ConfigError(f"Received a model without its LPD (lpd_mode external) whose LPD is {info.lpd_func}/"
-                              f"{info.window_size}; expected median/3, the only LPD the runtime computes outside the graph")
+        self.external_lpd = external_lpd(backend.info, str(getattr(backend, "path", backend.name)))
         self.backend = backend
         self.preprocess = preprocess or backend.info.preprocess
         self.threshold = backend.info.threshold if threshold is None else threshold

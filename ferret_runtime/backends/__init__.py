@@ -1,5 +1,5 @@
 """Runtime backends behind one interface."""
 
-from .base import Backend, ModelInfo, available_backends, backend_for
+from .base import EXTERNAL_LPD, Backend, ModelInfo, available_backends, backend_for, external_lpd
 
-__all__ = ["Backend", "ModelInfo", "available_backends", "backend_for"]
+__all__ = ["EXTERNAL_LPD", "Backend", "ModelInfo", "available_backends", "backend_for", "external_lpd"]

@@ -29,6 +29,21 @@ class ModelInfo:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
+EXTERNAL_LPD = ("median", 3)  # the LPD a graph exported with --lpd external leaves to the runtime
+
+
+def external_lpd(info: ModelInfo, source: str) -> bool:
+    """Whether the model leaves its LPD to the runtime (lpd_mode "external"); ConfigError when that
+    LPD is not the one the runtime computes (preprocess_lpd on a GPU, median_residual on a CPU)."""
+    if info.extra.get("lpd_mode") != "external":
+        return False
+    if (info.lpd_func, info.window_size) != EXTERNAL_LPD:
+        raise ConfigError(f"{source}: received a model without its LPD (lpd_mode external) whose LPD is "
+                          f"{info.lpd_func}/{info.window_size}; expected {EXTERNAL_LPD[0]}/{EXTERNAL_LPD[1]}, the only "
+                          "LPD the runtime computes outside the graph")
+    return True
+
+
 class Backend(ABC):
     """Runs FerretNet on a normalised float32 NCHW batch and returns one logit per image.
 

@@ -111,14 +111,10 @@ class OrtBackend(SlotBackend):
             if required:
                 raise ConfigError(f"Received gpu_pipeline=True, but cuda-python cannot reach GPU {self._index}: {e}") from None
             return providers
-        self._closers.append(self._ctx)
+        self._own(self._ctx)
         self._stream = self._own(cuda.Stream(self._ctx))
         self._cuda, self.slots, self._max_batch = cuda, slots, max_batch
         return [(name, {**options, "user_compute_stream": str(self._stream.handle)}), *providers[1:]]
-
-    def _own(self, obj: Any) -> Any:
-        self._closers.append(obj)
-        return obj
 
     def _start_gpu(self, ort, inp, out, gpu_preprocess: bool) -> None:
         if self.device != "cuda":
@@ -164,7 +160,7 @@ class OrtBackend(SlotBackend):
             binding.bind_output(self.output_name, "cuda", self._index, self.output_dtype,
                                 [shape[0], self._out_per_item], slot.dev_out.ptr)
             self.session.run_with_iobinding(binding, self._run_options)  # enqueued on our stream, not waited for
-            self._download(slot, self._out_per_item, self.output_dtype)
+            self._download(slot)
 
     @staticmethod
     def _providers(ort, device: str) -> list[str]:
@@ -197,6 +193,4 @@ class OrtBackend(SlotBackend):
         if getattr(self, "_closers", None):
             self._drain()  # a batch submitted and never collected must not run on freed buffers
         self.session = None  # type: ignore[assignment]
-        closers, self._closers = getattr(self, "_closers", []), []
-        for obj in reversed(closers):  # the Context was appended first, so it is released last
-            obj.close()
+        self._release()

@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import ConfigError, FerretError
-from .base import Backend
+from .base import Backend, external_lpd
 
 
 class Slot:
@@ -76,10 +76,7 @@ class SlotBackend(Backend):
         from ..kernels import launch
 
         info, pre = self.info, self.info.preprocess
-        external = info.extra.get("lpd_mode") == "external"
-        if external and (info.lpd_func, info.window_size) != ("median", 3):
-            raise ConfigError(f"{self.path}: received a model without its LPD whose LPD is {info.lpd_func}/"
-                              f"{info.window_size}; expected median/3, the LPD preprocess_lpd computes")
+        external = external_lpd(info, str(self.path))
         try:
             self._module = launch.get_module(index)  # NVRTC-compiled on first use, cached on disk per GPU
         except launch.CudaError as e:
@@ -179,10 +176,22 @@ class SlotBackend(Backend):
                                      pre.mean, pre.std, stream=slot.stream.handle)
         return (shape[0], 3, shape[1], shape[2])
 
-    def _download(self, slot: Slot, per_item: int, dtype: np.dtype) -> None:
+    def _download(self, slot: Slot) -> None:
         """Enqueue the logits' copy to pinned memory and record the slot's event after it."""
-        self._cuda.copy_dtoh_async(slot.host_out, slot.dev_out, slot.rows * per_item * dtype.itemsize, slot.stream)
+        nbytes = slot.rows * self._out_per_item * self.output_dtype.itemsize
+        self._cuda.copy_dtoh_async(slot.host_out, slot.dev_out, nbytes, slot.stream)
         slot.done.record(slot.stream)
+
+    def _own(self, obj: Any) -> Any:
+        """Register a CUDA object (context first, then streams and buffers) for :meth:`_release`."""
+        self._closers.append(obj)
+        return obj
+
+    def _release(self) -> None:
+        """Close what :meth:`_own` registered, newest first, so the context goes last (idempotent)."""
+        closers, self._closers = getattr(self, "_closers", []), []
+        for obj in reversed(closers):
+            obj.close()
 
     def _drain(self) -> None:
         """Wait for the work still enqueued on the slots' streams (before their buffers are freed)."""

@@ -232,7 +232,7 @@ class TrtBackend(SlotBackend):
 
     def _load(self, trt: Any, cuda: Any, blob: bytes, index: int, verbose: bool) -> None:
         self._ctx = cuda.Context(index)
-        self._closers.append(self._ctx)
+        self._own(self._ctx)
         logger = trt.Logger(trt.Logger.VERBOSE if verbose else trt.Logger.WARNING)
         with self._ctx.current():
             self._runtime = trt.Runtime(logger)
@@ -284,10 +284,6 @@ class TrtBackend(SlotBackend):
             self._start_slots(slots)
         self._cuda = cuda
 
-    def _own(self, obj: Any) -> Any:
-        self._closers.append(obj)
-        return obj
-
     def _enqueue(self, slot: Slot, batch: np.ndarray) -> None:
         with self._ctx.current():
             shape = self._upload(slot, batch)
@@ -295,7 +291,7 @@ class TrtBackend(SlotBackend):
                 raise FerretError(f"TensorRT rejected input shape {shape} for {self.input_name!r}")
             if not slot.context.execute_async_v3(slot.stream.handle):
                 raise FerretError(f"{self.path}: TensorRT execute_async_v3 failed (see its log above)")
-            self._download(slot, self._out_per_item, self.output_dtype)
+            self._download(slot)
 
     def close(self) -> None:
         """Release the context and engine, then buffers and stream, then the CUDA context (idempotent)."""
@@ -307,6 +303,4 @@ class TrtBackend(SlotBackend):
                     slot.context = None
                 for attr in ("_engine", "_runtime"):
                     setattr(self, attr, None)
-        closers, self._closers = getattr(self, "_closers", []), []
-        for obj in reversed(closers):  # Context was appended first, so it is released last
-            obj.close()
+        self._release()
