@@ -69,8 +69,10 @@ def lpd_ref(reference):
 def test_host_matches_original_modules(lpd_ref, func, k, inp):
     x, want = lpd_ref[f"x_{inp}"], lpd_ref[f"{func}_k{k}_{inp}"]
     residual = host.lpd_residual_host(x, func, k)
-    assert report(f"{func} k={k} {inp} residual", residual, x - want) <= 1e-6
-    assert report(f"{func} k={k} {inp} reconstruction", host.lpd_reconstruct_host(x, func, k), want) <= 1e-6
+    # the README's claim: medians, min and max bit for bit; avg within 2.4e-7 (its summation order)
+    tol = 2.4e-7 if func == "avg" else 0.0
+    assert report(f"{func} k={k} {inp} residual", residual, x - want) <= tol
+    assert report(f"{func} k={k} {inp} reconstruction", host.lpd_reconstruct_host(x, func, k), want) <= tol
 
 
 @pytest.mark.parametrize("data", ["normal", "ties"])

@@ -1,4 +1,8 @@
-"""The authors' checkpoint reproduces the original code's logits, via the API and the CLI."""
+"""The authors' checkpoint reproduces the original code's logits, via the API and the CLI.
+
+The README claims 2e-6 (measured: 1.24e-6 at the 256 crop, 7.3e-7 at full size, CPU float32), so
+that is the bar here: a looser one would let a real regression through.
+"""
 
 import json
 
@@ -8,6 +12,7 @@ from ferret_runtime import Detector
 
 from .conftest import run_ferret
 
+PARITY = 2e-6  # the README's figure
 CASES = [("256", "logit_center_crop_256"), ("none", "logit_full")]
 
 
@@ -23,8 +28,8 @@ def test_python_api(authors_ckpt, reference, ref_logits, crop, key):
         results = det.predict([reference / "images" / n for n in names])
     for name, r in zip(names, results):
         assert r.error is None
-        assert abs(r.logit - ref_logits[name][key]) <= 1e-4, (name, r.logit, ref_logits[name][key])
-        assert r.label == ref_logits[name]["label"] or abs(r.logit) < 1.0  # the paper's model is right here
+        assert abs(r.logit - ref_logits[name][key]) <= PARITY, (name, r.logit, ref_logits[name][key])
+        assert r.label == ref_logits[name]["label"], name
 
 
 @pytest.mark.parametrize("impl", ["reference"])
@@ -33,7 +38,7 @@ def test_reference_lpd_impl_agrees(authors_ckpt, reference, ref_logits, impl):
     with Detector.open(authors_ckpt, crop=256, lpd_impl=impl) as det:
         results = det.predict([reference / "images" / n for n in names])
     for name, r in zip(names, results):
-        assert abs(r.logit - ref_logits[name]["logit_center_crop_256"]) <= 1e-4
+        assert abs(r.logit - ref_logits[name]["logit_center_crop_256"]) <= PARITY
 
 
 @pytest.mark.parametrize("crop, key", CASES)
@@ -45,5 +50,5 @@ def test_cli_json(authors_ckpt, reference, ref_logits, crop, key):
     for row in rows:
         name = row["path"].rsplit("/", 1)[-1]
         assert set(row) == {"path", "logit", "prob_fake", "label"}
-        assert abs(row["logit"] - ref_logits[name][key]) <= 1e-4
+        assert abs(row["logit"] - ref_logits[name][key]) <= PARITY
         assert row["label"] == ("fake" if row["prob_fake"] > 0.5 else "real")
