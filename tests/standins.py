@@ -124,3 +124,42 @@ class LazyEvent:
 
     def close(self):
         self.closed = True
+
+
+# ------------------------------------------------------------------------- TensorRT AOT plugin kernels
+class KernelFault(RuntimeError):
+    """What a real launch would report as a CUDA error (a missing symbol, an out-of-bounds access)."""
+
+
+# The entry points of trt_plugin.TRT_ENTRY_SOURCE as TensorRT launches them, (inputs..., extra int32 arguments...,
+# outputs...), and the lpd.cu kernel each forwards to, run by the host build's block emulator with (x, out, extra...).
+# Written from the CUDA source, not from trt_plugin's Python: what aot_impl returns must fit these.
+TRT_ENTRIES = {
+    "trt_lpd_generic_f32": ("lpd_generic_emulate", ("N", "C", "H", "W", "k", "variant", "residual")),
+    "trt_lpd_residual_f32": ("lpd_residual_emulate", ("N", "C", "H", "W")),
+}
+
+
+def run_trt_entry(name: str, ptx: bytes, x: np.ndarray, extra: list[int], grid: tuple[int, int, int],
+                  block: tuple[int, int, int], shared_mem: int) -> np.ndarray:
+    """Run the plugin kernel ``name`` as TensorRT would launch it from ``aot_impl``'s answer: looked up
+    in the PTX the plugin embeds, given the extra arguments in the order returned, launched on the
+    grid/block/shared memory returned. The output buffer starts as NaN (pixels no block writes)."""
+    if f".entry {name}(" not in ptx.decode(errors="replace"):
+        raise KernelFault(f"cuModuleGetFunction: named symbol {name!r} not found in the plugin's PTX")
+    if name not in TRT_ENTRIES:  # e.g. lpd.cu's own kernels, which take the output second
+        raise KernelFault(f"{name} is not a TensorRT entry point (inputs, extra int32 arguments, outputs) of the "
+                          f"plugin's PTX; expected one of {sorted(TRT_ENTRIES)} (float32: the stand-in's only dtype)")
+    emulator, params = TRT_ENTRIES[name]
+    if len(extra) != len(params):
+        raise KernelFault(f"{name}: received {len(extra)} extra arguments; the entry point takes {params}")
+    if x.dtype != np.float32 or int(np.prod(extra[:4], dtype=np.int64)) != x.size:
+        raise KernelFault(f"{name}: sizes {extra[:4]} do not fit the {x.dtype} input of shape {x.shape} "
+                          "(an illegal memory access on a GPU)")
+    x = np.ascontiguousarray(x)
+    out = np.full_like(x, np.nan)
+    ints = lambda v: np.asarray(v, dtype=np.int32)  # noqa: E731
+    code = getattr(host.load_host_library(), emulator)(x, out, *map(int, extra), ints(grid), ints(block), int(shared_mem))
+    if code != 0:
+        raise KernelFault(f"{name}: the kernel refused its launch ({emulator} returned {code})")
+    return out

@@ -45,7 +45,7 @@ from ferret_runtime.preprocess import normalize
 from ferret_train import create_model
 from ferret_train.checkpoint import save_checkpoint
 
-from .standins import GPU, LazyStream, fake_cuda
+from .standins import GPU, KernelFault, LazyStream, fake_cuda, run_trt_entry
 
 FUNCS = sorted(LPD_SPECS)
 
@@ -69,6 +69,7 @@ def graphs(ckpt, tmp_path_factory):
         "portable": GraphOptions(input_size=32),
         "plugin": GraphOptions(input_size=32, lpd="plugin"),
         "plugin_hw": GraphOptions(input_size=32, lpd="plugin", dynamic_hw=True),
+        "plugin_nhwc": GraphOptions(input_size=32, lpd="plugin", preprocess=True),
         "dynamic_hw": GraphOptions(input_size=32, dynamic_hw=True),
         "static": GraphOptions(input_size=32, dynamic_batch=False),
         "nhwc": GraphOptions(input_size=32, preprocess=True),
@@ -803,13 +804,21 @@ def test_gpu_cuda_buffers_round_trip():
 
 
 # ======================================================= build_engine and TrtBackend with a stand-in TensorRT
-# The build's and the runtime's own code paths, run on a CPU: a stand-in `tensorrt` whose "engine" runs
-# the graph in ONNX Runtime, and a stand-in `ferret_runtime.cuda` whose memory is host memory. What the
-# real TensorRT does is the GPU tests' business; these check the calls, the files and the failures.
+# The build's and the runtime's own code paths, run on a CPU: a stand-in `tensorrt` and a stand-in
+# `ferret_runtime.cuda` whose memory is host memory. What the real TensorRT does is the GPU tests' business;
+# these check the calls, the files and the failures. The stand-in engine must not run what verify_engine
+# compares against (the graph made portable, in an optimised ONNX Runtime session), or verification could
+# not fail: standard operators run in an ONNX Runtime session with every graph optimisation off (so its
+# fused and constant-folded paths are not shared with the reference), and a ferret::lpd node runs the
+# plugin that was registered: the launch its aot_impl returns, through the host build of lpd.cu's
+# kernels (standins.run_trt_entry), so a plugin that computes something else fails the build.
+TIMING_CACHE_HEADER = b"stand-in timing cache for TensorRT 10.9.0.34 on %s\n" % GPU.name.encode()
+
+
 class FakeTRT(types.ModuleType):
     def __init__(self, version="10.9.0.34", error=0.0, plugin_api=None):
         super().__init__("tensorrt")
-        self.__version__, self.error, self.calls = version, error, []
+        self.__version__, self.error, self.calls, self.builds = version, error, [], []
         self.NetworkDefinitionCreationFlag = types.SimpleNamespace(STRONGLY_TYPED=0, PREFER_AOT_PYTHON_PLUGINS=1)
         self.BuilderFlag = types.SimpleNamespace(TF32="TF32")
         self.MemoryPoolType = types.SimpleNamespace(WORKSPACE="WORKSPACE")
@@ -831,11 +840,18 @@ class FakeTRT(types.ModuleType):
                 pass
 
         class Cache:
+            """A timing cache: a header naming the GPU and TensorRT it was measured on, then one line per
+            (network, shapes) the builder timed; a build adds its line unless the cache already has it."""
+
             def __init__(self, data):
-                self.data = data or b"timing:"
+                self.loaded = bytes(data)  # what create_timing_cache was given
+                self.lines = self.loaded.splitlines(keepends=True)[1:] if self.loaded else []
+
+            def matches(self):
+                return not self.loaded or self.loaded.startswith(TIMING_CACHE_HEADER)
 
             def serialize(self):
-                return self.data + b"+"
+                return TIMING_CACHE_HEADER + b"".join(self.lines)
 
         class Config:
             def __init__(self):
@@ -848,9 +864,11 @@ class FakeTRT(types.ModuleType):
                 self.flags_cleared.append(flag)
 
             def create_timing_cache(self, data):
-                return Cache(bytes(data))
+                return Cache(data)
 
             def set_timing_cache(self, cache, ignore_mismatch):
+                if not (cache.matches() or ignore_mismatch):
+                    return False  # as TensorRT: a cache from another GPU or version is refused
                 self.cache = cache
                 return True
 
@@ -869,14 +887,29 @@ class FakeTRT(types.ModuleType):
                 self.flags, self.onnx = flags, None
 
         class OnnxParser:
-            num_errors = 0
+            """Parses the file; a custom-domain node needs a plugin registered under namespace::op_type."""
 
             def __init__(self, network, logger):
-                self.network = network
+                self.network, self.errors = network, []
+
+            @property
+            def num_errors(self):
+                return len(self.errors)
+
+            def get_error(self, i):
+                return self.errors[i]
 
             def parse_from_file(self, path):
+                registry = getattr(getattr(fake, "plugin", None), "registry", {})
+                for node in onnx.load(path, load_external_data=False).graph.node:
+                    if node.domain in ("", "ai.onnx"):
+                        continue
+                    ns = {a.name: a.s.decode() for a in node.attribute if a.name == "plugin_namespace"}
+                    plugin_id = f"{ns.get('plugin_namespace', node.domain)}::{node.op_type}"
+                    if plugin_id not in registry:
+                        self.errors.append(f"node {node.name}: plugin {plugin_id} not found in the registry")
                 self.network.onnx = path
-                return True
+                return not self.errors
 
         class Builder:
             def __init__(self, logger):
@@ -895,6 +928,13 @@ class FakeTRT(types.ModuleType):
             def build_serialized_network(self, network, config):
                 fake.calls.append(("build", network.flags))
                 (name, shapes), = config.profiles[0].items()
+                cache = config.cache
+                fake.builds.append({"onnx": Path(network.onnx).name,
+                                    "timing_cache_in": None if cache is None else cache.loaded})
+                if cache is not None:  # the timings measured here go into the cache the config holds
+                    line = f"{Path(network.onnx).name} {shapes}\n".encode()
+                    if line not in cache.lines:
+                        cache.lines.append(line)
                 return json.dumps({"onnx": network.onnx, "input": name, "profile": shapes}).encode()
 
         self.ILogger, self.Logger, self.Builder, self.OnnxParser = ILogger, Logger, Builder, OnnxParser
@@ -906,8 +946,52 @@ class FakeTRT(types.ModuleType):
     def nptype(dtype):
         return {"FLOAT": np.float32, "HALF": np.float16, "UINT8": np.uint8}[dtype]
 
+    def run_plugin(self, plugin_id, attrs, x):
+        """The registered plugin on ``x``: its output description and its AOT launch (asked for each shape
+        run; TensorRT asks once, symbolically, at build time: same values), run by the host kernels."""
+        api = self.plugin
+        fns = api.registry[plugin_id]
+        desc = api.TensorDesc(tuple(Sym(v, d) for v, d in zip(x.shape, "NCHW")),
+                              {np.dtype(np.float32): self.float32, np.dtype(np.float16): self.float16}[x.dtype])
+        out = fns["register"](desc, *attrs)
+        name, ptx, params, extra = fns["aot_impl"](desc, *attrs, (out,), 0)
+        grid = tuple(_value(getattr(params, f"grid_{a}")) for a in "xyz")
+        block = tuple(getattr(params, f"block_{a}") for a in "xyz")
+        return run_trt_entry(name, ptx, x, [_value(e.v) for e in extra], grid, block, params.shared_mem)
+
+
+def _unoptimized_session(proto):
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    return ort.InferenceSession(proto.SerializeToString(), so, providers=["CPUExecutionProvider"])
+
+
+def _up_to(proto, name):
+    """The graph that computes tensor ``name`` from the graph's inputs: the nodes it depends on, as outputs ``name``."""
+    out = onnx.ModelProto()
+    out.CopyFrom(proto)
+    producer = {o: n for n in proto.graph.node for o in n.output}
+    keep, todo = set(), [name]
+    while todo:
+        n = producer.get(todo.pop())
+        if n is not None and id(n) not in keep:
+            keep.add(id(n))
+            todo += list(n.input)
+    del out.graph.node[:]
+    out.graph.node.extend(n for n in proto.graph.node if id(n) in keep)
+    used = {i for n in out.graph.node for i in n.input}
+    del out.graph.input[:]
+    out.graph.input.extend(v for v in proto.graph.input if v.name in used)
+    del out.graph.output[:]
+    out.graph.output.append(onnx.helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None))
+    return out
+
 
 class FakeEngine:
+    """The graph as built: standard operators in ONNX Runtime (no graph optimisation), the ferret::lpd node
+    by the registered plugin's kernel (FakeTRT.run_plugin), with the graph cut around that node."""
+
     def __init__(self, trt, blob):
         spec = json.loads(blob)
         self.trt, self.profile = trt, [tuple(s) for s in spec["profile"]]
@@ -915,8 +999,30 @@ class FakeEngine:
         self.names = (model.input_name, model.output_name)
         self.dtypes = {model.input_name: {"float32": "FLOAT", "uint8": "UINT8"}[model.input_dtype],
                        model.output_name: "FLOAT"}
-        self.session = _session(trt_export.portable_reference(Path(spec["onnx"])))
         self.num_io_tensors = 2
+        proto = onnx.load(spec["onnx"])
+        custom = [n for n in proto.graph.node if n.domain not in ("", "ai.onnx")]
+        self.plugin = None
+        if not custom:
+            self.session = _unoptimized_session(proto)
+            return
+        (node,) = custom  # the exports have one ferret::lpd node
+        control = trt_export.PLUGIN_CONTROL_ATTRS  # the parser keeps these; the rest go to the plugin in node order
+        attrs = [onnx.helper.get_attribute_value(a) for a in node.attribute if a.name not in control]
+        attrs = [a.decode() if isinstance(a, bytes) else a for a in attrs]
+        namespace = next((a.s.decode() for a in node.attribute if a.name == "plugin_namespace"), node.domain)
+        cut, _ = _cut_at_plugin(Path(spec["onnx"]))
+        self.plugin = (f"{namespace}::{node.op_type}", attrs, node.input[0], node.output[0])
+        self.pre = None if node.input[0] == model.input_name else _unoptimized_session(_up_to(cut, node.input[0]))
+        self.session = _unoptimized_session(cut)
+
+    def run(self, x):
+        if self.plugin is None:
+            return self.session.run(None, {self.names[0]: x})[0]
+        plugin_id, attrs, src, dst = self.plugin
+        plugin_in = x if self.pre is None else self.pre.run(None, {self.names[0]: x})[0]
+        plugin_out = self.trt.run_plugin(plugin_id, attrs, plugin_in)
+        return self.session.run(None, {self.names[0]: x, dst: plugin_out})[0]
 
     def get_tensor_name(self, i):
         return self.names[i]
@@ -962,7 +1068,7 @@ class FakeContext:
         count = int(np.prod(self.shape))
         raw = (ctypes.c_uint8 * (count * dtype.itemsize)).from_address(self.addresses[e.names[0]])
         x = np.frombuffer(raw, dtype).reshape(self.shape)
-        y = e.session.run(None, {e.names[0]: x})[0].astype(np.float32) + e.trt.error
+        y = e.run(x).astype(np.float32) + e.trt.error
         ctypes.memmove(self.addresses[e.names[1]], y.ctypes.data, y.nbytes)
         return True
 
@@ -977,9 +1083,8 @@ def fake_trt(monkeypatch):
 
 def test_build_writes_a_verified_engine_and_sidecar(fake_trt, graphs, tmp_path):
     lines = []
-    cache = tmp_path / "trt.cache"
-    res = trt_export.build_engine(graphs["portable"], tmp_path / "m.engine", batch=(1, 2, 5), timing_cache=cache,
-                                  workspace_mb=256, log=lines.append)
+    res = trt_export.build_engine(graphs["portable"], tmp_path / "m.engine", batch=(1, 2, 5), workspace_mb=256,
+                                  log=lines.append)
     assert res.path.is_file() and res.sidecar == tmp_path / "m.engine.json" and res.sidecar.is_file()
     assert [c.case for c in res.comparisons] == ["real images (6)", "random, min batch 1", "random, opt batch 2",
                                                  "random, max batch 5"]
@@ -989,16 +1094,45 @@ def test_build_writes_a_verified_engine_and_sidecar(fake_trt, graphs, tmp_path):
     cfg = fake_trt.config
     assert cfg.pool == ("WORKSPACE", 256 << 20) and cfg.flags_cleared == ["TF32"] and cfg.level is None
     assert cfg.profiles == [{"input": ((1, 3, 32, 32), (2, 3, 32, 32), (5, 3, 32, 32))}]
-    assert cache.read_bytes() == b"timing:+"  # saved after the build ...
     read_engine_sidecar(res.path)
     side = trt_backend.read_sidecar(res.path)
     assert side["engine"]["engine_sha256"] == trt_export.sha256(res.path) and side["engine"]["workspace_mb"] == 256
-    lines.clear()
-    trt_export.build_engine(graphs["portable"], tmp_path / "m2.engine", batch=(1, 2, 5), timing_cache=cache,
-                            hardware_compat=True, verify=False, log=lines.append)
-    assert any("timing cache" in line and "reused" in line for line in lines)  # ... and read by the next build
-    assert cache.read_bytes() == b"timing:++" and fake_trt.config.hardware_compatibility_level == "AMPERE_PLUS"
+    trt_export.build_engine(graphs["portable"], tmp_path / "m2.engine", batch=(1, 2, 5), hardware_compat=True,
+                            verify=False, log=_quiet)
+    assert fake_trt.config.hardware_compatibility_level == "AMPERE_PLUS"
     assert trt_backend.read_sidecar(tmp_path / "m2.engine")["engine"]["hardware_compat"] is True
+
+
+def _timed(name, *batches):
+    """The stand-in cache's line for a network built with batch profile (min, opt, max) at 32x32."""
+    return f"{name} {tuple((b, 3, 32, 32) for b in batches)}\n".encode()
+
+
+def test_timing_cache_is_given_to_the_builder_and_saved_back(fake_trt, graphs, tmp_path):
+    cache, lines = tmp_path / "trt.cache", []
+    trt_export.build_engine(graphs["portable"], tmp_path / "a.engine", batch=(1, 2, 5), timing_cache=cache,
+                            verify=False, log=lines.append)
+    first = cache.read_bytes()
+    assert fake_trt.builds[0]["timing_cache_in"] == b""  # no file yet: the builder starts an empty cache ...
+    assert first == TIMING_CACHE_HEADER + _timed("portable.onnx", 1, 2, 5)  # ... and its timings are saved
+    assert not any("reused" in line for line in lines)
+    lines.clear()
+    trt_export.build_engine(graphs["dynamic_hw"], tmp_path / "b.engine", batch=(1, 2, 6), dynamic_hw=(32, 32, 32),
+                            timing_cache=cache, verify=False, log=lines.append)
+    assert fake_trt.builds[1]["timing_cache_in"] == first  # the second build's builder got the first one's bytes
+    assert cache.read_bytes() == first + _timed("dynamic_hw.onnx", 1, 2, 6)  # and both builds' timings are kept
+    assert [line for line in lines if "timing cache" in line] == [
+        f"[build] timing cache {cache}: 0 kB reused", f"[build] timing cache saved to {cache} (0 kB)"]
+
+
+def test_timing_cache_from_another_gpu_is_replaced(fake_trt, graphs, tmp_path):
+    cache, lines = tmp_path / "trt.cache", []
+    cache.write_bytes(b"a timing cache measured on another GPU\n")
+    trt_export.build_engine(graphs["portable"], tmp_path / "a.engine", batch=(1, 2, 5), timing_cache=cache,
+                            verify=False, log=lines.append)
+    assert f"[build] timing cache {cache} does not match this GPU/TensorRT; starting a new one" in lines
+    assert fake_trt.builds[0]["timing_cache_in"] == b""  # not the foreign bytes
+    assert cache.read_bytes() == TIMING_CACHE_HEADER + _timed("portable.onnx", 1, 2, 5)
 
 
 def test_build_writes_nothing_when_verification_fails(fake_trt, graphs, tmp_path):
@@ -1011,18 +1145,81 @@ def test_build_writes_nothing_when_verification_fails(fake_trt, graphs, tmp_path
     assert out.read_bytes() == b"the previous engine" and sorted(p.name for p in tmp_path.iterdir()) == ["m.engine"]
 
 
-def test_build_with_the_plugin(monkeypatch, graphs, tmp_path, trt_ptx):
+@pytest.fixture
+def plugin_trt(monkeypatch, trt_ptx):
+    """The stand-in TensorRT with the stand-in tensorrt.plugin, so register_plugin registers ferret::lpd there
+    and the engine runs the launch that plugin's aot_impl returns."""
     _, api = _fake_plugin_api()
     trt = FakeTRT(plugin_api=api)
     monkeypatch.setitem(sys.modules, "tensorrt", trt)
     monkeypatch.setitem(sys.modules, "tensorrt.plugin", api)
-    fake_cuda(monkeypatch)
-    res = trt_export.build_engine(graphs["plugin"], tmp_path / "p.engine", batch=(1, 2, 3), log=_quiet)
-    assert trt.calls == [("build", (1 << 0) | (1 << 1))]  # AOT plugins preferred
-    assert set(api.registry) == {"ferret::lpd", "ferret::lpd_residual"}
+    trt.kernels = fake_cuda(monkeypatch)
+    launches = []
+    real = run_trt_entry
+    monkeypatch.setattr(sys.modules[__name__], "run_trt_entry",
+                        lambda name, ptx, x, extra, *a: launches.append((name, extra)) or real(name, ptx, x, extra, *a))
+    trt.plugin_launches = launches
+    return trt
+
+
+@pytest.mark.parametrize("graph", ["plugin", "plugin_nhwc"])
+def test_build_with_the_plugin(plugin_trt, graphs, tmp_path, graph):
+    res = trt_export.build_engine(graphs[graph], tmp_path / "p.engine", batch=(1, 2, 3), log=_quiet)
+    assert plugin_trt.calls == [("build", (1 << 0) | (1 << 1))]  # AOT plugins preferred
+    assert set(plugin_trt.plugin.registry) == {"ferret::lpd", "ferret::lpd_residual"}
+    # every verification batch went through the plugin's kernel: lpd_generic with (N, C, H, W, k 3, variant 0
+    # (median in lpd.cu's enum), residual 0); real images (6 clipped to the max batch 3), then batches 1, 2, 3
+    assert plugin_trt.plugin_launches == [("trt_lpd_generic_f32", [n, 3, 32, 32, 3, 0, 0]) for n in (3, 1, 2, 3)]
     assert all(c.passed for c in res.comparisons)  # checked against the graph made portable
     rec = trt_backend.read_sidecar(res.path)["engine"]
     assert rec["lpd"] == "plugin" and rec["plugin"] == trt_plugin.plugin_record()
+
+
+def _wrong_launch(real, mutation):
+    """trt_plugin.aot_launch with one deliberate mistake."""
+    def launch_(shape, dtype, func, k, residual, **kw):
+        if mutation == "excmed for median":
+            return real(shape, dtype, "excmed" if func == "median" else "median", k, residual, **kw)
+        if mutation == "residual for the reconstruction":  # the lpd op's kernel returns x - lpd(x)
+            return real(shape, dtype, func, k, not residual, **kw)
+        got = real(shape, dtype, func, k, residual, **kw)
+        if mutation == "grid x and y swapped":
+            return replace(got, grid=(got.grid[1], got.grid[0], got.grid[2]))
+        if mutation == "k and variant swapped":
+            n, c, h, w, k_, variant, res = got.extra_args
+            return replace(got, extra_args=(n, c, h, w, variant, k_, res))
+        if mutation == "lpd.cu's kernel, not the TensorRT entry point":  # takes its output second, not last
+            return replace(got, kernel=got.kernel.removeprefix(trt_plugin.TRT_PREFIX))
+        raise AssertionError(mutation)
+    return launch_
+
+
+@pytest.mark.parametrize("mutation", ["excmed for median", "residual for the reconstruction", "grid x and y swapped"])
+def test_build_fails_verification_with_a_wrong_plugin(plugin_trt, graphs, tmp_path, monkeypatch, mutation):
+    """A plugin computing something other than the node's LPD builds, then fails verification: nothing written."""
+    monkeypatch.setattr(trt_plugin, "aot_launch", _wrong_launch(trt_plugin.aot_launch, mutation))
+    with pytest.raises(trt_export.ParityError, match=r"p\.engine: not written: [1-4] of 4 verification cases exceed "
+                                                     r"atol 1e-03 \+ rtol 1e-03"):
+        trt_export.build_engine(graphs["plugin"], tmp_path / "p.engine", batch=(1, 2, 3), log=_quiet)
+    assert plugin_trt.plugin_launches and list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("mutation, message", [
+    ("k and variant swapped", r"trt_lpd_generic_f32: the kernel refused its launch \(lpd_generic_emulate returned 1\)"),
+    ("lpd.cu's kernel, not the TensorRT entry point", r"lpd_generic_f32 is not a TensorRT entry point"),
+])
+def test_build_faults_with_a_wrong_plugin_launch(plugin_trt, graphs, tmp_path, monkeypatch, mutation, message):
+    monkeypatch.setattr(trt_plugin, "aot_launch", _wrong_launch(trt_plugin.aot_launch, mutation))
+    with pytest.raises(KernelFault, match=message):
+        trt_export.build_engine(graphs["plugin"], tmp_path / "p.engine", batch=(1, 2, 3), log=_quiet)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_plugin_graph_without_the_plugin_registered_does_not_parse(fake_trt, graphs, tmp_path, monkeypatch):
+    monkeypatch.setattr(trt_plugin, "register_plugin", lambda: ["ferret::lpd"])  # registers nothing
+    with pytest.raises(ConfigError, match=r"plugin\.onnx: TensorRT's ONNX parser refused the graph: node lpd_plugin_1: "
+                                          r"plugin ferret::lpd not found in the registry"):
+        trt_export.build_engine(graphs["plugin"], tmp_path / "p.engine", batch=(1, 2, 3), log=_quiet)
 
 
 def test_build_refuses_hardware_compat_before_ampere(fake_trt, graphs, tmp_path, monkeypatch):
