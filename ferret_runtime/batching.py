@@ -78,16 +78,24 @@ class DynamicBatcher:
 
         Raises Overloaded at once when the queue is full, Closed after :meth:`close`.
         """
-        with self._lock:
+        return self.submit_many([(name, image)])[0]
+
+    def submit_many(self, items: list[tuple[str, ImageInput]]) -> list[Future]:
+        """Queue (name, image) pairs all together or none of them: a request is never half queued.
+
+        Raises Overloaded at once when they do not all fit, Closed after :meth:`close`.
+        """
+        with self._lock:  # producers hold the lock and the collector only takes: the free room can only grow
             if self._closed:
                 raise Closed("Received a request after shutdown began; expected none")
-            req = _Request(image, name)
-            try:
+            room = self._queue.maxsize - self._queue.qsize()
+            if len(items) > room:
+                raise Overloaded(f"Received a request of {len(items)} image(s) with {self._queue.qsize()} already "
+                                 f"queued of {self._queue.maxsize}; expected fewer (server overloaded, retry later)")
+            reqs = [_Request(image, name) for name, image in items]
+            for req in reqs:
                 self._queue.put_nowait(req)
-            except queue.Full:
-                raise Overloaded(f"Received a request with {self._queue.maxsize} already queued; expected fewer "
-                                 "(server overloaded, retry later)") from None
-        return req.future
+        return [req.future for req in reqs]
 
     async def predict_async(self, image: ImageInput, name: str = "<input>") -> Result:
         return await asyncio.wrap_future(self.submit(image, name))
