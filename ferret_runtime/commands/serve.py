@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import argparse
 
-from ferret_runtime.commands import HelpFormatter
 import sys
 
+from ferret_runtime.commands import HelpFormatter
+
 from ..errors import ConfigError
-from ..preprocess import parse_crop
+from ..preprocess import DEFAULT_MAX_PIXELS, parse_crop
 
 HELP = "serve a model over HTTP (POST /v1/detect) with dynamic batching, health checks and Prometheus metrics"
 
@@ -17,9 +18,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "serve", help=HELP, description=HELP + ".", formatter_class=HelpFormatter,
         epilog="Endpoints: POST /v1/detect (an image as the raw body, or several as multipart/form-data file parts) "
-               "-> {\"results\": [{path, logit, prob_fake, label}]}; 400 bad image, 413 body too large, 503 + "
-               "Retry-After when the queue is full. GET /healthz, /readyz (model warmed up), /metrics (Prometheus). "
-               "SIGTERM finishes in-flight requests, then exits. \nExample:\n  ferret serve --model ferretnet-s.onnx "
+               "-> {\"results\": [{path, logit, prob_fake, label}]}; 400 bad or empty image, 401 no valid token "
+               "(--api-key-file), 408 body not in within --read-timeout, 413 body too large or too many parts, 503 + "
+               "Retry-After when the queue, the in-flight bytes or the connections are full, 500 (counted, logged) "
+               "for a server fault. GET /healthz, /readyz (model warmed up): always open; /metrics (Prometheus): "
+               "needs the token when keys are set, unless --metrics-public. SIGTERM finishes in-flight requests "
+               "(at most --shutdown-timeout), then exits. Memory: under 2 GB for FerretNet-S with the defaults, "
+               "whatever the input. \nExample:\n  ferret serve --model ferretnet-s.onnx "
                "--port 8000, then: curl --data-binary @photo.jpg localhost:8000/v1/detect",
     )
     src = p.add_mutually_exclusive_group(required=True)
@@ -35,6 +40,26 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-queue", type=int, default=256,
                    help="requests allowed to wait; beyond it requests get 503 at once (bounded memory)")
     p.add_argument("--max-body-mb", type=float, default=32.0, help="largest request body accepted (else 413)")
+    p.add_argument("--max-inflight-mb", type=float, default=256.0,
+                   help="request body bytes accepted and not yet answered, all requests together; past it 503 + "
+                        "Retry-After (bounds memory whatever --max-queue x --max-body-mb)")
+    p.add_argument("--max-parts", type=int, default=64, help="most multipart parts in one request (else 413)")
+    p.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS,
+                   help="largest image (width x height) decoded; larger ones are refused from their header (400)")
+    p.add_argument("--read-timeout", type=float, default=10.0,
+                   help="seconds a connection has to send a request's headers (else it is closed), and then its "
+                        "body (else 408)")
+    p.add_argument("--max-connections", type=int, default=256,
+                   help="open connections served; requests on connections past it get 503 + Retry-After")
+    p.add_argument("--keep-alive-timeout", type=float, default=5.0, help="seconds an idle keep-alive connection stays open")
+    p.add_argument("--shutdown-timeout", type=float, default=20.0,
+                   help="seconds SIGTERM waits for in-flight requests; those still running are then answered 503")
+    p.add_argument("--api-key-file", metavar="PATH", default=None,
+                   help="require 'Authorization: Bearer <token>' on /v1/detect (and /metrics), tokens one per line "
+                        "in PATH (else 401); /healthz and /readyz stay open (default: no authentication)")
+    p.add_argument("--metrics-public", action="store_true", help="serve /metrics without the token when keys are set")
+    p.add_argument("--ssl-certfile", metavar="PEM", default=None, help="serve HTTPS with this certificate (chain) (default: plain HTTP)")
+    p.add_argument("--ssl-keyfile", metavar="PEM", default=None, help="the certificate's private key")
     p.add_argument("--workers", type=int, default=4, help="image decoding threads")
     p.add_argument("--threshold", type=float, default=None, help="label 'fake' above this probability (default: the model's)")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
@@ -50,16 +75,30 @@ def run(args: argparse.Namespace) -> int:
     except ImportError as e:
         raise ConfigError(f"ferret serve needs the 'serve' extra (missing {e.name}): pip install 'ferretnet-deploy[serve]'") from None
     from ..detector import Detector
-    from ..serve import ServeConfig, serve
+    from ..serve import ServeConfig, ServerLimits, load_api_keys, serve
 
-    for name in ("max_batch", "max_queue", "workers"):
+    for name in ("max_batch", "max_queue", "workers", "max_parts", "max_pixels", "max_connections"):
         if getattr(args, name) < 1:
             raise ConfigError(f"Received --{name.replace('_', '-')} {getattr(args, name)}; expected >= 1")
+    for name in ("max_body_mb", "max_inflight_mb", "read_timeout", "keep_alive_timeout", "shutdown_timeout"):
+        if not getattr(args, name) > 0:
+            raise ConfigError(f"Received --{name.replace('_', '-')} {getattr(args, name)}; expected > 0")
+    if args.max_inflight_mb < args.max_body_mb:
+        raise ConfigError(f"Received --max-inflight-mb {args.max_inflight_mb:g} below --max-body-mb "
+                          f"{args.max_body_mb:g}; expected at least one largest body to fit")
+    if (args.ssl_certfile is None) != (args.ssl_keyfile is None):
+        raise ConfigError("Received only one of --ssl-certfile and --ssl-keyfile; expected both or neither")
+    keys = load_api_keys(args.api_key_file) if args.api_key_file else ()
     crop = "model" if args.crop == "model" else parse_crop(args.crop)
     det = Detector.open(args.model or args.weights, device=args.device, crop=crop, threshold=args.threshold,
-                        batch_size=args.max_batch, workers=args.workers)
-    print(f"[serve] {args.model or args.weights} on {det.backend.name}, http://{args.host}:{args.port}/v1/detect",
-          file=sys.stderr)
-    serve(det, args.host, args.port, ServeConfig(args.max_batch, args.max_delay_ms, args.max_queue, args.max_body_mb),
-          log_level=args.log_level)
+                        batch_size=args.max_batch, workers=args.workers, max_pixels=args.max_pixels)
+    scheme = "https" if args.ssl_certfile else "http"
+    print(f"[serve] {args.model or args.weights} on {det.backend.name}, {scheme}://{args.host}:{args.port}/v1/detect"
+          f"{' (bearer token required)' if keys else ''}", file=sys.stderr)
+    config = ServeConfig(args.max_batch, args.max_delay_ms, args.max_queue, args.max_body_mb,
+                         max_inflight_mb=args.max_inflight_mb, max_parts=args.max_parts,
+                         read_timeout=args.read_timeout, api_keys=keys, metrics_public=args.metrics_public)
+    limits = ServerLimits(args.max_connections, args.keep_alive_timeout, args.shutdown_timeout,
+                          args.ssl_certfile, args.ssl_keyfile)
+    serve(det, args.host, args.port, config, log_level=args.log_level, limits=limits)
     return 0
