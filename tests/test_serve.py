@@ -2,22 +2,15 @@
 
 from __future__ import annotations
 
-import io
 import json
 import signal
-import socket
-import subprocess
-import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
 import pytest
-from PIL import Image
-
 from ferret_runtime import Detector
 from ferret_runtime.backends.base import Backend, ModelInfo
 from ferret_runtime.batching import DynamicBatcher, Overloaded
@@ -28,45 +21,7 @@ from .conftest import run_ferret
 httpx = pytest.importorskip("httpx", reason="the tests' HTTP client is httpx (the 'dev' extra)")
 pytest.importorskip("starlette", reason="ferret serve needs the 'serve' extra")
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@contextmanager
-def server(*args: str, ready_timeout: float = 180):
-    port = _free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "ferret_runtime.cli", "serve", "--port", str(port),
-                             "--log-level", "warning", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.time() + ready_timeout
-    try:
-        while True:
-            if proc.poll() is not None:
-                raise AssertionError(f"server exited with {proc.returncode}: {proc.stderr.read()[-3000:]}")
-            try:
-                if httpx.get(url + "/readyz", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            if time.time() > deadline:
-                raise AssertionError("server not ready in time")
-            time.sleep(0.1)
-        yield url, proc
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-        proc.wait()
-        proc.stdout.close()
-        proc.stderr.close()
-
-
-def _png(size: int = 256, seed: int = 0) -> bytes:
-    buf = io.BytesIO()
-    Image.fromarray(np.random.default_rng(seed).integers(0, 256, (size, size, 3), dtype=np.uint8)).save(buf, "PNG")
-    return buf.getvalue()
+from .serving import png as _png, server, tiny_ckpt  # noqa: E402,F401 (tiny_ckpt: a fixture)
 
 
 @pytest.fixture(scope="module")
@@ -81,8 +36,8 @@ def test_serve_detect_cli_and_api_agree_with_the_reference(authors_ckpt, referen
         api = {n: r.logit for n, r in zip(names, det.predict(paths))}
     cli = {Path(row["path"]).name: row["logit"] for row in
            map(json.loads, run_ferret("detect", *map(str, paths), "-w", str(authors_ckpt), "--json").stdout.splitlines())}
-    with server("-w", str(authors_ckpt), "--max-delay-ms", "20") as (url, _):
-        with httpx.Client(base_url=url, timeout=120) as client, ThreadPoolExecutor(len(paths)) as pool:
+    with server("-w", str(authors_ckpt), "--max-delay-ms", "20") as srv:
+        with httpx.Client(base_url=srv.url, timeout=120) as client, ThreadPoolExecutor(len(paths)) as pool:
             # one raw-body request per image, all at once (the batcher gathers them) ...
             raw = list(pool.map(lambda p: client.post("/v1/detect", content=p.read_bytes()), paths))
             # ... and all of them in one multipart request
@@ -105,23 +60,12 @@ def test_serve_detect_cli_and_api_agree_with_the_reference(authors_ckpt, referen
     assert "ferret_queue_depth 0.0" in metrics
 
 
-@pytest.fixture(scope="module")
-def tiny_ckpt(tmp_path_factory):
-    import torch
-
-    from ferret_train import create_model
-    from ferret_train.checkpoint import save_checkpoint
-
-    torch.manual_seed(0)
-    return save_checkpoint(tmp_path_factory.mktemp("ckpt") / "s.pth", create_model("ferretnet-s").eval())
-
-
 def test_overload_503_and_every_request_answered_once(tiny_ckpt):
     n = 48
     body = _png(256)
     with server("-w", str(tiny_ckpt), "--max-queue", "1", "--max-batch", "1", "--max-delay-ms", "0",
-                "--workers", "1") as (url, _):
-        with httpx.Client(base_url=url, timeout=120, limits=httpx.Limits(max_connections=n)) as client, \
+                "--workers", "1") as srv:
+        with httpx.Client(base_url=srv.url, timeout=120, limits=httpx.Limits(max_connections=n)) as client, \
                 ThreadPoolExecutor(n) as pool:
             responses = list(pool.map(lambda i: client.post("/v1/detect", content=body, headers={"X-Id": str(i)}), range(n)))
             metrics = client.get("/metrics").text
@@ -139,9 +83,23 @@ def test_overload_503_and_every_request_answered_once(tiny_ckpt):
     assert f"ferret_images_total {codes.count(200)}.0" in metrics
 
 
+def test_concurrent_clients_each_get_their_own_images_logit(tiny_ckpt):
+    n = 32
+    bodies = [_png(64 + i, seed=i) for i in range(n)]  # every image different, sizes too (several batch groups)
+    with Detector.open(tiny_ckpt) as det:
+        want = [r.logit for r in det.predict(bodies)]
+    with server("-w", str(tiny_ckpt), "--max-delay-ms", "20") as srv:
+        with httpx.Client(base_url=srv.url, timeout=120, limits=httpx.Limits(max_connections=n)) as client, \
+                ThreadPoolExecutor(n) as pool:
+            responses = list(pool.map(lambda b: client.post("/v1/detect", content=b), bodies))
+    assert [r.status_code for r in responses] == [200] * n
+    got = [r.json()["results"][0]["logit"] for r in responses]
+    assert got == pytest.approx(want, abs=1e-5)
+
+
 def test_bad_empty_and_oversized_bodies(tiny_ckpt):
-    with server("-w", str(tiny_ckpt), "--max-body-mb", "0.05") as (url, _):
-        with httpx.Client(base_url=url, timeout=60) as client:
+    with server("-w", str(tiny_ckpt), "--max-body-mb", "0.05") as srv:
+        with httpx.Client(base_url=srv.url, timeout=60) as client:
             bad = client.post("/v1/detect", content=b"definitely not an image")
             empty = client.post("/v1/detect", content=b"")
             big = client.post("/v1/detect", content=b"\0" * 100_000)
@@ -158,14 +116,14 @@ def test_bad_empty_and_oversized_bodies(tiny_ckpt):
 
 def test_sigterm_finishes_in_flight_requests_then_exits(tiny_ckpt):
     # requests wait up to 1.5 s in the batcher for company: SIGTERM arrives while they are in flight
-    with server("-w", str(tiny_ckpt), "--max-delay-ms", "1500", "--max-batch", "64") as (url, proc):
-        with httpx.Client(base_url=url, timeout=60) as client, ThreadPoolExecutor(6) as pool:
+    with server("-w", str(tiny_ckpt), "--max-delay-ms", "1500", "--max-batch", "64") as srv:
+        with httpx.Client(base_url=srv.url, timeout=60) as client, ThreadPoolExecutor(6) as pool:
             futures = [pool.submit(client.post, "/v1/detect", content=_png(64, i)) for i in range(6)]
             time.sleep(0.5)
-            proc.send_signal(signal.SIGTERM)
+            srv.proc.send_signal(signal.SIGTERM)
             responses = [f.result() for f in futures]
-        assert proc.wait(timeout=60) in (0, -signal.SIGTERM)  # uvicorn re-raises SIGTERM after a clean shutdown
-        log = proc.stderr.read()
+        assert srv.proc.wait(timeout=60) in (0, -signal.SIGTERM)  # uvicorn re-raises SIGTERM after a clean shutdown
+        log = srv.log()
     assert [r.status_code for r in responses] == [200] * 6
     assert "[serve] shut down after 6 images in 1 batches" in log, log  # all six ran, together, before exiting
     assert all(len(r.json()["results"]) == 1 for r in responses)
@@ -228,3 +186,22 @@ def test_batcher_overload_fails_fast_and_close_drains():
     assert [f.result(timeout=10).logit for f in accepted] == [want] * len(accepted)
     with pytest.raises(Exception, match="after shutdown"):
         b.submit(img)
+
+
+def test_batcher_queues_a_request_whole_or_not_at_all():
+    backend = _SlowSum()
+    backend.gate.clear()
+    b = DynamicBatcher(Detector(backend), max_batch=1, max_delay_ms=0, max_queue=4, in_flight=1)
+    img = np.zeros((8, 8, 3), np.uint8)
+    held = [b.submit(img), b.submit(img)]  # one held in the backend, the next by the collector waiting for it
+    deadline = time.monotonic() + 10
+    while b.queue_depth and time.monotonic() < deadline:
+        time.sleep(0.01)
+    queued = b.submit_many([(f"a{i}", img) for i in range(3)])
+    with pytest.raises(Overloaded, match="Received a request of 2 image"):
+        b.submit_many([("b0", img), ("b1", img)])  # one would fit, two do not: neither is queued
+    assert b.queue_depth == 3
+    backend.gate.set()
+    b.close()
+    assert [f.result(timeout=10).path for f in queued] == ["a0", "a1", "a2"]
+    assert all(f.result(timeout=10).error is None for f in held)

@@ -1,0 +1,132 @@
+"""Helpers for the ``ferret serve`` tests: a real server in a subprocess on 127.0.0.1, images, raw sockets."""
+
+from __future__ import annotations
+
+import io
+import re
+import socket
+import ssl
+import subprocess
+import sys
+import tempfile
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import httpx
+import numpy as np
+import pytest
+from PIL import Image
+
+HOST = "127.0.0.1"  # every test server and client stays on loopback
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind((HOST, 0))
+        return s.getsockname()[1]
+
+
+@dataclass
+class Server:
+    """A running ``ferret serve``: its URL, process and stderr (a file, so a chatty log never blocks it)."""
+
+    url: str
+    proc: subprocess.Popen
+    log_path: Path
+
+    @property
+    def port(self) -> int:
+        return int(self.url.rsplit(":", 1)[1])
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+
+@contextmanager
+def server(*args: str, ready_timeout: float = 180, verify: ssl.SSLContext | bool = True,
+           scheme: str = "http") -> Iterator[Server]:
+    """Run ``ferret serve ARGS`` on a free port of 127.0.0.1 until /readyz answers; killed on exit."""
+    port = free_port()
+    with tempfile.TemporaryDirectory() as tmp:
+        log_path = Path(tmp) / "stderr.txt"
+        with open(log_path, "w") as err:
+            proc = subprocess.Popen([sys.executable, "-m", "ferret_runtime.cli", "serve", "--host", HOST,
+                                     "--port", str(port), "--log-level", "warning", *args],
+                                    stdout=subprocess.DEVNULL, stderr=err, text=True)
+        srv = Server(f"{scheme}://{HOST}:{port}", proc, log_path)
+        deadline = time.time() + ready_timeout
+        try:
+            while True:
+                if proc.poll() is not None:
+                    raise AssertionError(f"server exited with {proc.returncode}: {srv.log()[-3000:]}")
+                try:
+                    if httpx.get(srv.url + "/readyz", timeout=1, verify=verify).status_code == 200:
+                        break
+                except httpx.TransportError:
+                    pass
+                if time.time() > deadline:
+                    raise AssertionError("server not ready in time")
+                time.sleep(0.1)
+            yield srv
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+            proc.wait()
+
+
+def png(size: int = 256, seed: int = 0) -> bytes:
+    """A noise PNG (incompressible: its size on the wire is about its pixel count x 3)."""
+    buf = io.BytesIO()
+    Image.fromarray(np.random.default_rng(seed).integers(0, 256, (size, size, 3), dtype=np.uint8)).save(buf, "PNG")
+    return buf.getvalue()
+
+
+def flat_png(width: int, height: int, mode: str = "1") -> bytes:
+    """An all-zero PNG: a few KB on the wire however many pixels it decodes to (a decompression bomb)."""
+    buf = io.BytesIO()
+    Image.new(mode, (width, height)).save(buf, "PNG", compress_level=1)
+    return buf.getvalue()
+
+
+def metric(text: str, name: str) -> float:
+    """One sample's value from Prometheus text (0 when absent), e.g. ``ferret_requests_total{code="500"}``."""
+    m = re.search(r"^" + re.escape(name) + r" (\S+)$", text, re.M)
+    return float(m.group(1)) if m else 0.0
+
+
+def open_upload(port: int, content_length: int, sent: bytes = b"", path: str = "/v1/detect",
+                headers: str = "") -> socket.socket:
+    """A raw socket that sent a POST's head and ``sent`` of its body, then stalls (the caller decides)."""
+    s = socket.create_connection((HOST, port), timeout=30)
+    s.sendall(f"POST {path} HTTP/1.1\r\nHost: {HOST}\r\nContent-Type: application/octet-stream\r\n{headers}"
+              f"Content-Length: {content_length}\r\n\r\n".encode() + sent)
+    return s
+
+
+def read_until_closed(s: socket.socket, timeout: float) -> tuple[bytes, float, bool]:
+    """What the server sends until it closes the connection or ``timeout`` passes: (data, seconds, closed)."""
+    start, data = time.monotonic(), b""
+    s.settimeout(timeout)
+    try:
+        while chunk := s.recv(65536):
+            data += chunk
+    except socket.timeout:
+        return data, time.monotonic() - start, False
+    except ConnectionResetError:
+        pass
+    return data, time.monotonic() - start, True
+
+
+@pytest.fixture(scope="module")
+def tiny_ckpt(tmp_path_factory):
+    """A randomly initialised FerretNet-S checkpoint (the real architecture and memory, no weights to fetch)."""
+    import torch
+
+    from ferret_train import create_model
+    from ferret_train.checkpoint import save_checkpoint
+
+    torch.manual_seed(0)
+    return save_checkpoint(tmp_path_factory.mktemp("ckpt") / "s.pth", create_model("ferretnet-s").eval())
