@@ -1,11 +1,19 @@
-"""The ``metadata_props`` an exported model carries; written by ferret_export, read by the runtime."""
+"""The ``metadata_props`` an exported model carries; written by ferret_export, read by the runtime.
+
+A model file can lie: its metadata is checked for range here, and against what the graph itself
+declares (one logit per image, weights the size of the named architecture) by the backends, with
+the helpers below, so a wrong file is refused by name instead of served.
+"""
 
 from __future__ import annotations
 
 import json
-from typing import Any
+import math
+from dataclasses import dataclass
+from typing import Any, Sequence
 
 from .errors import ConfigError
+from .lpd_spec import LPD_FUNCS, WINDOW_SIZES
 from .preprocess import Preprocess
 
 PREFIX = "ferret."
@@ -23,6 +31,29 @@ KEYS: dict[str, tuple[type, bool]] = {
     "toolkit_version": (str, True),
     "provenance": (dict, False),  # checkpoint path and sha256, training config
 }
+LPD_MODES: tuple[str, ...] = ("portable", "plugin", "none", "external")
+PRECISIONS: tuple[str, ...] = ("fp32", "fp16", "int8")
+
+
+@dataclass(frozen=True)
+class ArchShape:
+    """A named FerretNet's shape and its parameter count in PyTorch (BatchNorm not folded)."""
+
+    dim: int
+    depths: tuple[int, ...]
+    params: int
+
+
+# The named architectures; ferret_train registers its models from this table, so a name always
+# means one shape. The paper's FerretNet (1.06M parameters) is FerretNet-B.
+ARCHS: dict[str, ArchShape] = {
+    "ferretnet-s": ArchShape(dim=32, depths=(2, 2), params=126_289),
+    "ferretnet-b": ArchShape(dim=96, depths=(2, 2), params=1_057_777),
+}
+# An exported graph holds a few values more or fewer than the PyTorch model (BatchNorm folded into
+# convolution biases, LPD constants, INT8 scales and zero points: -1% to +3% for S and B); the two
+# named sizes are 8x apart, so 10% never confuses them.
+ARCH_SIZE_TOLERANCE = 0.10
 
 
 def encode(values: dict[str, Any]) -> dict[str, str]:
@@ -39,7 +70,7 @@ def encode(values: dict[str, Any]) -> dict[str, str]:
 
 
 def decode(props: dict[str, str], source: str) -> dict[str, Any]:
-    """``ferret.*`` string props -> typed values; a model without them is not one of ours."""
+    """``ferret.*`` string props -> typed, range-checked values; a model without them is not one of ours."""
     ours = {k[len(PREFIX):]: v for k, v in props.items() if k.startswith(PREFIX)}
     missing = [k for k, (_, req) in KEYS.items() if req and k not in ours]
     if missing:
@@ -56,5 +87,73 @@ def decode(props: dict[str, str], source: str) -> dict[str, Any]:
             out[key] = json.loads(raw) if typ is dict else typ(raw)
         except (ValueError, TypeError):
             raise ConfigError(f"{source}: metadata {PREFIX + key}={raw!r} is not a valid {typ.__name__}") from None
-    out["preprocess"] = Preprocess.from_dict(out["preprocess"])
+        if typ is dict and not isinstance(out[key], dict):
+            raise ConfigError(f"{source}: metadata {PREFIX + key}={raw!r} is not a valid JSON object")
+    _check_values(out, source)
+    out["preprocess"] = preprocess_from(out["preprocess"], source, f"metadata {PREFIX}preprocess")
     return out
+
+
+def _check_values(meta: dict[str, Any], source: str) -> None:
+    """Refuse values no exporter writes, naming the file and the key."""
+    allowed: dict[str, Sequence[Any]] = {"lpd_func": LPD_FUNCS, "window_size": WINDOW_SIZES, "lpd_mode": LPD_MODES,
+                                         "precision": PRECISIONS}
+    for key, choices in allowed.items():
+        if meta[key] not in choices:
+            raise ConfigError(f"{source}: received metadata {PREFIX}{key}={meta[key]!r}; "
+                              f"expected one of {', '.join(map(str, choices))}")
+    if not math.isfinite(meta["threshold"]) or not 0.0 <= meta["threshold"] <= 1.0:
+        raise ConfigError(f"{source}: received metadata {PREFIX}threshold={meta['threshold']!r}; "
+                          "expected a probability in [0, 1]")
+    if not meta["arch"]:
+        raise ConfigError(f"{source}: received an empty metadata {PREFIX}arch; expected an architecture name "
+                          f"such as {', '.join(ARCHS)}")
+
+
+def preprocess_from(d: Any, source: str, what: str = "preprocess") -> Preprocess:
+    """``Preprocess.from_dict`` whose errors name the file: "x.pth: received preprocess crop -3; ..."."""
+    if not isinstance(d, dict):
+        raise ConfigError(f"{source}: received {what} {d!r}; expected a dict of preprocessing settings")
+    try:
+        return Preprocess.from_dict(d)
+    except ConfigError as e:
+        raise ConfigError(f"{source}: {_lower_first(str(e))}") from None
+    except (TypeError, ValueError) as e:  # e.g. a mean that is not numbers
+        raise ConfigError(f"{source}: received {what} {d!r}; expected valid preprocessing settings ({e})") from None
+
+
+def _lower_first(message: str) -> str:
+    """'Received crop -3; ...' -> 'received crop -3; ...', to follow 'file: '."""
+    return message[:1].lower() + message[1:] if message.startswith("Received") else message
+
+
+def check_logit_output(shapes: Sequence[Sequence[Any] | None], source: str) -> None:
+    """Exactly one output of shape [N] or [N, 1]: one logit per image (a symbolic N is fine).
+
+    Anything else would be served wrong: the runtime reads one value per image, so a graph with
+    several outputs, or several values per image, has no single logit to read.
+    """
+    if len(shapes) != 1:
+        raise ConfigError(f"{source}: received a model with {len(shapes)} outputs; expected one output, "
+                          "one logit per image ([N] or [N, 1])")
+    shape = shapes[0]
+    if shape is None or len(shape) not in (1, 2) or (len(shape) == 2 and shape[1] != 1):
+        got = "an unknown shape" if shape is None else f"shape {list(shape)}"
+        raise ConfigError(f"{source}: received an output of {got}; expected one logit per image ([N] or [N, 1])")
+
+
+def check_arch_size(arch: str, weights: int, source: str) -> None:
+    """The values a graph's weights hold must be the size of the architecture its metadata names.
+
+    Names outside ``ARCHS`` (e.g. ``ferretnet-custom-d64``) promise no size and pass.
+    """
+    if arch not in ARCHS:
+        return
+    want = ARCHS[arch].params
+    if abs(weights - want) <= ARCH_SIZE_TOLERANCE * want:
+        return
+    nearest = min(ARCHS, key=lambda a: abs(math.log(max(weights, 1) / ARCHS[a].params)))
+    like = f", the size of {nearest} ({ARCHS[nearest].params:,})" if \
+        abs(weights - ARCHS[nearest].params) <= ARCH_SIZE_TOLERANCE * ARCHS[nearest].params else ""
+    raise ConfigError(f"{source}: metadata {PREFIX}arch says {arch} ({want:,} parameters); the graph's weights "
+                      f"hold {weights:,} values{like}; expected metadata that matches the weights")

@@ -12,13 +12,15 @@ while decoding and staging the next batch overlap on the host.
 
 from __future__ import annotations
 
+import math
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from ..errors import ConfigError
-from ..metadata import decode
+from ..metadata import check_arch_size, check_logit_output, decode
 from .base import ModelInfo
 from .slots import Slot, SlotBackend
 
@@ -76,11 +78,12 @@ class OrtBackend(SlotBackend):
             self.close()
             first = str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
             raise ConfigError(f"{self.path}: ONNX Runtime cannot load this model ({first})") from None
-        meta = decode(self.session.get_modelmeta().custom_metadata_map, str(self.path))
+        try:
+            meta = self._check_graph()
+        except BaseException:
+            self.close()
+            raise
         inputs, outputs = self.session.get_inputs(), self.session.get_outputs()
-        if len(inputs) != 1 or len(outputs) != 1 or len(inputs[0].shape) != 4:
-            raise ConfigError(f"{self.path}: received a model with {len(inputs)} inputs / {len(outputs)} outputs; "
-                              "expected one 4-D input and one output")
         self.input_name, self.output_name = inputs[0].name, outputs[0].name
         pre = meta["preprocess"]
         hw = inputs[0].shape[1:3] if pre.layout == "NHWC" else inputs[0].shape[2:4]
@@ -95,6 +98,22 @@ class OrtBackend(SlotBackend):
             except BaseException:
                 self.close()
                 raise
+
+    def _check_graph(self) -> dict[str, Any]:
+        """The metadata, after checking it against the graph: one 4-D input, one logit per image,
+        and weights the size of the architecture the metadata names."""
+        meta = decode(self.session.get_modelmeta().custom_metadata_map, str(self.path))
+        inputs, outputs = self.session.get_inputs(), self.session.get_outputs()
+        if len(inputs) != 1 or len(inputs[0].shape) != 4:
+            raise ConfigError(f"{self.path}: received a model with {len(inputs)} inputs of shapes "
+                              f"{[i.shape for i in inputs]}; expected one 4-D input")
+        check_logit_output([o.shape for o in outputs], str(self.path))
+        try:
+            weights = initializer_values(self.path.read_bytes())
+        except (ValueError, IndexError) as e:  # ORT read it, so this is a protobuf we misread: say so
+            raise ConfigError(f"{self.path}: cannot read the graph's initializers ({e}); expected an ONNX model") from None
+        check_arch_size(meta["arch"], weights, str(self.path))
+        return meta
 
     def _open_gpu(self, providers: list, required: bool, slots: int, max_batch: int) -> list:
         """Our context and stream, handed to the CUDA provider as its compute stream; without
@@ -194,3 +213,62 @@ class OrtBackend(SlotBackend):
             self._drain()  # a batch submitted and never collected must not run on freed buffers
         self.session = None  # type: ignore[assignment]
         self._release()
+
+
+# ONNX Runtime does not expose a graph's initializers and the runtime does not depend on the onnx
+# package, so the few protobuf fields needed to count the weights are read here (ModelProto.graph = 7,
+# GraphProto.initializer = 5, TensorProto.dims = 1: onnx/onnx.proto3).
+def _varint(buf: memoryview, i: int) -> tuple[int, int]:
+    value = shift = 0
+    while True:
+        byte = buf[i]
+        i += 1
+        value |= (byte & 0x7F) << shift
+        if byte < 0x80:
+            return value, i
+        shift += 7
+        if shift > 63:
+            raise ValueError("varint longer than 10 bytes")
+
+
+def _fields(buf: memoryview) -> Iterator[tuple[int, int, Any]]:
+    """(field number, wire type, value) of one protobuf message: varints as ints, the rest as bytes views."""
+    i = 0
+    while i < len(buf):
+        key, i = _varint(buf, i)
+        number, wire = key >> 3, key & 7
+        if wire == 0:
+            value, i = _varint(buf, i)
+        else:
+            if wire == 2:  # length-delimited: a sub-message, bytes or a packed array
+                size, i = _varint(buf, i)
+            elif wire in (1, 5):  # fixed 64 or 32 bits
+                size = 8 if wire == 1 else 4
+            else:
+                raise ValueError(f"unsupported protobuf wire type {wire}")
+            if i + size > len(buf):
+                raise ValueError(f"field {number} runs past the end of its message")
+            value, i = buf[i:i + size], i + size
+        yield number, wire, value
+
+
+def initializer_values(model: bytes) -> int:
+    """How many values an ONNX model's initializers hold (the product of each one's dims, summed)."""
+    total = 0
+    for number, wire, graph in _fields(memoryview(model)):
+        if number != 7 or wire != 2:
+            continue
+        for g_number, g_wire, tensor in _fields(graph):
+            if g_number != 5 or g_wire != 2:
+                continue
+            dims: list[int] = []
+            for t_number, t_wire, value in _fields(tensor):
+                if t_number == 1 and t_wire == 0:
+                    dims.append(value)
+                elif t_number == 1 and t_wire == 2:  # packed repeated int64
+                    j = 0
+                    while j < len(value):
+                        d, j = _varint(value, j)
+                        dims.append(d)
+            total += math.prod(dims)
+    return total

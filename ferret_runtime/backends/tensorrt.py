@@ -25,7 +25,7 @@ from typing import Any, Mapping
 import numpy as np
 
 from ..errors import ConfigError, FerretError
-from ..metadata import PREFIX, decode
+from ..metadata import PREFIX, check_logit_output, decode
 from .base import ModelInfo
 from .slots import Pending, Slot, SlotBackend
 
@@ -140,6 +140,13 @@ def read_sidecar(engine: str | Path) -> dict[str, Any]:
         raise ConfigError(f"{src}: received no valid {ENGINE_KEY!r} entry (keys {', '.join(required)}); expected a "
                           "sidecar written by 'ferret export tensorrt', which records the TensorRT version and GPU")
     data["meta"], data["engine"] = decode(props, str(src)), block
+    # the engine is opaque without TensorRT: its declared outputs are checked here, in the sidecar, so
+    # a file claiming several logits per image is refused before TensorRT or a GPU is touched
+    outputs = data.get("outputs")
+    if not isinstance(outputs, list) or not all(isinstance(t, dict) for t in outputs):
+        raise ConfigError(f"{src}: received outputs {outputs!r}; expected a list of tensors (name, dtype, shape) "
+                          "as written by 'ferret export tensorrt'")
+    check_logit_output([t.get("shape") if isinstance(t.get("shape"), list) else None for t in outputs], str(src))
     return data
 
 
@@ -259,6 +266,7 @@ class TrtBackend(SlotBackend):
             # the profile in the layout callers send: uint8 (N, H, W, 3) when the GPU preprocesses
             self.profile_min, self.profile_max = (self._caller_shape(s) for s in (lo, hi))
             out_shape = tuple(int(d) for d in self._engine.get_tensor_shape(self.output_name))
+            check_logit_output([out_shape], str(self.path))  # the engine itself, not only its sidecar
             self._out_per_item = int(np.prod(out_shape[1:])) if len(out_shape) > 1 else 1
             max_batch = hi[0]
             in_bytes = int(np.prod(hi)) * self.input_dtype.itemsize

@@ -11,6 +11,8 @@ from dataclasses import asdict, dataclass, field
 import torch
 from torch import nn
 
+from ferret_runtime.metadata import ARCHS
+
 from ..layers.lpd import LPD
 from ..registry import register_model
 
@@ -121,13 +123,21 @@ def _build(arch: str, dim: int, depths: tuple[int, ...], lpd_impl: str = "fast",
 @register_model("ferretnet-s")
 def ferretnet_s(**kw) -> FerretNet:
     """FerretNet-S: dim 32, depths [2, 2], 126,289 parameters."""
-    return _build("ferretnet-s", 32, (2, 2), **kw)
+    return _build("ferretnet-s", ARCHS["ferretnet-s"].dim, ARCHS["ferretnet-s"].depths, **kw)
 
 
 @register_model("ferretnet-b")
 def ferretnet_b(**kw) -> FerretNet:
     """FerretNet-B: dim 96, depths [2, 2], 1,057,777 parameters (the paper's FerretNet)."""
-    return _build("ferretnet-b", 96, (2, 2), **kw)
+    return _build("ferretnet-b", ARCHS["ferretnet-b"].dim, ARCHS["ferretnet-b"].depths, **kw)
+
+
+def expected_shapes(cfg: FerretConfig) -> dict[str, tuple[int, ...]]:
+    """The state dict's tensor shapes for ``cfg``, built on the meta device: nothing is allocated,
+    so a config that asks for terabytes is measured, not built."""
+    with torch.device("meta"):
+        model = FerretNet(cfg)
+    return {k: tuple(v.shape) for k, v in model.state_dict().items()}
 
 
 def from_config(cfg: FerretConfig, lpd_impl: str = "fast") -> FerretNet:
