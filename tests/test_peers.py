@@ -60,7 +60,35 @@ def test_forward_gives_one_finite_logit_per_image(name, hw):
     assert torch.isfinite(y).all()
 
 
-@pytest.mark.parametrize("name", sorted(PAPER))
+def _bottleneck(cin: int, planes: int) -> int:
+    """ResNet-50 bottleneck (He et al. 2016): 1x1 cin -> planes, 3x3 planes -> planes, 1x1 planes -> 4*planes,
+    each without bias and followed by BatchNorm (2 parameters per channel); a 1x1 + BN projection when
+    cin != 4*planes."""
+    cout = 4 * planes
+    body = cin * planes + 2 * planes + 9 * planes * planes + 2 * planes + planes * cout + 2 * cout
+    return body + ((cin * cout + 2 * cout) if cin != cout else 0)
+
+
+# NPR's and SAFE's backbone as their papers and code describe it: a 3x3 stride-2 stem (3 -> 64, no bias) + BN,
+# ResNet-50's layer1 (3 bottlenecks, planes 64) and layer2 (4, planes 128), a 512 -> 1 linear head:
+#   27*64 + 128 = 1,856; layer1 75,008 + 2 x 70,400; layer2 379,392 + 3 x 280,064; head 513  -> 1,437,761
+TRUNCATED_RESNET50 = (9 * 3 * 64 + 2 * 64 + _bottleneck(64, 64) + 2 * _bottleneck(256, 64)
+                      + _bottleneck(256, 128) + 3 * _bottleneck(512, 128) + 512 + 1)
+
+
+def test_the_backbone_derivation_adds_up():
+    assert (_bottleneck(64, 64), _bottleneck(256, 64), _bottleneck(256, 128), _bottleneck(512, 128)) == \
+        (75_008, 70_400, 379_392, 280_064)
+    assert TRUNCATED_RESNET50 == 1_856 + 75_008 + 2 * 70_400 + 379_392 + 3 * 280_064 + 513 == 1_437_761
+    assert round(TRUNCATED_RESNET50 / 1e6, 2) == PAPER["npr"][0] == PAPER["safe"][0]
+
+
+@pytest.mark.parametrize("name", ["npr", "safe"])  # one backbone; the transforms in front have no parameters
+def test_npr_and_safe_have_the_truncated_resnet50s_parameters(name):
+    assert _params(_model(name)) == TRUNCATED_RESNET50
+
+
+@pytest.mark.parametrize("name", sorted(PAPER))  # FreqNet and FerretNet-B: the paper's figure, rounded as printed
 def test_params_match_the_paper(name):
     got = round(_params(_model(name)) / 1e6, 2)
     assert got == PAPER[name][0], f"Received {got}M parameters for {name}; expected {PAPER[name][0]}M"
