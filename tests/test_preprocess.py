@@ -5,7 +5,8 @@ import pytest
 from PIL import Image
 
 from ferret_runtime.errors import ConfigError, ImageError
-from ferret_runtime.preprocess import MEAN, STD, Preprocess, center_crop, find_images, load_image, normalize, parse_crop
+from ferret_runtime.preprocess import (MEAN, STD, Preprocess, center_crop, find_images, load_image, normalize, parse_crop,
+                                     prepare)
 
 
 def _ramp(h, w):
@@ -82,3 +83,81 @@ def test_parse_crop_and_preprocess_dict():
     assert Preprocess.from_dict(Preprocess(crop=None).to_dict()) == Preprocess(crop=None)
     with pytest.raises(ConfigError, match=r"Received preprocessing keys \['crops'\]"):
         Preprocess.from_dict({"crops": 1})
+
+
+def test_crop_returns_a_compact_copy_not_a_view_of_the_decoded_image():
+    big = _ramp(600, 256)  # full width: rows alone would give a contiguous view of the whole image
+    for out in (center_crop(big, 256), prepare(big, Preprocess(crop=256)), prepare(_ramp(300, 400), Preprocess(crop=64))):
+        assert out.flags.c_contiguous and out.base is None  # owns its memory: the big image can be freed
+    np.testing.assert_array_equal(center_crop(big, 256), big[172:428])
+    full = _ramp(9, 12)
+    assert prepare(full, Preprocess(crop=None)) is full  # no crop: the decoded image itself, no copy
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    ({"crop": -3}, r"Received preprocess crop -3; expected a positive integer or None"),
+    ({"crop": 0}, r"Received preprocess crop 0; expected a positive integer or None"),
+    ({"crop": True}, r"Received preprocess crop True; expected a positive integer or None"),
+    ({"crop": 25.5}, r"Received preprocess crop 25.5; expected a positive integer or None"),
+    ({"mean": (0.5, 0.5)}, r"Received preprocess mean \(0.5, 0.5\); expected 3 finite numbers, one per RGB channel"),
+    ({"mean": (0.5, float("nan"), 0.5)}, r"Received preprocess mean \(0.5, nan, 0.5\); expected 3 finite numbers"),
+    ({"std": ("a", "b", "c")}, r"Received preprocess std \('a', 'b', 'c'\); expected 3 finite numbers"),
+    ({"std": (0.2, 0.0, 0.2)}, r"Received preprocess std \(0.2, 0.0, 0.2\); expected 3 values > 0"),
+    ({"std": (0.2, -1, 0.2)}, r"Received preprocess std \(0.2, -1.0, 0.2\); expected 3 values > 0"),
+    ({"layout": "CHW"}, r"Received preprocess layout 'CHW'; expected one of NCHW, NHWC"),
+    ({"dtype": "float64"}, r"Received preprocess dtype 'float64'; expected one of float32, float16, uint8"),
+    ({"extra": []}, r"Received preprocess extra \[\]; expected a dict"),
+])
+def test_preprocess_validates_itself(kwargs, match):
+    with pytest.raises(ConfigError, match=match):
+        Preprocess(**kwargs)
+    with pytest.raises(ConfigError, match=match):  # what a model file's metadata goes through
+        Preprocess.from_dict({**Preprocess().to_dict(), **kwargs})
+
+
+def test_preprocess_normalises_equal_settings_to_equal_values():
+    pre = Preprocess(crop=np.int64(224), mean=[0.5, 0.5, 0.5], std=np.array([1, 2, 3]))
+    assert pre == Preprocess(crop=224, mean=(0.5, 0.5, 0.5), std=(1.0, 2.0, 3.0))
+    assert type(pre.crop) is int and all(type(v) is float for v in pre.std)
+    with pytest.raises(ConfigError, match=r"Received preprocessing list \[1, 2\]; expected a dict"):
+        Preprocess.from_dict([1, 2])
+
+
+def _within(seconds: float, fn, *args):
+    """``fn(*args)``, run on a daemon thread: a call that blocks fails the test instead of stalling the suite."""
+    import queue
+    import threading
+
+    out: queue.Queue = queue.Queue()
+
+    def call() -> None:
+        try:
+            out.put((True, fn(*args)))
+        except BaseException as e:
+            out.put((False, e))
+
+    threading.Thread(target=call, daemon=True).start()
+    try:
+        ok, value = out.get(timeout=seconds)
+    except queue.Empty:
+        pytest.fail(f"{fn.__name__}{args} still blocked after {seconds} s")
+    if not ok:
+        raise value
+    return value
+
+
+def test_special_files_are_errors_not_hangs(tmp_path):
+    import os
+    import socket
+
+    os.mkfifo(tmp_path / "x.fifo")  # open() on it would wait forever for a writer
+    with pytest.raises(ImageError, match=r"x\.fifo: is a FIFO, not a regular file"):
+        _within(20, load_image, tmp_path / "x.fifo")
+    with socket.socket(socket.AF_UNIX) as s:
+        s.bind(str(tmp_path / "x.sock"))
+        with pytest.raises(ImageError, match=r"x\.sock: is a socket, not a regular file"):
+            load_image(tmp_path / "x.sock")
+    with pytest.raises(ImageError, match=r"/dev/zero: is a character device, not a regular file"):
+        _within(20, load_image, "/dev/zero")  # endless bytes: reading it might never end either
+    with pytest.raises(ImageError, match=r": is a directory, expected an image file"):
+        load_image(tmp_path)
