@@ -15,8 +15,9 @@ from typing import Any
 import numpy as np
 
 from .backends import Backend, backend_for, external_lpd
-from .errors import ConfigError, FerretError
-from .preprocess import ImageInput, Preprocess, load_image, median_residual, normalize, prepare
+from .errors import ConfigError, FerretError, ImageError
+from .preprocess import (DEFAULT_MAX_PIXELS, ImageInput, Preprocess, check_max_pixels, load_image, median_residual,
+                         normalize, prepare)
 
 
 @dataclass
@@ -77,9 +78,12 @@ class Detector:
     """Classifies images as real or AI-generated with a FerretNet model of any supported format."""
 
     def __init__(self, backend: Backend, *, preprocess: Preprocess | None = None, threshold: float | None = None,
-                 batch_size: int = 32, workers: int = 4):
+                 batch_size: int = 32, workers: int = 4, max_pixels: int | None = DEFAULT_MAX_PIXELS):
         if batch_size < 1:
             raise ValueError(f"Received batch_size {batch_size}; expected >= 1")
+        self.max_pixels = check_max_pixels(max_pixels)  # larger images are refused from their header
+        # how results name the model (Detector.open sets the file name; a backend may know its path)
+        self.model_name = Path(str(getattr(backend, "path", backend.name))).name or backend.name
         # a graph exported with --lpd external takes the LPD residual: this pipeline computes it
         self.external_lpd = external_lpd(backend.info, str(getattr(backend, "path", backend.name)))
         self.backend = backend
@@ -94,13 +98,23 @@ class Detector:
     @classmethod
     def open(cls, path: str | Path, *, device: str = "auto", crop: int | None | str = "model",
              threshold: float | None = None, batch_size: int = 32, workers: int = 4,
-             **backend_options: Any) -> "Detector":
+             max_pixels: int | None = DEFAULT_MAX_PIXELS, **backend_options: Any) -> "Detector":
         """Load a model file; the backend is chosen by suffix, preprocessing read from the model.
 
         ``device="auto"`` takes the GPU when the backend can use one, else the CPU.
         ``crop="model"`` keeps the model's own crop; an int or None (full size) overrides it.
+        ``max_pixels`` refuses larger images from their header (None: only Pillow's 178.9 Mpx limit).
         """
-        backend = backend_for(path)(path, device=device, **backend_options)
+        check_max_pixels(max_pixels)  # before loading a model for nothing
+        try:
+            backend = backend_for(path)(path, device=device, **backend_options)
+        except FerretError as e:
+            # errors from deep inside loading (e.g. Preprocess.from_dict on invalid preprocessing) do
+            # not know which file they came from; the user needs it. The same exception, its message
+            # prefixed: subclasses may carry more than a message
+            if str(path) not in str(e) and len(e.args) == 1 and isinstance(e.args[0], str):
+                e.args = (f"{path}: {e.args[0]}",)
+            raise
         pre = backend.info.preprocess
         if crop != "model":
             pre = replace(pre, crop=crop)
@@ -110,18 +124,26 @@ class Detector:
             raise ConfigError(f"{path}: received crop {pre.crop}; this model takes a fixed {fixed[0]}x{fixed[1]} input "
                               "(export it with --dynamic-hw for other sizes)")
         try:
-            return cls(backend, preprocess=pre, threshold=threshold, batch_size=batch_size, workers=workers)
+            det = cls(backend, preprocess=pre, threshold=threshold, batch_size=batch_size, workers=workers,
+                      max_pixels=max_pixels)
         except BaseException:
             backend.close()
             raise
+        det.model_name = Path(path).name
+        return det
 
     def _decode(self, item: ImageInput, name: str) -> np.ndarray | FerretError:
         try:
-            return prepare(load_image(item, name), self.preprocess)
+            return prepare(load_image(item, name, max_pixels=self.max_pixels), self.preprocess)
         except FerretError as e:
             return e
+        except Exception as e:  # MemoryError included: whatever one input does, the others go on
+            return ImageError(f"{name}: cannot decode image ({type(e).__name__}: {e})")
 
     def _result(self, name: str, logit: float) -> Result:
+        if not math.isfinite(logit):
+            # NaN/inf is a model (or weights) failure, never a verdict: no label, no prob_fake
+            return Result(name, error=f"model {self.model_name} produced a non-finite logit ({logit}) for this image")
         p = sigmoid(logit)
         return Result(name, float(logit), p, "fake" if p > self.threshold else "real")
 
