@@ -6,11 +6,13 @@ import argparse
 
 from ferret_runtime.commands import HelpFormatter
 import json
+import os
 import sys
+import warnings
 from pathlib import Path
 
 from ..errors import ConfigError, FerretError
-from ..preprocess import parse_crop
+from ..preprocess import DEFAULT_MAX_PIXELS, parse_crop
 from ..video import VIDEO_SUFFIXES, is_video
 
 HELP = "classify images (files or folders, recursively) as real or AI-generated"
@@ -42,6 +44,10 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help='one JSON object per line: {"path", "logit", "prob_fake", "label"} or {"path", "error"}')
     p.add_argument("--device", default="auto", help="auto (GPU when available), cpu, cuda or cuda:N")
     p.add_argument("--workers", type=int, default=4, metavar="N", help="image decoding threads")
+    p.add_argument("--max-pixels", default=str(DEFAULT_MAX_PIXELS), metavar="N|none",
+                   help=f"refuse images of more than N pixels (width x height; {DEFAULT_MAX_PIXELS / 1e6:g} Mpx by "
+                        "default) from their header, before decoding; 'none' leaves only Pillow's "
+                        "decompression-bomb limit of 178.9 Mpx")
     p.add_argument("--lpd", default=None, metavar="FUNC",
                    help="LPD function for checkpoints that do not record it (default: from the file name "
                         "'<name>-<func>-<k>.pth', else median)")
@@ -57,8 +63,35 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def _table_row(r) -> str:
     if r.error is not None:
-        return f"{'ERROR':<6} {'':>9} {'':>9}  {r.path}: {r.error}"
-    return f"{r.label:<6} {r.prob_fake:9.4f} {r.logit:9.4f}  {r.path}"
+        return _printable(f"{'ERROR':<6} {'':>9} {'':>9}  {r.path}: {r.error}")
+    return _printable(f"{r.label:<6} {r.prob_fake:9.4f} {r.logit:9.4f}  {r.path}")
+
+
+def _printable(line: str) -> str:
+    """A file name's undecodable bytes (the OS's surrogate escapes) shown as backslash escapes, never a crash."""
+    try:
+        raw = line.encode("utf-8", "surrogateescape")  # the name's original bytes again
+    except UnicodeEncodeError:  # a lone surrogate the OS did not make
+        return line.encode("utf-8", "backslashreplace").decode("utf-8")
+    return raw.decode("utf-8", "backslashreplace")
+
+
+def _json_line(d: dict) -> str:
+    """One strict JSON object: NaN/Infinity are not JSON, so a non-finite value is a bug, not output."""
+    return json.dumps(d, allow_nan=False)
+
+
+def _parse_max_pixels(value: str) -> int | None:
+    """``--max-pixels``: a positive integer (``40_000_000`` works too) or 'none'."""
+    if value.lower() == "none":
+        return None
+    try:
+        n = int(value)
+    except ValueError:
+        n = 0
+    if n <= 0:
+        raise ConfigError(f"Received --max-pixels {value!r}; expected a positive number of pixels or 'none'")
+    return n
 
 
 def run(args: argparse.Namespace) -> int:
@@ -66,6 +99,15 @@ def run(args: argparse.Namespace) -> int:
     from ..preprocess import find_images
 
     crop = "model" if args.crop == "model" else parse_crop(args.crop)
+    max_pixels = _parse_max_pixels(args.max_pixels)
+    # our --max-pixels is the limit that counts; Pillow's warning for 89-179 Mpx images would only add
+    # noise to stderr before the refusal (Pillow's own error above 178.9 Mpx still applies)
+    from PIL import Image
+
+    warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+    # stdout may be a strict ASCII/latin-1 terminal: show what it cannot encode as escapes, never crash
+    if hasattr(sys.stdout, "reconfigure"):
+        sys.stdout.reconfigure(errors="backslashreplace")
     if args.batch_size < 1:
         raise ConfigError(f"Received --batch-size {args.batch_size}; expected >= 1")
     options = {k: v for k, v in (("lpd_func", args.lpd), ("window_size", args.window)) if v is not None}
@@ -80,7 +122,7 @@ def run(args: argparse.Namespace) -> int:
 
     explainer = None
     with Detector.open(model_path, device=args.device, crop=crop, threshold=args.threshold,
-                       batch_size=args.batch_size, workers=args.workers, **options) as det:
+                       batch_size=args.batch_size, workers=args.workers, max_pixels=max_pixels, **options) as det:
         if args.explain:
             make = getattr(det.backend, "explainer", None)
             if make is None:
@@ -92,7 +134,7 @@ def run(args: argparse.Namespace) -> int:
         progress = _progress(len(paths), args.quiet)
 
         def emit(result, image) -> None:
-            print(json.dumps(result.to_dict()) if args.json else _table_row(result), flush=True)
+            print(_json_line(result.to_dict()) if args.json else _table_row(result), flush=True)
             if explainer is not None and image is not None:
                 explainer(image, result)
 
@@ -110,25 +152,28 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _detect_video(det, path: Path, args: argparse.Namespace, emit) -> bool:
-    """Score a video's sampled frames and print its summary; False when it could not be read."""
+    """Score a video's sampled frames and print its summary; False when it or any frame could not be read."""
     from ..video import VideoSummary, iter_frames
 
     summary = VideoSummary(str(path))
     frames = iter_frames(path, args.every, args.max_frames)
     progress = _progress(args.max_frames or 0, args.quiet)
+    ok = True
     try:
         for result, image in det.predict_named((f.name(path), f.image) for f in frames):
             emit(result, image)
-            summary.add(result.prob_fake, result.label)
+            if result.error is None:  # a frame without a verdict (non-finite logit) has no place in the mean
+                summary.add(result.prob_fake, result.label)
+            ok = ok and result.error is None
             progress.update(1)
     except FerretError as e:
         progress.close()
-        print(json.dumps({"path": str(path), "error": str(e)}) if args.json else f"{'ERROR':<6} {'':>9} {'':>9}  {e}",
-              flush=True)
+        print(_json_line({"path": str(path), "error": str(e)}) if args.json
+              else _printable(f"{'ERROR':<6} {'':>9} {'':>9}  {e}"), flush=True)
         return False
     progress.close()
-    print(json.dumps(summary.to_dict()) if args.json else summary.line(), flush=True)
-    return True
+    print(_json_line(summary.to_dict()) if args.json else _printable(summary.line()), flush=True)
+    return ok
 
 
 def _progress(total: int, quiet: bool):
