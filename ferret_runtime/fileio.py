@@ -4,9 +4,16 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
+import stat
 import tempfile
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
+
+# atomic_write's temporary files are '.NAME.<random>.tmp' beside NAME (mkstemp's random part is
+# lowercase letters, digits and '_'); stale_temps recognises exactly this naming and nothing else.
+_TEMP_SUFFIX = ".tmp"
 
 
 def atomic_write(path: str | os.PathLike, write: Any) -> Path:
@@ -18,7 +25,7 @@ def atomic_write(path: str | os.PathLike, write: Any) -> Path:
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=_TEMP_SUFFIX, dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:
             write(f)
@@ -35,6 +42,29 @@ def atomic_write(path: str | os.PathLike, write: Any) -> Path:
     finally:
         os.close(dir_fd)
     return path
+
+
+def stale_temps(directory: str | os.PathLike, names: Iterable[str]) -> list[Path]:
+    """The temporary files atomic_write left in ``directory`` for the files ``names`` (a process killed
+    mid-write cannot remove its own): regular files named '.NAME.<random>.tmp', sorted."""
+    directory = Path(directory)
+    pattern = re.compile(rf"\.(?:{'|'.join(map(re.escape, names))})\.[a-z0-9_]+{re.escape(_TEMP_SUFFIX)}")
+    if not directory.is_dir():
+        return []
+    found = []
+    for p in directory.iterdir():
+        # lstat: a symlink or folder that happens to match is not one of ours, and is left alone
+        if pattern.fullmatch(p.name) and stat.S_ISREG(p.lstat().st_mode):
+            found.append(p)
+    return sorted(found)
+
+
+def remove_stale_temps(directory: str | os.PathLike, names: Iterable[str]) -> list[Path]:
+    """Delete :func:`stale_temps`; only call it where no writer of those files is running."""
+    found = stale_temps(directory, names)
+    for p in found:
+        p.unlink(missing_ok=True)
+    return found
 
 
 def _read_umask() -> int:

@@ -23,6 +23,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler, Subset
 
 from ferret_runtime.errors import CheckpointError, ConfigError, FerretError
+from ferret_runtime.fileio import atomic_write, remove_stale_temps
 from ferret_runtime.preprocess import Preprocess
 
 from .checkpoint import load_checkpoint, read_checkpoint, save_checkpoint
@@ -86,6 +87,10 @@ def _device(name: str, d: Dist) -> torch.device:
         dev = torch.device("cuda", d.local_rank if d.world > 1 else (dev.index or 0))
         torch.cuda.set_device(dev)
     return dev
+
+
+# The run directory's files written with atomic_write: a kill mid-write leaves '.NAME.<random>.tmp'
+RUN_FILES: tuple[str, ...] = ("last.pt", "best.pt", "metrics.jsonl")
 
 
 def next_run_dir(base: str | Path) -> Path:
@@ -199,6 +204,12 @@ class Trainer:
             import yaml
 
             (self.run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+            removed = remove_stale_temps(self.run_dir, RUN_FILES)  # no save of this run is in progress yet
+            if removed:
+                self.log(f"[train] removed {len(removed)} temporary file(s) left by an interrupted save: "
+                         f"{', '.join(p.name for p in removed)}")
+            if self.ckpt is not None:
+                self._rewind_metrics(int(self.ckpt["epoch"]) + 1)
             self.log(f"[train] {cfg.model.name} ({sum(p.numel() for p in self.model.parameters()):,} params) on "
                      f"{self.device}{f' x {self.d.world} processes' if self.d.world > 1 else ''}, "
                      f"{len(self.train_ds)} training images, run dir {self.run_dir}")
@@ -314,6 +325,40 @@ class Trainer:
         self.log(f"[train] epoch {epoch + 1}/{cfg.total_epochs} loss {record['loss']:.4f} "
                  f"{record['img_s']:.0f} img/s" + (f" val ACC {val_acc:.2f}" if val_acc is not None else "")
                  + (" (best)" if improved else ""))
+
+    def _rewind_metrics(self, epoch: int) -> None:
+        """On resume, keep metrics.jsonl's records up to ``epoch`` (1-based, the checkpoint's), so every
+        step the resumed run logs again appears once.
+
+        By content, not by a byte offset stored in the checkpoint: the epoch's record is logged after
+        its checkpoint (so an offset taken at save time would cut it), and records carry their epoch,
+        which also holds for checkpoints written before this rule, for best.pt, and for a file that
+        was copied, edited or rewound by an earlier resume. A line torn by the kill is dropped.
+        """
+        path = self.run_dir / "metrics.jsonl"
+        if not path.is_file():
+            return
+        kept, dropped, have_epoch = [], 0, False
+        for line in path.read_text(encoding="utf-8").splitlines():
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError:
+                dropped += 1
+                continue
+            if isinstance(rec, dict) and isinstance(rec.get("epoch"), int) and rec["epoch"] <= epoch:
+                kept.append(line)
+                have_epoch |= rec.get("type") == "epoch" and rec["epoch"] == epoch
+            else:
+                dropped += 1
+        # a kill between the checkpoint and its record loses the record; the checkpoint's history has it
+        restored = not have_epoch and bool(self.history) and self.history[-1].get("epoch") == epoch
+        if restored:
+            kept.append(json.dumps({"type": "epoch", **self.history[-1]}))
+        if dropped or restored:
+            text = "".join(line + "\n" for line in kept)
+            atomic_write(path, lambda f: f.write(text.encode("utf-8")))
+            self.log(f"[train] resuming after epoch {epoch}: metrics.jsonl rewound to its records up to epoch {epoch} "
+                     f"({dropped} later or torn record(s) dropped{', the epoch record restored' if restored else ''})")
 
     def _jsonl(self, record: dict[str, Any]) -> None:
         with open(self.run_dir / "metrics.jsonl", "a") as f:

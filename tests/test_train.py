@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -9,7 +10,7 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
+import textwrap
 from pathlib import Path
 
 import numpy as np
@@ -111,22 +112,49 @@ def test_two_epochs_lower_the_loss_and_write_the_run(tiny_data, tmp_path):
 
 
 def test_resume_after_sigkill_equals_an_uninterrupted_run(tiny_data, tmp_path):
-    """Kill a 3-epoch run at some point after its first checkpoint; resuming ends on identical weights."""
-    args = ("total_epochs=3", "optim.scheduler=cosine", "seed=5")
+    """SIGKILL a 3-epoch run in its second epoch; resuming ends on identical weights, logs every step once,
+    and removes the temporary files a kill mid-save leaves (and nothing else)."""
+    args = ("total_epochs=3", "optim.scheduler=cosine", "seed=5", "logger.log_freq=1")
     full = tmp_path / "full"
     _ok(run_ferret(*_train_args(tiny_data, full, *args)))
 
     cut = tmp_path / "cut"
-    proc = subprocess.Popen([sys.executable, "-m", "ferret_runtime.cli", *_train_args(tiny_data, cut, *args)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    deadline = time.time() + 300
-    while not (cut / "last.pt").exists() and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.02)
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
+    # the run kills itself right after logging epoch 2's second step, one checkpoint (epoch 1) behind,
+    # half-way through another line: steps the resumed run must log again, and a torn record
+    killer = textwrap.dedent(f"""
+        import os, signal, sys
+        import ferret_train.engine as engine
+        log = engine.Trainer._jsonl
+        def jsonl(self, record):
+            log(self, record)
+            if record["type"] == "step" and (record["epoch"], record["step"]) == (2, 2):
+                with open(self.run_dir / "metrics.jsonl", "a") as f:
+                    f.write('{{"type": "st')
+                os.kill(os.getpid(), signal.SIGKILL)
+        engine.Trainer._jsonl = jsonl
+        from ferret_runtime.cli import main
+        sys.exit(main({_train_args(tiny_data, cut, *args)!r}))
+    """)
+    with open(tmp_path / "killed.err", "w") as err:  # a file, not a pipe: orphaned workers may hold it open
+        proc = subprocess.Popen([sys.executable, "-c", killer], stdout=subprocess.DEVNULL, stderr=err,
+                                start_new_session=True)
+        rc = proc.wait(timeout=300)
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGKILL)  # its DataLoader workers
+    assert rc == -signal.SIGKILL, (tmp_path / "killed.err").read_text()[-3000:]
     resumed_from = torch.load(cut / "last.pt", map_location="cpu", weights_only=True)["epoch"]
-    assert resumed_from < 2, "the run finished before it could be killed"
-    _ok(run_ferret("train", "--resume", str(cut / "last.pt")))
+    assert resumed_from == 0
+    # what a SIGKILL during atomic_write leaves beside last.pt, and files that only look alike
+    (cut / ".last.pt.abc123.tmp").write_bytes(b"")
+    (cut / ".best.pt.x_9z.tmp").write_bytes(b"partial")
+    others = [cut / "notes.txt", cut / ".mine.pt.abc123.tmp", cut / "last.pt.abc123.tmp", cut / ".last.pt.tmp"]
+    for p in others:
+        p.write_text("keep me")
+    resumed = _ok(run_ferret("train", "--resume", str(cut / "last.pt")))
+    assert "removed 2 temporary file(s) left by an interrupted save: .best.pt.x_9z.tmp, .last.pt.abc123.tmp" \
+        in resumed.stdout
+    assert not (cut / ".last.pt.abc123.tmp").exists() and not (cut / ".best.pt.x_9z.tmp").exists()
+    assert all(p.read_text() == "keep me" for p in others)
 
     a = torch.load(full / "last.pt", map_location="cpu", weights_only=True)
     b = torch.load(cut / "last.pt", map_location="cpu", weights_only=True)
@@ -134,6 +162,25 @@ def test_resume_after_sigkill_equals_an_uninterrupted_run(tiny_data, tmp_path):
     for k, v in a["model"].items():
         assert torch.equal(v, b["model"][k]), f"{k} differs after resume (from epoch {resumed_from + 1})"
     assert [h["loss"] for h in a["history"]] == [h["loss"] for h in b["history"]]
+    # every (epoch, step) once, in order, with the uninterrupted run's losses; every epoch record once
+    steps = [(r["epoch"], r["step"], r["loss"]) for r in _records(cut, "step")]
+    assert steps == [(r["epoch"], r["step"], r["loss"]) for r in _records(full, "step")]
+    assert [(e, s) for e, s, _ in steps] == [(e, s) for e in (1, 2, 3) for s in (1, 2, 3)]
+    assert [(r["epoch"], r["loss"]) for r in _records(cut)] == [(r["epoch"], r["loss"]) for r in _records(full)]
+
+
+def test_resume_restores_an_epoch_record_lost_between_checkpoint_and_log(tiny_data, tmp_path):
+    """A kill after last.pt is saved but before its epoch is logged: the record comes from the checkpoint."""
+    run = tmp_path / "run"
+    _ok(run_ferret(*_train_args(tiny_data, run, "total_epochs=1", "logger.log_freq=1")))
+    lines = (run / "metrics.jsonl").read_text().splitlines()
+    assert json.loads(lines[-1])["type"] == "epoch"
+    (run / "metrics.jsonl").write_text("".join(line + "\n" for line in lines[:-1]))  # as if killed before logging it
+    resumed = _ok(run_ferret("train", "--resume", str(run / "last.pt"), "total_epochs=2"))
+    assert "the epoch record restored" in resumed.stdout
+    assert [r["epoch"] for r in _records(run)] == [1, 2]
+    assert [(r["epoch"], r["step"]) for r in _records(run, "step")] == [(e, s) for e in (1, 2) for s in (1, 2, 3)]
+    assert (run / "metrics.jsonl").read_text().splitlines()[3] == lines[-1]  # the same record, where it was
 
 
 def test_resume_rejects_a_weights_only_checkpoint(authors_ckpt):
