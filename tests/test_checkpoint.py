@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from ferret_runtime.errors import CheckpointError
+from ferret_runtime.fileio import remove_stale_temps, stale_temps
 from ferret_runtime.preprocess import Preprocess
 from ferret_train import create_model
 from ferret_train.checkpoint import infer_config, load_checkpoint, save_checkpoint
@@ -90,10 +91,31 @@ def test_garbage_and_wrong_content_files(tmp_path):
         infer_config({"x": torch.zeros(1)})
 
 
+class _Payload:
+    """Unpickling this calls ``open(marker, "w")``: the marker file existing proves the pickle ran code."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
 def test_unsafe_pickle_is_refused(tmp_path):
     torch.save({"model": {"cbr1.0.weight": torch.zeros(1)}, "evil": argparse.Namespace(a=1)}, tmp_path / "evil.pth")
     with pytest.raises(CheckpointError, match="weights_only=True"):
         load_checkpoint(tmp_path / "evil.pth")
+
+
+def test_malicious_pickle_is_never_executed(tmp_path):
+    marker = tmp_path / "executed"
+    torch.save({"model": create_model("ferretnet-s").state_dict(), "evil": _Payload(marker)}, tmp_path / "evil.pth")
+    with pytest.raises(CheckpointError, match=r"evil\.pth: not a loadable PyTorch checkpoint with weights_only=True"):
+        load_checkpoint(tmp_path / "evil.pth")
+    assert not marker.exists(), "loading the checkpoint executed its pickled payload"
+    # the payload is live: a plain unpickling runs it, so the assertion above can fail
+    torch.load(tmp_path / "evil.pth", weights_only=False)
+    assert marker.exists()
 
 
 def test_killed_mid_save_keeps_the_previous_checkpoint(tmp_path):
@@ -117,6 +139,9 @@ def test_killed_mid_save_keeps_the_previous_checkpoint(tmp_path):
     assert loaded.meta["epoch"] == 1 and loaded.config.arch == "ferretnet-s"
     leftovers = [p for p in os.listdir(tmp_path) if p != "last.pt"]
     assert all(p.startswith(".last.pt.") for p in leftovers)  # at most an orphan temp, never a torn file
+    # the orphan is what a training run's start recognises as stale, by atomic_write's own naming
+    assert [p.name for p in stale_temps(tmp_path, ["last.pt", "best.pt"])] == leftovers
+    assert remove_stale_temps(tmp_path, ["last.pt"]) and os.listdir(tmp_path) == ["last.pt"]
 
 
 def test_atomic_write_gives_normal_permissions(tmp_path):
