@@ -138,6 +138,16 @@ def _check_regular(mode: int, label: str) -> None:
         raise ImageError(f"{label}: not a regular file")
 
 
+def check_regular_file(path: str | os.PathLike, label: str) -> None:
+    """ImageError unless ``path`` is a regular file (missing, a folder, a FIFO, a socket, a device)."""
+    try:
+        _check_regular(os.stat(path).st_mode, label)
+    except FileNotFoundError:
+        raise ImageError(f"{label}: no such file") from None
+    except OSError as e:
+        raise ImageError(f"{label}: cannot read file ({e.strerror or e})") from None
+
+
 def _open_file(path: Path, label: str) -> IO[bytes]:
     """Open a regular file for reading; anything else (FIFO, socket, device, folder) is an ImageError."""
     try:

@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import ConfigError, ImageError
+from .preprocess import check_regular_file
 
 VIDEO_SUFFIXES: tuple[str, ...] = (".mp4", ".mov", ".avi", ".mkv", ".webm", ".m4v", ".mpg", ".mpeg")
 
@@ -38,8 +39,7 @@ def iter_frames(path: str | Path, every: int = 1, max_frames: int | None = None)
     except ImportError:
         raise ConfigError(f"{path}: video input needs PyAV: pip install 'ferretnet-deploy[video]'") from None
     path = Path(path)
-    if not path.is_file():
-        raise ImageError(f"{path}: no such file")
+    check_regular_file(path, str(path))  # a FIFO named clip.mp4 would block PyAV's open forever
     try:
         container = av.open(str(path))
     except (av.FFmpegError, ValueError) as e:

@@ -24,6 +24,7 @@ class TorchBackend(Backend):
         from .checkpoint import load_checkpoint
 
         self._torch = torch
+        self.path = Path(path)  # error rows name the model file
         if device == "auto":
             device = "cuda" if torch.cuda.is_available() else "cpu"
         try:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 import numpy as np
 import pytest
@@ -52,14 +53,18 @@ def test_video_max_frames_and_table(clip, authors_ckpt):
 def test_bad_videos_are_reported_and_the_rest_still_runs(tmp_path, authors_ckpt, reference):
     broken = tmp_path / "broken.mp4"
     broken.write_bytes(b"\0\0\0\x18ftypmp42 not a real movie")
+    fifo = tmp_path / "pipe.mp4"
+    os.mkfifo(fifo)  # opening it for reading would wait for a writer forever
     image = reference / "images" / "real_coco_giraffe.png"
-    proc = run_ferret("detect", str(broken), str(tmp_path / "absent.mp4"), str(image), "-w", str(authors_ckpt), "--json")
+    proc = run_ferret("detect", str(broken), str(tmp_path / "absent.mp4"), str(fifo), str(image), "-w",
+                      str(authors_ckpt), "--json")
     assert proc.returncode == 1 and "Traceback" not in proc.stderr
     rows = [json.loads(line) for line in proc.stdout.splitlines()]
     by_path = {r["path"]: r for r in rows}
     assert "label" in by_path[str(image)]
     assert "broken.mp4: not a video PyAV can open" in by_path[str(broken)]["error"]
     assert "absent.mp4: no such file" in by_path[str(tmp_path / "absent.mp4")]["error"]
-    assert "2 of 3 inputs could not be read" in proc.stderr
+    assert by_path[str(fifo)]["error"] == f"{fifo}: is a FIFO, not a regular file"
+    assert "3 of 4 inputs could not be read" in proc.stderr
     proc = run_ferret("detect", str(image), str(broken), "-w", str(authors_ckpt), "--every", "0")
     assert proc.returncode == 2 and "--every 0" in proc.stderr
