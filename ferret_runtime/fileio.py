@@ -5,9 +5,10 @@ from __future__ import annotations
 import hashlib
 import os
 import re
+import shutil
 import stat
 import tempfile
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -16,8 +17,9 @@ from typing import Any
 _TEMP_SUFFIX = ".tmp"
 
 
-def atomic_write(path: str | os.PathLike, write: Any) -> Path:
-    """Call ``write(file_object)`` on a temp file beside ``path``, fsync, then rename over ``path``.
+def atomic_write(path: str | os.PathLike, write: bytes | Callable[[Any], Any]) -> Path:
+    """Write ``write`` (bytes, or a function called with the file object) to a temp file beside
+    ``path``, fsync, then rename over ``path``.
 
     A crash at any point leaves either the old file or the new one, never a torn file. The file
     gets the permissions a plain ``open(path, "w")`` would give (0o666 less the umask), not
@@ -28,7 +30,10 @@ def atomic_write(path: str | os.PathLike, write: Any) -> Path:
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=_TEMP_SUFFIX, dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:
-            write(f)
+            if isinstance(write, (bytes, bytearray, memoryview)):
+                f.write(write)
+            else:
+                write(f)
             f.flush()
             os.fchmod(f.fileno(), 0o666 & ~_UMASK)
             os.fsync(f.fileno())
@@ -36,12 +41,23 @@ def atomic_write(path: str | os.PathLike, write: Any) -> Path:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
+    fsync_dir(path.parent)
     return path
+
+
+def atomic_copy(src: str | os.PathLike, dst: str | os.PathLike) -> Path:
+    """Copy ``src`` to ``dst`` with :func:`atomic_write` (1 MiB blocks): ``dst`` is whole or absent."""
+    with open(src, "rb") as fi:
+        return atomic_write(dst, lambda fo: shutil.copyfileobj(fi, fo, 1 << 20))
+
+
+def fsync_dir(path: str | os.PathLike) -> None:
+    """Flush a directory's entries (a rename into it) to disk."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def stale_temps(directory: str | os.PathLike, names: Iterable[str]) -> list[Path]:
