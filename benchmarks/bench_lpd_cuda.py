@@ -45,7 +45,7 @@ def _residual_fn(impl: str, x: torch.Tensor):
     if impl == "fast":
         return lambda: x - lpd_fast(x, SPEC, 3)
     if impl == "op":
-        from ferret_train.layers import lpd_op  # noqa: F401  registers torch.ops.ferret.lpd
+        from ferret_train.layers import lpd  # noqa: F401  registers torch.ops.ferret.lpd
 
         return lambda: x - torch.ops.ferret.lpd(x, "median", 3)
     if impl == "copy":

@@ -27,7 +27,6 @@ from ferret_runtime.kernels import SOURCE_PATH, VARIANT_IDS, host, launch, read_
 from ferret_runtime.lpd_spec import LPD_SPECS, MEDIAN9_NETWORK, MEDIAN9_OUTPUT
 from ferret_runtime.preprocess import MEAN, STD, center_crop, load_image, normalize
 from ferret_runtime.samples import natural_image
-from ferret_train.layers import lpd_op  # noqa: F401  registers torch.ops.ferret.lpd
 from ferret_train.layers.lpd import LPD, lpd_reference
 
 FUNCS = sorted(LPD_SPECS)

@@ -17,7 +17,7 @@ from torch import nn
 from ferret_runtime.errors import ConfigError
 from ferret_runtime.lpd_spec import LPDSpec, check_window, get_lpd_spec, median3x3_centre, median9
 
-IMPLS = ("fast", "reference", "op")  # "op": torch.ops.ferret.lpd (lpd_op.py), the fused kernel on CUDA
+IMPLS = ("fast", "reference", "op")  # "op": torch.ops.ferret.lpd (below), the fused kernel on CUDA
 
 
 def _windows(x: torch.Tensor, k: int, pad_value: float) -> list[torch.Tensor]:
@@ -80,6 +80,57 @@ def lpd_fast(x: torch.Tensor, spec: LPDSpec, k: int) -> torch.Tensor:
     return _select_window(torch.stack(_windows(x, k, spec.pad_value), dim=2), spec)
 
 
+# --------------------------------------------------------------------------- torch.ops.ferret.lpd
+# ``torch.ops.ferret.lpd(x, func, k)``, registered here, with the layer that uses it: the
+# reconstruction, not the residual, so it is a drop-in for ``lpd_fast`` (``LPD(..., impl="op")``)
+# and the model's ``x - lpd(x)`` stays the same float32 subtraction on every implementation. CPU
+# (and any non-CUDA device): ``lpd_fast``. CUDA: the fused kernel from ``ferret_runtime/kernels/lpd.cu``
+# (float32 and float16) through NVRTC and the driver API, on PyTorch's current stream. A fake
+# implementation gives torch.compile the output's metadata. Not differentiable: its input is an
+# image, never a parameter.
+CUDA_DTYPES = (torch.float32, torch.float16)
+
+
+def _check_op(x: torch.Tensor, func: str, k: int) -> LPDSpec:
+    if x.dim() != 4:
+        raise ConfigError(f"Received x of shape {tuple(x.shape)}; expected (N, C, H, W)")
+    spec = get_lpd_spec(func)
+    if spec is None:
+        raise ConfigError("Received LPD function 'origin'; expected a variant that reconstructs "
+                          "(origin has no reconstruction: use the image itself)")
+    check_window(k)
+    return spec
+
+
+@torch.library.custom_op("ferret::lpd", mutates_args=())
+def lpd_op(x: torch.Tensor, func: str, k: int) -> torch.Tensor:
+    """lpd(x) for one LPD variant and window size, NCHW."""
+    return lpd_fast(x, _check_op(x, func, k), k).contiguous()
+
+
+@lpd_op.register_kernel("cuda")
+def _lpd_cuda(x: torch.Tensor, func: str, k: int) -> torch.Tensor:
+    from ferret_runtime.kernels import launch  # deferred: cuda-python is the 'gpu' extra
+
+    _check_op(x, func, k)
+    if x.dtype not in CUDA_DTYPES:
+        raise ConfigError(f"Received x of dtype {x.dtype} on CUDA; expected one of {CUDA_DTYPES}")
+    x = x.contiguous()  # a non-contiguous view is copied, not rejected
+    out = torch.empty_like(x)
+    if out.numel():
+        module = launch.get_module(x.device.index if x.device.index is not None else torch.cuda.current_device())
+        stream = torch.cuda.current_stream(x.device).cuda_stream
+        launch.lpd(module, x.data_ptr(), out.data_ptr(), tuple(x.shape), x.dtype, func, k, residual=False,
+                   stream=stream)
+    return out
+
+
+@lpd_op.register_fake
+def _lpd_fake(x: torch.Tensor, func: str, k: int) -> torch.Tensor:
+    _check_op(x, func, k)
+    return torch.empty(x.shape, dtype=x.dtype, device=x.device)
+
+
 def _lpd_op(x: torch.Tensor, spec: LPDSpec, k: int) -> torch.Tensor:
     """The ``ferret::lpd`` custom op: lpd_fast on CPU, the fused CUDA kernel on GPU."""
     return torch.ops.ferret.lpd(x, spec.name, k)
@@ -95,8 +146,6 @@ class LPD(nn.Module):
         self.func, self.window_size, self.impl = func, check_window(window_size), impl
         self.spec = get_lpd_spec(func)
         self._fn = {"fast": lpd_fast, "reference": lpd_reference, "op": _lpd_op}[impl]
-        if impl == "op":
-            from . import lpd_op  # noqa: F401  registers torch.ops.ferret.lpd
 
     def forward(self, x: torch.Tensor) -> torch.Tensor | None:
         if self.spec is None:
