@@ -38,6 +38,7 @@ from .onnx_graph import PLUGIN_DOMAIN, PLUGIN_OP
 PLUGIN_NAMESPACE = PLUGIN_DOMAIN
 OPS: dict[str, bool] = {PLUGIN_OP: False, "lpd_residual": True}  # op name -> the output is the residual x - lpd(x)
 ATTRIBUTES: tuple[str, ...] = ("func", "window_size")  # in register order; the AOT call passes them in node order
+PLUGIN_CONTROL_ATTRS = ("plugin_namespace", "plugin_version", "aot")  # read by the parser, not passed to the plugin
 # PTX for compute_75 (Turing, the oldest GPU TensorRT 10 supports): the driver compiles it for the GPU the
 # engine loads on, so one PTX serves every GPU and --hardware-compat engines (no arch-specific code in lpd.cu).
 PTX_ARCH = 75
@@ -140,7 +141,7 @@ def _import_plugin_api() -> tuple[Any, Any]:
                           f"NVIDIA's index) ({type(e).__name__}: {e})") from None
     if not hasattr(trtp, "aot_impl"):
         raise ConfigError(f"Received TensorRT {trt.__version__} without tensorrt.plugin.aot_impl; expected TensorRT "
-                          "10.8 or newer for --lpd plugin (or build with --lpd native)")
+                          "10.8 or newer for --lpd plugin (or build with --lpd portable)")
     return trt, trtp
 
 

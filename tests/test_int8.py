@@ -24,8 +24,9 @@ from onnx import TensorProto, numpy_helper
 
 from ferret_export.onnx_export import export_onnx
 from ferret_export.onnx_graph import GraphOptions
-from ferret_export.quantize import (QuantResult, cnn_nodes, equalize, images_digest, quantize_int8, select_images,
-                                    verify_int8)
+from ferret_export.int8_data import images_digest, select_images, verify_int8
+from ferret_export.int8_graph import cnn_nodes, equalize
+from ferret_export.quantize import QuantResult, quantize_int8
 from ferret_runtime import Detector
 from ferret_runtime.errors import ConfigError
 from ferret_runtime.metadata import decode

@@ -235,10 +235,10 @@ def _engine_with_sidecar(tmp_path: Path, s_onnx: Path, outputs: list[dict]) -> P
 
 
 def test_tensorrt_sidecar_with_several_logits_is_refused_without_tensorrt(s_onnx, tmp_path):
-    from ferret_runtime.backends.tensorrt import read_sidecar
+    from ferret_runtime.sidecar import read as read_sidecar
 
     ok = _engine_with_sidecar(tmp_path, s_onnx, [{"name": "logit", "dtype": "float32", "shape": [-1, 1]}])
-    assert read_sidecar(ok)["meta"]["arch"] == "ferretnet-s"
+    assert read_sidecar(ok).meta["arch"] == "ferretnet-s"
     engine = _engine_with_sidecar(tmp_path, s_onnx, [{"name": "logit", "dtype": "float32", "shape": [-1, 3]}])
     with pytest.raises(ConfigError, match=r"m\.engine\.json: received an output of shape \[-1, 3\]; expected one logit"):
         read_sidecar(engine)

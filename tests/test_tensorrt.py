@@ -5,7 +5,7 @@ compatibility rule, the CLI's one-line errors, the plugin's AOT launch against `
 its PTX, its registration against a stand-in ``tensorrt.plugin``, the plugin node's meaning through
 the host build of the kernel, the backend's refusals before TensorRT is imported, and
 ``ferret_runtime.cuda`` without a driver. Marked ``trt`` and ``gpu``: real builds (fp32, fp16,
-INT8 when a Q/DQ quantizer exists), runs at min/opt/max batch, plugin vs native, the timing
+INT8 when a Q/DQ quantizer exists), runs at min/opt/max batch, plugin vs portable, the timing
 cache, and the authors' checkpoint through ``Detector.open("m.engine")``.
 """
 
@@ -30,15 +30,19 @@ import onnxruntime as ort
 import pytest
 import torch
 
-from ferret_export import trt_plugin
 from ferret_export import tensorrt as trt_export
+from ferret_export import trt_plugin, trt_profile, trt_verify
 from ferret_export.commands.export_tensorrt import add_parser
 from ferret_export.onnx_export import export_onnx
 from ferret_export.onnx_graph import PLUGIN_DOMAIN, PLUGIN_OP, GraphOptions, lpd_graph
-from ferret_export.triton import SIDECAR_FORMAT, SIDECAR_VERSION, read_engine_sidecar, write_engine_sidecar
-from ferret_runtime import cli, cuda
+from ferret_export.onnx_model import describe_onnx
+from ferret_export.pipeline import Int8Options
+from ferret_export.triton import describe_model
+from ferret_export.verify import ParityError
+from ferret_runtime import cli, cuda, sidecar
 from ferret_runtime.backends import tensorrt as trt_backend
 from ferret_runtime.errors import ConfigError, FerretError
+from ferret_runtime.fileio import sha256
 from ferret_runtime.kernels import VARIANT_IDS, host, launch
 from ferret_runtime.lpd_spec import LPD_SPECS
 from ferret_runtime.preprocess import normalize
@@ -99,7 +103,7 @@ def _has_driver() -> bool:
 # ------------------------------------------------------------------------------------ options
 @pytest.mark.parametrize("text, expected", [("1,64,256", (1, 64, 256)), ("4,4,4", (4, 4, 4)), (" 1, 2 ,3", (1, 2, 3))])
 def test_parse_triple(text, expected):
-    assert trt_export.parse_triple(text, "--batch") == expected
+    assert trt_profile.parse_triple(text, "--batch") == expected
 
 
 @pytest.mark.parametrize("text, message", [
@@ -110,7 +114,7 @@ def test_parse_triple(text, expected):
 ])
 def test_parse_triple_errors(text, message):
     with pytest.raises(ConfigError, match=message):
-        trt_export.parse_triple(text, "--batch")
+        trt_profile.parse_triple(text, "--batch")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -167,15 +171,37 @@ def test_weights_without_tensorrt_fails_before_exporting(ckpt, tmp_path, monkeyp
     assert list(tmp_path.iterdir()) == []
 
 
-def test_int8_needs_calibration_images_and_the_native_lpd(ckpt, tmp_path):
-    with pytest.raises(ConfigError, match=r"Received --int8 without --verify-images; expected real images to calibrate"):
-        trt_export.export_and_build(ckpt, tmp_path / "m.engine", precision="int8", log=_quiet)
-    with pytest.raises(ConfigError, match=r"Received --int8 with --lpd plugin; expected --lpd native"):
-        trt_export.export_and_build(ckpt, tmp_path / "m.engine", precision="int8", lpd="plugin", verify_images=["x"],
-                                    log=_quiet)
-    with pytest.raises(ConfigError, match=r"Received --int8 with --lpd external; expected --lpd native"):
+def test_int8_follows_the_onnx_exports_rules(ckpt, tmp_path):
+    """The INT8 rules of 'ferret export onnx --int8': calibration data, the portable LPD, no fp16."""
+    with pytest.raises(ConfigError, match=r"Received --int8 without --calib-data; expected image files or folders to "
+                                          r"calibrate on"):
+        trt_export.export_and_build(ckpt, tmp_path / "m.engine", precision="int8", verify_images=["x"], log=_quiet)
+    with pytest.raises(ConfigError, match=r"Received --int8 with --lpd plugin; expected --lpd portable"):
+        trt_export.export_and_build(ckpt, tmp_path / "m.engine", precision="int8", lpd="plugin",
+                                    int8=Int8Options(["x"]), log=_quiet)
+    with pytest.raises(ConfigError, match=r"Received --int8 with --lpd external; expected --lpd portable"):
         trt_export.export_and_build(ckpt, tmp_path / "m.engine", precision="int8", lpd="external",
-                                    verify_images=["x"], log=_quiet)
+                                    int8=Int8Options(["x"]), log=_quiet)
+    with pytest.raises(ConfigError, match=r"Received --int8-min-agreement 1\.5; expected 0\.\.1"):
+        trt_export.export_and_build(ckpt, tmp_path / "m.engine", precision="int8",
+                                    int8=Int8Options(["x"], min_agreement=1.5), log=_quiet)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_cli_int8_flags(ckpt, tmp_path, monkeypatch, capsys):
+    p = _parser()
+    args = p.parse_args(["export", "tensorrt", "-w", "w.pth", "-o", "m.engine", "--int8", "--calib-data", "a", "b",
+                         "--calib-images", "8", "--calib-method", "minmax", "--int8-float-layers", "1",
+                         "--int8-min-agreement", "0.9"])
+    assert (args.int8, args.calib_data, args.calib_images, args.calib_method, args.int8_float_layers,
+            args.int8_min_agreement) == (True, ["a", "b"], 8, "minmax", 1, 0.9)
+    assert p.parse_args(["export", "tensorrt", "-w", "w.pth", "-o", "m.engine", "--lpd", "native"]).lpd == "portable"
+    rc = _cli(monkeypatch, ["export", "tensorrt", "-w", str(ckpt), "-o", str(tmp_path / "m.engine"), "--int8"])
+    assert rc == 2 and "Received --int8 without --calib-data" in capsys.readouterr().err
+    rc = _cli(monkeypatch, ["export", "tensorrt", "-w", str(ckpt), "-o", str(tmp_path / "m.engine"), "--calib-data",
+                            str(tmp_path)])
+    assert rc == 2 and "Received --calib-data without --int8; expected both" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []
 
 
 @pytest.mark.skipif(_has_driver(), reason="checks the message where no CUDA driver is installed")
@@ -189,58 +215,59 @@ def test_without_gpu_the_message_is_about_the_gpu(graphs, tmp_path, monkeypatch)
 
 # ----------------------------------------------------------------------------------- profiles
 def test_profile_of_a_dynamic_batch_graph(graphs):
-    m = trt_export.read_onnx_model(graphs["portable"])
+    m = describe_onnx(graphs["portable"])
     assert (m.input_name, m.input_dtype, m.input_shape, m.output_shape) == ("input", "float32", (None, 3, 32, 32), (None, 1))
-    p = trt_export.profile_shapes(m)
+    p = trt_profile.profile_shapes(m)
     assert (p.min, p.opt, p.max) == ((1, 3, 32, 32), (64, 3, 32, 32), (256, 3, 32, 32))
-    p = trt_export.profile_shapes(m, (2, 8, 16))
+    p = trt_profile.profile_shapes(m, (2, 8, 16))
     assert (p.min, p.opt, p.max) == ((2, 3, 32, 32), (8, 3, 32, 32), (16, 3, 32, 32))
 
 
 def test_profile_of_dynamic_hw_and_nhwc_graphs(graphs):
-    p = trt_export.profile_shapes(trt_export.read_onnx_model(graphs["dynamic_hw"]), (1, 4, 8), (64, 224, 512))
+    p = trt_profile.profile_shapes(describe_onnx(graphs["dynamic_hw"]), (1, 4, 8), (64, 224, 512))
     assert (p.min, p.opt, p.max) == ((1, 3, 64, 64), (4, 3, 224, 224), (8, 3, 512, 512))
-    m = trt_export.read_onnx_model(graphs["nhwc"])
+    m = describe_onnx(graphs["nhwc"])
     assert (m.layout, m.input_dtype) == ("NHWC", "uint8")
-    p = trt_export.profile_shapes(m, (1, 2, 4))
+    p = trt_profile.profile_shapes(m, (1, 2, 4))
     assert (p.min, p.max) == ((1, 32, 32, 3), (4, 32, 32, 3))
 
 
 def test_profile_errors(graphs):
-    static = trt_export.read_onnx_model(graphs["static"])
-    assert trt_export.profile_shapes(static).max == (1, 3, 32, 32)  # the graph's fixed batch by default
+    static = describe_onnx(graphs["static"])
+    assert trt_profile.profile_shapes(static).max == (1, 3, 32, 32)  # the graph's fixed batch by default
     with pytest.raises(ConfigError, match=r"Received --batch 1,64,256 for static\.onnx, whose batch is fixed at 1; "
                                           r"expected --batch 1,1,1 \(or a graph exported with --dynamic\)"):
-        trt_export.profile_shapes(static, (1, 64, 256))
-    dyn = trt_export.read_onnx_model(graphs["dynamic_hw"])
+        trt_profile.profile_shapes(static, (1, 64, 256))
+    dyn = describe_onnx(graphs["dynamic_hw"])
     with pytest.raises(ConfigError, match=r"dynamic_hw\.onnx has a dynamic height/width; expected --dynamic-hw MIN,OPT,MAX"):
-        trt_export.profile_shapes(dyn)
+        trt_profile.profile_shapes(dyn)
     with pytest.raises(ConfigError, match=r"Received --dynamic-hw 4,64,128; expected sizes >= 8"):
-        trt_export.profile_shapes(dyn, None, (4, 64, 128))
+        trt_profile.profile_shapes(dyn, None, (4, 64, 128))
     with pytest.raises(ConfigError, match=r"Received --dynamic-hw for portable\.onnx, whose input is fixed at 32x32"):
-        trt_export.profile_shapes(trt_export.read_onnx_model(graphs["portable"]), None, (32, 64, 128))
+        trt_profile.profile_shapes(describe_onnx(graphs["portable"]), None, (32, 64, 128))
 
 
 def test_lpd_mode_comes_from_the_graph(graphs):
-    portable, plugin = (trt_export.read_onnx_model(graphs[k]) for k in ("portable", "plugin"))
-    assert trt_export.resolve_lpd(portable, None) == "native" and trt_export.resolve_lpd(plugin, None) == "plugin"
+    portable, plugin = (describe_onnx(graphs[k]) for k in ("portable", "plugin"))
+    assert trt_profile.resolve_lpd(portable, None) == "portable" and trt_profile.resolve_lpd(plugin, None) == "plugin"
+    assert trt_profile.resolve_lpd(portable, "native") == "portable"  # the old name of portable is still accepted
     assert plugin.plugin_nodes == ((PLUGIN_OP, {"func": b"median", "window_size": 3, "plugin_namespace": b"ferret", "aot": 1}),)
     with pytest.raises(ConfigError, match=r"Received --lpd plugin for portable\.onnx, a graph with the LPD as standard "
-                                          r"operators; expected --lpd native, or a graph exported with 'ferret export "
+                                          r"operators; expected --lpd portable, or a graph exported with 'ferret export "
                                           r"onnx --lpd plugin'"):
-        trt_export.resolve_lpd(portable, "plugin")
-    with pytest.raises(ConfigError, match=r"Received --lpd native for plugin\.onnx, a graph with the ferret::lpd plugin "
+        trt_profile.resolve_lpd(portable, "plugin")
+    with pytest.raises(ConfigError, match=r"Received --lpd portable for plugin\.onnx, a graph with the ferret::lpd plugin "
                                           r"node; expected --lpd plugin"):
-        trt_export.resolve_lpd(plugin, "native")
-    with pytest.raises(ConfigError, match=r"Received --lpd 'cuda'; expected one of native, plugin, external"):
-        trt_export.resolve_lpd(portable, "cuda")
-    external = trt_export.read_onnx_model(graphs["external"])
-    assert trt_export.resolve_lpd(external, None) == trt_export.resolve_lpd(external, "external") == "external"
-    with pytest.raises(ConfigError, match=r"Received --lpd native for external\.onnx, a graph with no LPD \(its input is "
-                                          r"the LPD residual\); expected --lpd external"):
-        trt_export.resolve_lpd(external, "native")
+        trt_profile.resolve_lpd(plugin, "portable")
+    with pytest.raises(ConfigError, match=r"Received --lpd 'cuda'; expected one of portable, plugin, external"):
+        trt_profile.resolve_lpd(portable, "cuda")
+    external = describe_onnx(graphs["external"])
+    assert trt_profile.resolve_lpd(external, None) == trt_profile.resolve_lpd(external, "external") == "external"
+    with pytest.raises(ConfigError, match=r"Received --lpd portable for external\.onnx, a graph with no LPD \(its input "
+                                          r"is the LPD residual\); expected --lpd external"):
+        trt_profile.resolve_lpd(external, "portable")
     with pytest.raises(ConfigError, match=r"Received --lpd external for portable\.onnx, .*onnx --lpd external'"):
-        trt_export.resolve_lpd(portable, "external")
+        trt_profile.resolve_lpd(portable, "external")
 
 
 def test_network_flags_strongly_typed_on_10_only():
@@ -258,45 +285,38 @@ def _record(model, profile, blob=b"engine bytes", **kw):
     import hashlib
 
     args = dict(tensorrt_version="10.9.0.34", gpu_name=GPU.name, compute_capability=GPU.sm, hardware_compat=False,
-                lpd="native", engine_sha256=hashlib.sha256(blob).hexdigest(), workspace_mb=1024)
+                lpd="portable", engine_sha256=hashlib.sha256(blob).hexdigest(), workspace_mb=1024)
     args.update(kw)
-    return trt_export.engine_record(model, profile, **args)
+    return trt_profile.engine_record(model, profile, **args)
 
 
 def _write_pair(tmp_path, graph, blob=b"engine bytes", **kw) -> Path:
-    model = trt_export.read_onnx_model(graph)
-    profile = trt_export.profile_shapes(model, (1, 8, 16))
-    props, inputs, outputs = trt_export.sidecar_content(model, profile, _record(model, profile, blob, **kw))
+    model = describe_onnx(graph)
+    profile = trt_profile.profile_shapes(model, (1, 8, 16))
+    props, inputs, outputs = trt_profile.sidecar_content(model, profile, _record(model, profile, blob, **kw))
     engine = tmp_path / "m.engine"
     engine.write_bytes(blob)
-    write_engine_sidecar(engine, props, inputs, outputs, tensorrt_version="10.9.0.34")
+    sidecar.write(engine, props, inputs, outputs, tensorrt_version="10.9.0.34")
     return engine
 
 
 def test_sidecar_from_a_real_export(graphs, tmp_path):
-    engine = _write_pair(tmp_path, graphs["fp16"], lpd="native")
-    desc = read_engine_sidecar(engine)  # what 'ferret export triton' reads
+    engine = _write_pair(tmp_path, graphs["fp16"], lpd="portable")
+    desc = describe_model(engine)  # what 'ferret export triton' reads
     assert desc.meta["arch"] == "ferretnet-s" and desc.meta["lpd_func"] == "median" and desc.meta["window_size"] == 3
     assert desc.meta["precision"] == "fp16" and desc.meta["threshold"] == 0.5
     assert desc.meta["preprocess"].crop == 32 and desc.meta["preprocess"].dtype == "float32"
     assert [(t.name, t.dtype, t.shape, t.max_batch) for t in desc.inputs] == [("input", "float32", (-1, 3, 32, 32), 16)]
     assert [(t.name, t.dtype, t.shape) for t in desc.outputs] == [("logit", "float32", (-1, 1))]
     assert desc.tensorrt_version == "10.9.0.34"
-    side = trt_backend.read_sidecar(engine)  # what the runtime reads
-    rec = side["engine"]
+    rec = sidecar.read(engine).engine  # what the runtime reads
     assert rec["tensorrt_version"] == "10.9.0.34" and rec["gpu_name"] == GPU.name and rec["compute_capability"] == "9.0"
-    assert rec["hardware_compat"] is False and rec["lpd"] == "native" and rec["precision"] == "fp16"
+    assert rec["hardware_compat"] is False and rec["lpd"] == "portable" and rec["precision"] == "fp16"
     assert rec["profiles"] == [{"input": "input", "min": [1, 3, 32, 32], "opt": [8, 3, 32, 32], "max": [16, 3, 32, 32]}]
-    assert rec["source_onnx"] == "fp16.onnx" and rec["source_onnx_sha256"] == trt_export.sha256(graphs["fp16"])
+    assert rec["source_onnx"] == "fp16.onnx" and rec["source_onnx_sha256"] == sha256(graphs["fp16"])
+    assert rec["source_onnx_weights"] == describe_onnx(graphs["fp16"]).weights > 100_000  # ferretnet-s's size
     data = json.loads(engine.with_name("m.engine.json").read_text())
-    assert data["ferret.provenance"] == trt_export.read_onnx_model(graphs["fp16"]).props["ferret.provenance"]
-
-
-def test_sidecar_format_agrees_with_triton():
-    assert (trt_backend.SIDECAR_FORMAT, trt_backend.SIDECAR_VERSION) == (SIDECAR_FORMAT, SIDECAR_VERSION)
-    from ferret_export.triton import sidecar_path
-
-    assert trt_backend.sidecar_path("a/m.plan") == sidecar_path("a/m.plan")
+    assert data["ferret.provenance"] == describe_onnx(graphs["fp16"]).props["ferret.provenance"]
 
 
 # ---------------------------------------------------------------------------------- compat rule
@@ -598,7 +618,7 @@ def test_plugin_node_attributes_are_what_the_plugin_declares(graphs):
     plugin_namespace/plugin_version/aot for itself), so that order must be the register order."""
     node = next(n for n in onnx.load(str(graphs["plugin"])).graph.node if n.domain == PLUGIN_DOMAIN)
     assert (node.op_type, node.domain) == (PLUGIN_OP, trt_plugin.PLUGIN_NAMESPACE)
-    passed = [a.name for a in node.attribute if a.name not in trt_export.PLUGIN_CONTROL_ATTRS]
+    passed = [a.name for a in node.attribute if a.name not in trt_plugin.PLUGIN_CONTROL_ATTRS]
     assert tuple(passed) == trt_plugin.ATTRIBUTES
     assert {a.name: a.s.decode() for a in node.attribute if a.name == "plugin_namespace"} == \
         {"plugin_namespace": trt_plugin.PLUGIN_NAMESPACE}
@@ -657,7 +677,7 @@ def test_plugin_graph_with_the_kernel_equals_the_portable_graph(graphs):
 def test_verification_reference_for_plugin_graphs(graphs):
     """build_engine compares a plugin engine with the plugin graph made portable again."""
     x = normalize(np.random.default_rng(2).integers(0, 256, (2, 32, 32, 3), dtype=np.uint8))
-    ref = trt_export.portable_reference(graphs["plugin"])
+    ref = trt_verify.portable_reference(graphs["plugin"])
     onnx.checker.check_model(ref, full_check=True)
     np.testing.assert_allclose(_session(ref).run(None, {"input": x})[0],
                                _session(graphs["portable"]).run(None, {"input": x})[0], rtol=1e-6, atol=1e-6)
@@ -666,14 +686,15 @@ def test_verification_reference_for_plugin_graphs(graphs):
 def test_verification_cases_cover_min_opt_max(graphs, tmp_path):
     from ferret_runtime.samples import write_samples
 
-    model = trt_export.read_onnx_model(graphs["dynamic_hw"])
-    profile = trt_export.profile_shapes(model, (1, 3, 5), (16, 32, 48))
+    model = describe_onnx(graphs["dynamic_hw"])
+    profile = trt_profile.profile_shapes(model, (1, 3, 5), (16, 32, 48))
     images = write_samples(tmp_path, n=1, size=40)
-    cases = dict(trt_export._cases(model, profile, images))
+    cases = dict(trt_verify._cases(model, profile, images))
     assert [(k, v.shape) for k, v in cases.items()] == [
         ("real images (3)", (3, 32, 32, 3)), ("random, min batch 1", (1, 32, 32, 3)),
         ("random, opt batch 3", (3, 32, 32, 3)), ("random, max batch 5", (5, 32, 32, 3)),
-        ("random, min size 16x16", (1, 16, 16, 3)), ("random, max size 48x48", (1, 48, 48, 3))]
+        ("random, min size 16x16", (1, 16, 16, 3)), ("random, max size 48x48", (1, 48, 48, 3)),
+        ("image, non-square 16x48", (1, 16, 48, 3))]  # a kernel that swaps H and W fails here
     assert all(v.dtype == np.uint8 for v in cases.values())
 
 
@@ -682,50 +703,50 @@ def test_verification_cases_cover_min_opt_max(graphs, tmp_path):
 
 @pytest.fixture(scope="module")
 def built(ckpt, tmp_path_factory):
-    """fp32 engines from one checkpoint, native and plugin, sharing a timing cache."""
+    """fp32 engines from one checkpoint, portable and plugin, sharing a timing cache."""
     root = tmp_path_factory.mktemp("engines")
     out = {}
-    for lpd in ("native", "plugin"):
+    for lpd in ("portable", "plugin"):
         out[lpd] = trt_export.export_and_build(ckpt, root / f"{lpd}.engine", precision="fp32", input_size=64, lpd=lpd,
                                                batch=(1, 4, 8), timing_cache=root / "trt.cache", log=print)
     return out
 
 
-@pytest.mark.parametrize("lpd", ["native", "plugin"])
+@pytest.mark.parametrize("lpd", ["portable", "plugin"])
 @pytest.mark.trt
 @pytest.mark.gpu
 def test_gpu_build_verifies_and_writes(built, lpd):
     res = built[lpd]
     assert res.comparisons and all(c.passed for c in res.comparisons)
     assert {c.case.split(",")[-1].strip() for c in res.comparisons} >= {"min batch 1", "opt batch 4", "max batch 8"}
-    side = trt_backend.read_sidecar(res.path)
-    assert side["engine"]["lpd"] == lpd and side["engine"]["engine_sha256"] == trt_export.sha256(res.path)
-    assert (side["engine"]["plugin"] is not None) == (lpd == "plugin")
+    side = sidecar.read(res.path)
+    assert side.engine["lpd"] == lpd and side.engine["engine_sha256"] == sha256(res.path)
+    assert (side.engine["plugin"] is not None) == (lpd == "plugin")
 
 
 @pytest.mark.trt
 @pytest.mark.gpu
-def test_gpu_runs_at_min_opt_max_batch_and_plugin_equals_native(built):
+def test_gpu_runs_at_min_opt_max_batch_and_plugin_equals_portable(built):
     x = normalize(np.random.default_rng(3).integers(0, 256, (8, 64, 64, 3), dtype=np.uint8))
-    with trt_backend.TrtBackend(built["native"].path, gpu_preprocess=False) as native, \
+    with trt_backend.TrtBackend(built["portable"].path, gpu_preprocess=False) as portable, \
             trt_backend.TrtBackend(built["plugin"].path, gpu_preprocess=False) as plugin:
-        assert native.profile_min[0] == 1 and native.profile_max[0] == 8
+        assert portable.profile_min[0] == 1 and portable.profile_max[0] == 8
         for n in (1, 4, 8, 11):  # 11: two chunks of the largest batch
             batch = np.resize(x, (n, *x.shape[1:]))
-            a, b = native.run(batch), plugin.run(batch)
+            a, b = portable.run(batch), plugin.run(batch)
             assert a.shape == (n,) and np.isfinite(a).all()
             np.testing.assert_allclose(b, a, rtol=1e-3, atol=1e-3)
         with pytest.raises(ValueError, match=r"expected shapes from \(1, 3, 64, 64\) to \(8, 3, 64, 64\)"):
-            native.run(np.zeros((1, 3, 32, 32), np.float32))
+            portable.run(np.zeros((1, 3, 32, 32), np.float32))
 
 
 @pytest.mark.trt
 @pytest.mark.gpu
 def test_gpu_preprocessing_equals_host_preprocessing(ckpt, built, tmp_path):
     u8 = np.random.default_rng(4).integers(0, 256, (11, 64, 64, 3), dtype=np.uint8)
-    with trt_backend.TrtBackend(built["native"].path, gpu_preprocess=False) as host_side:
+    with trt_backend.TrtBackend(built["portable"].path, gpu_preprocess=False) as host_side:
         want = host_side.run(normalize(u8))
-    with trt_backend.TrtBackend(built["native"].path) as gpu_side:
+    with trt_backend.TrtBackend(built["portable"].path) as gpu_side:
         assert gpu_side.kernel == "normalize"
         np.testing.assert_allclose(gpu_side.run(u8), want, rtol=0, atol=0)  # the kernel normalises bit for bit
     external = trt_export.export_and_build(ckpt, tmp_path / "ext.engine", precision="fp32", input_size=64,
@@ -739,11 +760,11 @@ def test_gpu_preprocessing_equals_host_preprocessing(ckpt, built, tmp_path):
 @pytest.mark.trt
 @pytest.mark.gpu
 def test_gpu_timing_cache_is_reused(ckpt, built, tmp_path):
-    cache = built["native"].path.with_name("trt.cache")
+    cache = built["portable"].path.with_name("trt.cache")
     before = cache.read_bytes()
     again = trt_export.export_and_build(ckpt, tmp_path / "again.engine", precision="fp32", input_size=64,
                                         batch=(1, 4, 8), timing_cache=cache, verify=False, log=print)
-    assert cache.read_bytes() == before or again.build_seconds < built["native"].build_seconds
+    assert cache.read_bytes() == before or again.build_seconds < built["portable"].build_seconds
 
 
 @pytest.mark.trt
@@ -751,8 +772,8 @@ def test_gpu_timing_cache_is_reused(ckpt, built, tmp_path):
 def test_gpu_fp16_build(ckpt, tmp_path):
     res = trt_export.export_and_build(ckpt, tmp_path / "fp16.engine", precision="fp16", input_size=64, batch=(1, 2, 4),
                                       log=print)
-    assert trt_backend.read_sidecar(res.path)["meta"]["precision"] == "fp16"
-    assert all(c.passed and c.tol == trt_export.TOLERANCE["fp16"] for c in res.comparisons)
+    assert sidecar.read(res.path).meta["precision"] == "fp16"
+    assert all(c.passed and c.tol == trt_verify.TOLERANCE["fp16"] for c in res.comparisons)
 
 
 @pytest.mark.trt
@@ -764,8 +785,8 @@ def test_gpu_int8_build(ckpt, tmp_path):
 
     images = write_samples(tmp_path / "calib", n=4, size=64)
     res = trt_export.export_and_build(ckpt, tmp_path / "int8.engine", precision="int8", input_size=64, batch=(1, 2, 4),
-                                      verify_images=images, log=print)
-    assert trt_backend.read_sidecar(res.path)["meta"]["precision"] == "int8"
+                                      int8=Int8Options(images, calib_images=4), log=print)
+    assert sidecar.read(res.path).meta["precision"] == "int8"
 
 
 @pytest.mark.trt
@@ -995,7 +1016,7 @@ class FakeEngine:
     def __init__(self, trt, blob):
         spec = json.loads(blob)
         self.trt, self.profile = trt, [tuple(s) for s in spec["profile"]]
-        model = trt_export.read_onnx_model(spec["onnx"])
+        model = describe_onnx(spec["onnx"])
         self.names = (model.input_name, model.output_name)
         self.dtypes = {model.input_name: {"float32": "FLOAT", "uint8": "UINT8"}[model.input_dtype],
                        model.output_name: "FLOAT"}
@@ -1007,7 +1028,7 @@ class FakeEngine:
             self.session = _unoptimized_session(proto)
             return
         (node,) = custom  # the exports have one ferret::lpd node
-        control = trt_export.PLUGIN_CONTROL_ATTRS  # the parser keeps these; the rest go to the plugin in node order
+        control = trt_plugin.PLUGIN_CONTROL_ATTRS  # the parser keeps these; the rest go to the plugin in node order
         attrs = [onnx.helper.get_attribute_value(a) for a in node.attribute if a.name not in control]
         attrs = [a.decode() if isinstance(a, bytes) else a for a in attrs]
         namespace = next((a.s.decode() for a in node.attribute if a.name == "plugin_namespace"), node.domain)
@@ -1081,6 +1102,28 @@ def fake_trt(monkeypatch):
     return trt
 
 
+def test_int8_from_weights_goes_through_the_onnx_exports_int8_stage(fake_trt, ckpt, tmp_path, monkeypatch):
+    """--weights --int8 calibrates on --calib-data and holds the agreement floor, as 'ferret export onnx --int8'."""
+    from ferret_export import pipeline
+
+    calls = []
+
+    def stage(fp32, out, int8, verify_images, log):
+        calls.append((fp32.name, int8, verify_images))
+        raise ParityError(f"{out}: not written: int8 and fp32 labels agree on 50.00% of 2 images; expected >= 99.00%")
+
+    from ferret_runtime.samples import write_samples
+
+    monkeypatch.setattr(pipeline, "quantize_verified", stage)
+    options = Int8Options(["calib"], calib_images=8)
+    images = write_samples(tmp_path / "v", n=1, size=32)
+    with pytest.raises(ParityError, match=r"agree on 50\.00% of 2 images; expected >= 99\.00%"):
+        trt_export.export_and_build(ckpt, tmp_path / "m.engine", precision="int8", input_size=32, int8=options,
+                                    verify_images=images, log=_quiet)
+    assert calls == [("fp32.onnx", options, images)] and not fake_trt.calls  # nothing built
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["v"]
+
+
 def test_build_writes_a_verified_engine_and_sidecar(fake_trt, graphs, tmp_path):
     lines = []
     res = trt_export.build_engine(graphs["portable"], tmp_path / "m.engine", batch=(1, 2, 5), workspace_mb=256,
@@ -1088,19 +1131,19 @@ def test_build_writes_a_verified_engine_and_sidecar(fake_trt, graphs, tmp_path):
     assert res.path.is_file() and res.sidecar == tmp_path / "m.engine.json" and res.sidecar.is_file()
     assert [c.case for c in res.comparisons] == ["real images (6)", "random, min batch 1", "random, opt batch 2",
                                                  "random, max batch 5"]
-    assert all(c.passed and c.tol == trt_export.TOLERANCE["fp32"] for c in res.comparisons)
+    assert all(c.passed and c.tol == trt_verify.TOLERANCE["fp32"] for c in res.comparisons)
     assert sum(line.startswith("[verify]") and "max abs err" in line for line in lines) == 4
     assert fake_trt.calls == [("build", 1 << 0)]  # strongly typed on 10.x, no plugin preference
     cfg = fake_trt.config
     assert cfg.pool == ("WORKSPACE", 256 << 20) and cfg.flags_cleared == ["TF32"] and cfg.level is None
     assert cfg.profiles == [{"input": ((1, 3, 32, 32), (2, 3, 32, 32), (5, 3, 32, 32))}]
-    read_engine_sidecar(res.path)
-    side = trt_backend.read_sidecar(res.path)
-    assert side["engine"]["engine_sha256"] == trt_export.sha256(res.path) and side["engine"]["workspace_mb"] == 256
+    describe_model(res.path)
+    side = sidecar.read(res.path)
+    assert side.engine["engine_sha256"] == sha256(res.path) and side.engine["workspace_mb"] == 256
     trt_export.build_engine(graphs["portable"], tmp_path / "m2.engine", batch=(1, 2, 5), hardware_compat=True,
                             verify=False, log=_quiet)
     assert fake_trt.config.hardware_compatibility_level == "AMPERE_PLUS"
-    assert trt_backend.read_sidecar(tmp_path / "m2.engine")["engine"]["hardware_compat"] is True
+    assert sidecar.read(tmp_path / "m2.engine").engine["hardware_compat"] is True
 
 
 def _timed(name, *batches):
@@ -1139,7 +1182,7 @@ def test_build_writes_nothing_when_verification_fails(fake_trt, graphs, tmp_path
     fake_trt.error = 0.01  # TensorRT "disagrees" with ONNX Runtime by 1e-2 everywhere
     out = tmp_path / "m.engine"
     out.write_bytes(b"the previous engine")
-    with pytest.raises(trt_export.ParityError, match=r"m\.engine: not written: 4 of 4 verification cases exceed "
+    with pytest.raises(ParityError, match=r"m\.engine: not written: 4 of 4 verification cases exceed "
                                                      r"atol 1e-03 \+ rtol 1e-03 \(worst max abs err 1\.000e-02\)"):
         trt_export.build_engine(graphs["portable"], out, batch=(1, 2, 5), log=_quiet)
     assert out.read_bytes() == b"the previous engine" and sorted(p.name for p in tmp_path.iterdir()) == ["m.engine"]
@@ -1171,7 +1214,7 @@ def test_build_with_the_plugin(plugin_trt, graphs, tmp_path, graph):
     # (median in lpd.cu's enum), residual 0); real images (6 clipped to the max batch 3), then batches 1, 2, 3
     assert plugin_trt.plugin_launches == [("trt_lpd_generic_f32", [n, 3, 32, 32, 3, 0, 0]) for n in (3, 1, 2, 3)]
     assert all(c.passed for c in res.comparisons)  # checked against the graph made portable
-    rec = trt_backend.read_sidecar(res.path)["engine"]
+    rec = sidecar.read(res.path).engine
     assert rec["lpd"] == "plugin" and rec["plugin"] == trt_plugin.plugin_record()
 
 
@@ -1182,6 +1225,9 @@ def _wrong_launch(real, mutation):
             return real(shape, dtype, "excmed" if func == "median" else "median", k, residual, **kw)
         if mutation == "residual for the reconstruction":  # the lpd op's kernel returns x - lpd(x)
             return real(shape, dtype, func, k, not residual, **kw)
+        if mutation == "H and W swapped":  # the kernel reads an N x C x H x W tensor as N x C x W x H
+            n, c, h, w = shape
+            return real((n, c, w, h), dtype, func, k, residual, **kw)
         got = real(shape, dtype, func, k, residual, **kw)
         if mutation == "grid x and y swapped":
             return replace(got, grid=(got.grid[1], got.grid[0], got.grid[2]))
@@ -1198,10 +1244,25 @@ def _wrong_launch(real, mutation):
 def test_build_fails_verification_with_a_wrong_plugin(plugin_trt, graphs, tmp_path, monkeypatch, mutation):
     """A plugin computing something other than the node's LPD builds, then fails verification: nothing written."""
     monkeypatch.setattr(trt_plugin, "aot_launch", _wrong_launch(trt_plugin.aot_launch, mutation))
-    with pytest.raises(trt_export.ParityError, match=r"p\.engine: not written: [1-4] of 4 verification cases exceed "
+    with pytest.raises(ParityError, match=r"p\.engine: not written: [1-4] of 4 verification cases exceed "
                                                      r"atol 1e-03 \+ rtol 1e-03"):
         trt_export.build_engine(graphs["plugin"], tmp_path / "p.engine", batch=(1, 2, 3), log=_quiet)
     assert plugin_trt.plugin_launches and list(tmp_path.iterdir()) == []
+
+
+def test_build_catches_a_plugin_that_swaps_h_and_w(plugin_trt, graphs, tmp_path, monkeypatch):
+    """Square inputs cannot tell H from W; a dynamic-H/W engine is also verified on a non-square size, which can."""
+    ok = trt_export.build_engine(graphs["plugin_hw"], tmp_path / "ok" / "p.engine", batch=(1, 2, 3),
+                                 dynamic_hw=(16, 24, 40), log=_quiet)
+    assert all(c.passed for c in ok.comparisons) and "image, non-square 16x40" in [c.case for c in ok.comparisons]
+    monkeypatch.setattr(trt_plugin, "aot_launch", _wrong_launch(trt_plugin.aot_launch, "H and W swapped"))
+    lines: list[str] = []
+    with pytest.raises(ParityError, match=r"p\.engine: not written: 1 of 7 verification cases exceed"):
+        trt_export.build_engine(graphs["plugin_hw"], tmp_path / "bad" / "p.engine", batch=(1, 2, 3),
+                                dynamic_hw=(16, 24, 40), log=lines.append)
+    failed = [line for line in lines if line.startswith("[verify]") and "FAILED" in line]
+    assert len(failed) == 1 and "image, non-square 16x40" in failed[0], failed
+    assert not (tmp_path / "bad").exists() or list((tmp_path / "bad").iterdir()) == []
 
 
 @pytest.mark.parametrize("mutation, message", [
@@ -1338,8 +1399,8 @@ def test_cli_builds_with_the_stand_in(fake_trt, graphs, tmp_path, monkeypatch, c
     out = capsys.readouterr().out
     assert rc == 0 and (tmp_path / "m.plan").is_file() and (tmp_path / "m.plan.json").is_file()
     assert "random, max size 40x40" in out and "PASSED" in out and "FAILED" not in out
-    side = trt_backend.read_sidecar(tmp_path / "m.plan")
-    assert side["engine"]["profiles"][0]["max"] == [3, 3, 40, 40] and side["engine"]["workspace_mb"] == 64
+    side = sidecar.read(tmp_path / "m.plan")
+    assert side.engine["profiles"][0]["max"] == [3, 3, 40, 40] and side.engine["workspace_mb"] == 64
 
 
 def test_detector_pipelines_batches_through_the_slots(fake_trt, graphs, tmp_path):

@@ -19,8 +19,8 @@ from PIL import Image
 
 from ferret_export.onnx_export import export_onnx
 from ferret_export.onnx_graph import GraphOptions
-from ferret_export.triton import (CLIENT_EXAMPLE, read_engine_sidecar, sidecar_path, write_engine_sidecar,
-                                  write_triton_repo)
+from ferret_export.triton import CLIENT_EXAMPLE, describe_model, write_triton_repo
+from ferret_runtime import sidecar
 from ferret_runtime import Detector
 from ferret_runtime.errors import ConfigError
 from ferret_runtime.metadata import decode
@@ -195,14 +195,14 @@ def _engine(tmp_path: Path, models, **kw) -> Path:
     inputs = kw.pop("inputs", [{"name": "images", "dtype": "HALF", "shape": [-1, 3, -1, -1],
                                 "profile": {"min": [1, 3, 64, 64], "opt": [8, 3, 256, 256], "max": [32, 3, 512, 512]}}])
     outputs = kw.pop("outputs", [{"name": "logit", "dtype": "float32", "shape": [-1, 1]}])
-    write_engine_sidecar(engine, props, inputs, outputs, tensorrt_version="10.9.0")
+    sidecar.write(engine, props, inputs, outputs, tensorrt_version="10.9.0")
     return engine
 
 
 def test_engine_with_sidecar(models, tmp_path):
     engine = _engine(tmp_path, models)
-    assert sidecar_path(engine).name == "s.engine.json"
-    assert read_engine_sidecar(engine).inputs[0].dtype == "float16"
+    assert sidecar.path(engine).name == "s.engine.json"
+    assert describe_model(engine).inputs[0].dtype == "float16"
     repo = tmp_path / "repo"
     out = write_triton_repo(engine, repo, max_batch=32, log=_quiet)
     assert (out / "1" / "model.plan").read_bytes() == engine.read_bytes()
@@ -222,11 +222,11 @@ def test_engine_with_sidecar(models, tmp_path):
     with pytest.raises(ConfigError, match=r"received --kind cpu for a TensorRT engine; expected gpu"):
         write_triton_repo(engine, tmp_path / "r3", max_batch=8, kind="cpu", log=_quiet)
     # typed JSON values for the ferret.* keys are accepted and encoded as in metadata_props
-    data = json.loads(sidecar_path(engine).read_text())
+    data = json.loads(sidecar.path(engine).read_text())
     data["ferret.preprocess"] = json.loads(data["ferret.preprocess"])
     data["ferret.window_size"] = 3
-    sidecar_path(engine).write_text(json.dumps(data))
-    assert read_engine_sidecar(engine).meta["window_size"] == 3
+    sidecar.path(engine).write_text(json.dumps(data))
+    assert describe_model(engine).meta["window_size"] == 3
 
 
 def test_engine_without_sidecar_is_a_clear_error(models, tmp_path):
@@ -247,8 +247,8 @@ def test_engine_without_sidecar_is_a_clear_error(models, tmp_path):
 ])
 def test_invalid_sidecars(models, tmp_path, mutate, message):
     engine = _engine(tmp_path, models)
-    data = mutate(json.loads(sidecar_path(engine).read_text()))
-    sidecar_path(engine).write_text(data if isinstance(data, str) else json.dumps(data))
+    data = mutate(json.loads(sidecar.path(engine).read_text()))
+    sidecar.path(engine).write_text(data if isinstance(data, str) else json.dumps(data))
     with pytest.raises(ConfigError, match=message):
         write_triton_repo(engine, tmp_path / "repo", max_batch=8, log=_quiet)
 

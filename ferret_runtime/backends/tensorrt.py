@@ -1,7 +1,7 @@
 """TensorRT backend: ``.engine``/``.plan`` files built by ``ferret export tensorrt``, on a CUDA GPU.
 
 An engine is opaque without TensorRT and only runs with the TensorRT version and on the GPU it was
-built for, so every engine has a sidecar ``M.engine.json`` (format: ``ferret_export/triton.py``)
+built for, so every engine has a sidecar ``M.engine.json`` (format: ``ferret_runtime.sidecar``)
 whose ``ferret.engine`` entry records how it was built. The backend reads and checks the sidecar,
 and checks the engine file's SHA-256 against it, before TensorRT is imported; then refuses a
 different TensorRT version or GPU with ``check_engine_compat``, the one rule shared with the build.
@@ -18,30 +18,21 @@ Torch-free: buffers and the stream come from ``ferret_runtime.cuda`` (cuda-pytho
 from __future__ import annotations
 
 import hashlib
-import json
 from pathlib import Path
 from typing import Any, Mapping
 
 import numpy as np
 
+from .. import sidecar
 from ..errors import ConfigError, FerretError
-from ..metadata import PREFIX, check_logit_output, decode
+from ..metadata import check_logit_output
 from .base import ModelInfo
 from .slots import Pending, Slot, SlotBackend
 
-__all__ = ["Pending", "TrtBackend", "check_engine_compat", "load_sidecar", "read_sidecar", "sidecar_path"]
+__all__ = ["Pending", "TrtBackend", "check_engine_compat"]
 
-# The sidecar format, documented in ferret_export.triton (which writes it and imports these).
-SIDECAR_FORMAT, SIDECAR_VERSION = "ferret-tensorrt-sidecar", 1
-ENGINE_KEY = PREFIX + "engine"  # JSON object: how and where the engine was built (ferret_export.tensorrt)
 HARDWARE_COMPAT_MIN_CC = (8, 0)  # HardwareCompatibilityLevel.AMPERE_PLUS
 AOT_IMPLEMENTATION = "aot"
-
-
-def sidecar_path(engine: str | Path) -> Path:
-    """``M.engine`` -> ``M.engine.json``."""
-    engine = Path(engine)
-    return engine.with_name(engine.name + ".json")
 
 
 def _version_key(version: str) -> tuple[int, ...]:
@@ -95,61 +86,6 @@ def check_engine_compat(engine: Mapping[str, Any], trt_version: str, gpu_name: s
                           "newer GPU")
 
 
-def load_sidecar(engine: str | Path, missing: str) -> tuple[dict[str, Any], dict[str, str]]:
-    """The sidecar's JSON object and its ``ferret.*`` entries as ONNX-style string props, after the
-    checks every reader needs (file, JSON object, format, version). ``missing``: what to say,
-    after the path, when the file is absent."""
-    src = sidecar_path(engine)
-    if not src.is_file():
-        raise ConfigError(f"{src}: no such file; {missing}")
-    try:
-        data = json.loads(src.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ConfigError(f"{src}: received invalid JSON ({e}); expected a TensorRT sidecar object") from None
-    if not isinstance(data, dict):
-        raise ConfigError(f"{src}: received a JSON {type(data).__name__}; expected an object")
-    if data.get("format", SIDECAR_FORMAT) != SIDECAR_FORMAT:
-        raise ConfigError(f"{src}: received format {data['format']!r}; expected {SIDECAR_FORMAT!r}")
-    version = data.get("version", SIDECAR_VERSION)
-    if not isinstance(version, int) or isinstance(version, bool) or not 1 <= version <= SIDECAR_VERSION:
-        raise ConfigError(f"{src}: received sidecar version {version!r}; expected 1..{SIDECAR_VERSION} "
-                          "(a newer toolkit wrote it)")
-    props = {k: v if isinstance(v, str) else json.dumps(v, sort_keys=True) if isinstance(v, dict) else str(v)
-             for k, v in data.items() if k.startswith(PREFIX)}
-    return data, props
-
-
-def read_sidecar(engine: str | Path) -> dict[str, Any]:
-    """The sidecar as a dict, with ``meta`` (decoded ``ferret.*``) and ``engine`` (the build record) added.
-
-    Checks what the runtime needs; ``ferret_export.triton.read_engine_sidecar`` checks the rest.
-    """
-    engine = Path(engine)
-    src = sidecar_path(engine)
-    data, props = load_sidecar(engine, "a TensorRT engine needs the sidecar written beside it by 'ferret export "
-                               "tensorrt' (the TensorRT version and GPU it was built for, its preprocessing); "
-                               f"expected it next to {engine.name}")
-    block = data.get(ENGINE_KEY)
-    if isinstance(block, str):
-        try:
-            block = json.loads(block)
-        except json.JSONDecodeError:
-            block = None
-    required = ("tensorrt_version", "gpu_name", "compute_capability", "hardware_compat", "engine_sha256")
-    if not isinstance(block, dict) or any(k not in block for k in required):
-        raise ConfigError(f"{src}: received no valid {ENGINE_KEY!r} entry (keys {', '.join(required)}); expected a "
-                          "sidecar written by 'ferret export tensorrt', which records the TensorRT version and GPU")
-    data["meta"], data["engine"] = decode(props, str(src)), block
-    # the engine is opaque without TensorRT: its declared outputs are checked here, in the sidecar, so
-    # a file claiming several logits per image is refused before TensorRT or a GPU is touched
-    outputs = data.get("outputs")
-    if not isinstance(outputs, list) or not all(isinstance(t, dict) for t in outputs):
-        raise ConfigError(f"{src}: received outputs {outputs!r}; expected a list of tensors (name, dtype, shape) "
-                          "as written by 'ferret export tensorrt'")
-    check_logit_output([t.get("shape") if isinstance(t.get("shape"), list) else None for t in outputs], str(src))
-    return data
-
-
 def _import_tensorrt() -> Any:
     try:
         import tensorrt
@@ -194,8 +130,10 @@ class TrtBackend(SlotBackend):
         self._closers: list[Any] = []
         if not self.path.is_file():
             raise ConfigError(f"{self.path}: no such engine file")
-        sidecar = read_sidecar(self.path)
-        meta, build = sidecar["meta"], sidecar["engine"]
+        side = sidecar.read(self.path, "a TensorRT engine needs the sidecar written beside it by 'ferret export "
+                            "tensorrt' (the TensorRT version and GPU it was built for, its preprocessing); expected it "
+                            f"next to {self.path.name}")
+        build = side.engine
         plugin = build.get("plugin")
         if plugin and plugin.get("implementation") != AOT_IMPLEMENTATION:
             raise ConfigError(f"{self.path}: received a plugin implementation {plugin.get('implementation')!r}; expected "
@@ -215,7 +153,7 @@ class TrtBackend(SlotBackend):
         except cuda.CudaError as e:
             raise ConfigError(f"TensorRT engines need a CUDA GPU and driver: {e}") from None
         check_engine_compat(build, trt.__version__, gpu.name, gpu.compute_capability, str(self.path))
-        self.info = self._model_info(sidecar, meta, build)
+        self.info = self._model_info(side)
         self.device = f"cuda:{index}"
         if gpu_preprocess and self.info.preprocess.dtype != "uint8":
             self._gpu_preprocessing(index)
@@ -226,14 +164,13 @@ class TrtBackend(SlotBackend):
             raise
 
     @staticmethod
-    def _model_info(sidecar: dict, meta: dict, build: dict) -> ModelInfo:
-        pre = meta["preprocess"]
-        inputs = sidecar.get("inputs") or [{}]
-        shape = inputs[0].get("shape") or []
+    def _model_info(side: sidecar.Sidecar) -> ModelInfo:
+        meta, pre = side.meta, side.meta["preprocess"]
+        shape = side.inputs[0].shape
         hw = (shape[1:3] if pre.layout == "NHWC" else shape[2:4]) if len(shape) == 4 else []
         fixed = tuple(hw) if len(hw) == 2 and all(isinstance(d, int) and d > 0 for d in hw) else None
         extra = {k: meta[k] for k in ("lpd_mode", "precision", "toolkit_version", "provenance") if k in meta}
-        extra["engine"] = build
+        extra["engine"] = side.engine
         return ModelInfo(meta["arch"], meta["lpd_func"], meta["window_size"], pre, meta["threshold"],
                          input_hw=fixed, extra=extra)
 
