@@ -3,7 +3,8 @@
 Requests wait in a bounded queue. A collector thread takes the first waiting request, then keeps
 gathering until ``max_batch`` requests or ``max_delay_ms`` after the first, whichever comes first,
 and hands the batch to the runner (decode on the detector's thread pool, then the backend). While a
-batch runs, the next one is being gathered: at most ``in_flight`` batches are out at once, so memory
+batch runs, the next one is being gathered: at most ``in_flight`` batches are out at once (default:
+the backend's slots, at least 2), so memory
 is bounded by ``max_queue + in_flight * max_batch`` requests. A request that finds the queue full
 fails at once with :class:`Overloaded` instead of growing memory.
 """
@@ -51,7 +52,9 @@ class DynamicBatcher:
     """Gathers requests into batches for one :class:`Detector`; thread-safe, asyncio-friendly."""
 
     def __init__(self, detector: Detector, *, max_batch: int = 32, max_delay_ms: float = 5.0, max_queue: int = 256,
-                 in_flight: int = 2, on_batch: Callable[[int, list[float]], None] | None = None):
+                 in_flight: int | None = None, on_batch: Callable[[int, list[float]], None] | None = None):
+        if in_flight is None:  # one batch per backend slot (CPU streams, GPU slots), and at least two:
+            in_flight = max(2, detector.backend.slots)  # the next batch is gathered and decoded while one runs
         for name, value, low in (("max_batch", max_batch, 1), ("max_queue", max_queue, 1), ("in_flight", in_flight, 1)):
             if value < low:
                 raise ValueError(f"Received {name}={value}; expected >= {low}")
@@ -129,7 +132,7 @@ class DynamicBatcher:
 
     def _run(self, batch: list[_Request]) -> None:
         try:
-            outcomes = self.detector._run_chunk([(r.name, r.image) for r in batch])
+            outcomes = self.detector.run_chunk([(r.name, r.image) for r in batch])
         except BaseException as e:  # a backend failure fails this batch's requests, not the batcher
             for r in batch:
                 r.future.set_exception(e)

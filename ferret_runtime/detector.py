@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import math
 import os
 import threading
@@ -15,6 +16,7 @@ from typing import Any
 import numpy as np
 
 from .backends import Backend, backend_for, external_lpd
+from .backends.base import Pending
 from .errors import ConfigError, FerretError, ImageError
 from .preprocess import (DEFAULT_MAX_PIXELS, ImageInput, Preprocess, check_max_pixels, load_image, median_residual,
                          normalize, prepare)
@@ -43,16 +45,6 @@ def sigmoid(x: float) -> float:
 
 def _name(item: ImageInput, i: int) -> str:
     return str(item) if isinstance(item, (str, os.PathLike)) else f"<input {i}>"
-
-
-class _Done:
-    """Logits already computed (a backend that runs synchronously), shaped like a pending batch."""
-
-    def __init__(self, logits: np.ndarray):
-        self.logits = logits
-
-    def result(self) -> np.ndarray:
-        return self.logits
 
 
 class _Batch:
@@ -91,23 +83,32 @@ class Detector:
         self.threshold = backend.info.threshold if threshold is None else threshold
         self.batch_size = batch_size
         self._pool = ThreadPoolExecutor(max(1, workers), thread_name_prefix="ferret-decode")
-        self._run_lock = threading.Lock()  # one batch in the backend at a time; decoding runs alongside
         self.prefetch = 2  # batches decoded ahead of the one running
         self._local = threading.local()  # each thread's normalisation buffer
 
     @classmethod
     def open(cls, path: str | Path, *, device: str = "auto", crop: int | None | str = "model",
              threshold: float | None = None, batch_size: int = 32, workers: int = 4,
-             max_pixels: int | None = DEFAULT_MAX_PIXELS, **backend_options: Any) -> "Detector":
+             max_pixels: int | None = DEFAULT_MAX_PIXELS, streams: int | None = None,
+             **backend_options: Any) -> "Detector":
         """Load a model file; the backend is chosen by suffix, preprocessing read from the model.
 
         ``device="auto"`` takes the GPU when the backend can use one, else the CPU.
         ``crop="model"`` keeps the model's own crop; an int or None (full size) overrides it.
         ``max_pixels`` refuses larger images from their header (None: only Pillow's 178.9 Mpx limit).
+        ``streams``: CPU throughput streams of the ONNX Runtime backend (None: its default, from the
+        core count); other ``backend_options`` go to the backend's constructor.
         """
         check_max_pixels(max_pixels)  # before loading a model for nothing
+        if streams is not None:
+            backend_options["streams"] = streams
+        cls_backend = backend_for(path)
+        unknown = set(backend_options) - set(inspect.signature(cls_backend).parameters)
+        if unknown:
+            raise ConfigError(f"{path}: received option(s) {', '.join(sorted(unknown))} for the {cls_backend.name} "
+                              f"backend; expected its own: {', '.join(p for p in inspect.signature(cls_backend).parameters if p not in ('path', 'device'))}")
         try:
-            backend = backend_for(path)(path, device=device, **backend_options)
+            backend = cls_backend(path, device=device, **backend_options)
         except FerretError as e:
             # errors from deep inside loading (e.g. Preprocess.from_dict on invalid preprocessing) do
             # not know which file they came from; the user needs it. The same exception, its message
@@ -167,7 +168,7 @@ class Detector:
 
         def start_next() -> Iterator[tuple[Result, np.ndarray | None]]:
             running.append(self._start(*decoding.popleft(), running))
-            while len(running) > (1 if self._pipelined else 0):  # the newest stays in flight on the GPU
+            while len(running) >= max(self.backend.slots, 1):  # slots - 1 batches stay in flight
                 yield from running.popleft().finish()
 
         for name, item in pairs:
@@ -184,25 +185,21 @@ class Detector:
         while running:
             yield from running.popleft().finish()
 
-    def _run_chunk(self, chunk: list[tuple[str, ImageInput]]) -> list[tuple[Result, np.ndarray | None]]:
-        """Decode (on the pool) and classify one chunk of (name, input) pairs."""
-        return self._finish([n for n, _ in chunk], [self._pool.submit(self._decode, item, n) for n, item in chunk])
-
-    def _finish(self, names: list[str], futures: list[Future]) -> list[tuple[Result, np.ndarray | None]]:
-        return self._start(names, futures, deque()).finish()
+    def run_chunk(self, chunk: list[tuple[str, ImageInput]]) -> list[tuple[Result, np.ndarray | None]]:
+        """Decode (on the pool) and classify one chunk of (name, input) pairs, in order: what a
+        batcher hands over once it has gathered a batch. Safe to call from several threads."""
+        futures = [self._pool.submit(self._decode, item, n) for n, item in chunk]
+        return self._start([n for n, _ in chunk], futures, deque()).finish()
 
     @property
-    def _pipelined(self) -> bool:
-        """The backend keeps batches in flight (TensorRT with >= 2 slots): submit now, collect later."""
-        return callable(getattr(self.backend, "submit", None)) and getattr(self.backend, "slots", 1) >= 2
+    def pipelined(self) -> bool:
+        """The backend keeps batches in flight (GPU slots, CPU streams): submit now, collect later."""
+        return self.backend.slots >= 2
 
     def _start(self, names: list[str], futures: list[Future], running: deque["_Batch"]) -> "_Batch":
-        """Wait for one batch's decoding, then run its images (grouped by size) or enqueue them.
-
-        A pipelined backend gets each group with ``submit(block=False)``; when all its slots are
-        taken, this caller first collects its own oldest batch (earlier batches in ``running``, then
-        this one's groups), so it never waits for a slot while holding one.
-        """
+        """Wait for one batch's decoding, then submit its images, grouped by size, at most
+        ``backend.max_batch`` at a time (one code path for every backend: a synchronous one has
+        run them when ``submit`` returns)."""
         decoded = [f.result() for f in futures]
         batch = _Batch(self, names, decoded)
         groups: dict[tuple[int, ...], list[int]] = {}
@@ -211,20 +208,19 @@ class Detector:
                 batch.out[i] = (Result(names[i], error=str(img)), None)
             else:
                 groups.setdefault(img.shape, []).append(i)
-        pipelined = self._pipelined
         for idx in groups.values():
-            step = self.backend.max_batch if pipelined else len(idx)  # a submit takes at most the profile's batch
+            step = self.backend.max_batch or len(idx)
             for j in range(0, len(idx), step):
                 part = idx[j : j + step]
-                batch.parts.append((part, self._enqueue(np.stack([decoded[i] for i in part]), running, batch, pipelined)))
+                batch.parts.append((part, self._submit(np.stack([decoded[i] for i in part]), running, batch)))
         return batch
 
-    def _enqueue(self, u8: np.ndarray, running: deque["_Batch"], current: "_Batch", pipelined: bool) -> Any:
-        if not pipelined:
-            with self._run_lock:  # one batch in the backend at a time
-                return _Done(self.backend.run(self._batch(u8)))
-        x = self._batch(u8)  # this thread's buffer; submit copies it into the slot's pinned memory
-        while True:  # no lock: slots are the backend's, and a thread never waits for one while holding one
+    def _submit(self, u8: np.ndarray, running: deque["_Batch"], current: "_Batch") -> Pending:
+        """Hand one group to the backend. When all its slots are taken, this caller first collects its
+        own oldest batch (earlier batches in ``running``, then this one's groups): a thread never waits
+        for a slot while holding one, which would deadlock when every slot is its own."""
+        x = self._batch(u8)  # this thread's buffer: the backend copies what it keeps
+        while True:
             held = [b for b in running if b.parts] + ([current] if current.parts else [])
             pending = self.backend.submit(x, block=not held)
             if pending is not None:

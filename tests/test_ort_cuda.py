@@ -181,7 +181,7 @@ def test_detector_over_the_cuda_pipeline_equals_the_cpu(ort_cuda, graphs):
     with Detector(OrtBackend(graphs["portable"], device="cpu"), batch_size=4) as ref:
         want = ref.predict(inputs)
     with Detector.open(graphs["external"], device="cuda", batch_size=4, max_batch=4) as det:
-        assert det._pipelined and det.preprocess.dtype == "uint8"
+        assert det.pipelined and det.preprocess.dtype == "uint8"
         got = det.predict(inputs)
     assert [r.path for r in got] == [r.path for r in want] and got[5].error == want[5].error
     np.testing.assert_allclose([r.logit for r in got if r.error is None], [r.logit for r in want if r.error is None],
@@ -194,7 +194,7 @@ def test_host_preprocessing_and_the_providers_own_copies(ort_cuda, graphs, monke
         assert backend.slots == 2 and backend.kernel is None and backend.info.preprocess.dtype == "float32"
         np.testing.assert_allclose(backend.run(normalize(u8)), _want(graphs, u8), rtol=1e-5, atol=1e-5)
     with OrtBackend(graphs["portable"], device="cuda", gpu_pipeline=False) as plain:
-        assert plain.slots == 0 and "user_compute_stream" not in StandInCudaSession.created[-1].options
+        assert plain.slots == 1 and "user_compute_stream" not in StandInCudaSession.created[-1].options
         np.testing.assert_allclose(plain.run(normalize(u8)), _want(graphs, u8), rtol=1e-5, atol=1e-5)
 
     def no_driver(index=0):
@@ -202,7 +202,7 @@ def test_host_preprocessing_and_the_providers_own_copies(ort_cuda, graphs, monke
 
     monkeypatch.setattr(cuda, "Context", no_driver)
     with OrtBackend(graphs["portable"], device="cuda") as fallback:  # the provider's own stream and copies
-        assert fallback.slots == 0 and fallback.io_binding
+        assert fallback.slots == 1 and fallback.io_binding
     with pytest.raises(ConfigError, match=r"Received gpu_pipeline=True, but cuda-python cannot reach GPU 0: cuInit"):
         OrtBackend(graphs["portable"], device="cuda", gpu_pipeline=True)
     with pytest.raises(ConfigError, match=r"Received slots 0 and max_batch 64; expected ints >= 1"):

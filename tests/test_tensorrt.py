@@ -1421,7 +1421,7 @@ def test_detector_pipelines_batches_through_the_slots(fake_trt, graphs, tmp_path
     assert want[7].error is not None and sum(r.error is None for r in want) == 23
     for batch_size in (3, 10):  # 10: groups above the profile's max 4 go in chunks
         with Detector(trt_backend.TrtBackend(engine), batch_size=batch_size, workers=2) as det:
-            assert det._pipelined
+            assert det.pipelined
             got = det.predict(inputs)
         assert [r.path for r in got] == [r.path for r in want] and got[7].error == want[7].error
         np.testing.assert_allclose([r.logit for r in got if r.error is None], [r.logit for r in want if r.error is None],

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from importlib.metadata import entry_points
@@ -44,15 +45,44 @@ def external_lpd(info: ModelInfo, source: str) -> bool:
     return True
 
 
-class Backend(ABC):
-    """Runs FerretNet on a normalised float32 NCHW batch and returns one logit per image.
+class Pending(ABC):
+    """A batch handed to :meth:`Backend.submit`; ``result()`` waits for its logits (N,). Call it once."""
 
-    Public methods validate, then call ``*_impl``; use as a context manager to release resources.
+    @abstractmethod
+    def result(self) -> np.ndarray: ...
+
+
+class Ready(Pending):
+    """A batch that already ran: what a synchronous backend's ``submit`` returns."""
+
+    def __init__(self, logits: np.ndarray):
+        self._logits = logits
+
+    def result(self) -> np.ndarray:
+        return self._logits
+
+
+def as_logits(out: Any, n: int) -> np.ndarray:
+    """A backend's raw output for ``n`` images -> float32 logits (N,): one value per image, column 0."""
+    return np.asarray(out, dtype=np.float32).reshape(n, -1)[:, 0]
+
+
+class Backend(ABC):
+    """Runs FerretNet on a batch in the model's input format and returns one logit per image.
+
+    The contract every backend keeps, on every device (the ``Detector`` has one code path for all):
+    ``run(batch)`` returns the logits; ``submit(batch, block)`` starts a batch and returns a
+    :class:`Pending` (or None when ``block=False`` and all ``slots`` are busy); ``slots`` is how many
+    batches may be in flight at once (1: ``submit`` runs the batch before returning); ``max_batch``
+    the most images one ``submit`` takes (None: any). Public methods validate, then call ``*_impl``;
+    use as a context manager to release resources.
     """
 
     name: str = ""
     suffixes: tuple[str, ...] = ()
     info: ModelInfo
+    slots: int = 1
+    max_batch: int | None = None
 
     def run(self, batch: np.ndarray) -> np.ndarray:
         """Logits of shape (N,) for a batch in the model's input format (``info.preprocess``).
@@ -61,8 +91,32 @@ class Backend(ABC):
         the LPD residual of the normalised batch when it leaves the LPD out (lpd_mode "external").
         """
         self._validate(batch)
-        out = np.asarray(self.run_impl(batch), dtype=np.float32).reshape(batch.shape[0], -1)
-        return out[:, 0]
+        return as_logits(self.run_impl(batch), batch.shape[0])
+
+    def submit(self, batch: np.ndarray, block: bool = True) -> Pending | None:
+        """Start one batch of at most ``max_batch`` images; ``result()`` of the returned Pending gives
+        its logits. The caller may reuse ``batch`` as soon as this returns (a backend that keeps it
+        copies it).
+
+        With every slot holding an uncollected batch, waits for one (``block=True``) or returns None.
+        A caller that holds pending batches of its own must not wait: it would wait on itself when
+        every slot is its own. It tries ``block=False`` and, on None, collects its oldest batch first
+        (what the ``Detector`` does).
+        """
+        self._validate(batch)
+        if self.max_batch is not None and not 1 <= batch.shape[0] <= self.max_batch:
+            raise ValueError(f"Received a batch of {batch.shape[0]}; expected 1..{self.max_batch} per submit "
+                             "(run() splits larger ones)")
+        return self.submit_impl(batch, block)
+
+    def submit_impl(self, batch: np.ndarray, block: bool) -> Pending | None:
+        """Synchronous by default: the batch runs now, one caller at a time (``slots`` = 1)."""
+        with self._run_lock():
+            return Ready(as_logits(self.run_impl(batch), batch.shape[0]))
+
+    def _run_lock(self) -> threading.Lock:
+        # created on first use: subclasses need not call a base __init__ (dict.setdefault is atomic)
+        return self.__dict__.setdefault("_lock", threading.Lock())
 
     def _validate(self, batch: np.ndarray) -> None:
         pre = self.info.preprocess

@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import ConfigError, FerretError
-from .base import Backend, external_lpd
+from .base import Backend, Pending, as_logits, external_lpd
 
 
 class Slot:
@@ -40,7 +40,7 @@ class Slot:
         self.rows = self.n = 0
 
 
-class Pending:
+class SlotPending(Pending):
     """A batch enqueued by :meth:`SlotBackend.submit`; ``result()`` waits for its logits and frees its
     slot. Call ``result()`` exactly once, from any thread."""
 
@@ -55,7 +55,7 @@ class Pending:
             out = self._backend._collect(slot)
         finally:
             self._backend._free.put(slot)
-        return np.asarray(out, np.float32).reshape(out.shape[0], -1)[:, 0]  # logits (N,), as Backend.run
+        return as_logits(out, out.shape[0])
 
 
 class SlotBackend(Backend):
@@ -122,19 +122,8 @@ class SlotBackend(Backend):
         out.extend(p.result() for p in inflight)
         return np.concatenate(out)
 
-    def submit(self, batch: np.ndarray, block: bool = True) -> Pending | None:
-        """Enqueue one batch (at most ``max_batch``, in the model's input format) and return at once;
-        the batch is copied, so the caller may reuse its array.
-
-        With every slot holding an uncollected batch, waits for one (``block=True``) or returns None.
-        A caller that holds pending batches of its own must not wait: it would wait on itself when
-        every slot is its own (or deadlock with another such caller). Try ``block=False``, and on
-        None collect its oldest batch first (what the ``Detector`` does).
-        """
-        self._validate(batch)
-        if not 1 <= batch.shape[0] <= self.max_batch:
-            raise ValueError(f"Received a batch of {batch.shape[0]}; expected 1..{self.max_batch} per submit "
-                             "(run() splits larger ones)")
+    def submit_impl(self, batch: np.ndarray, block: bool) -> Pending | None:
+        """Enqueue on a free slot (the batch is copied into its pinned buffer) and return at once."""
         self._check_shape(batch.shape)
         return self._submit(batch, block)
 
@@ -148,7 +137,7 @@ class SlotBackend(Backend):
         except BaseException:
             self._free.put(slot)
             raise
-        return Pending(self, slot)
+        return SlotPending(self, slot)
 
     @abstractmethod
     def _enqueue(self, slot: Slot, batch: np.ndarray) -> None: ...
