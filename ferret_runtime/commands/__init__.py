@@ -21,3 +21,24 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
                                        break_on_hyphens=False)
                          if line.strip() else "")
         return "\n".join(lines)
+
+
+def streams_arg(text: str) -> int | None:
+    """``--streams``: a count >= 1, or 'auto' (None: the backend's default from the core count)."""
+    if text.strip().lower() == "auto":
+        return None
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"received {text!r}; expected a number of streams >= 1 or 'auto'")
+    return value
+
+
+def add_streams_argument(p: argparse.ArgumentParser) -> None:
+    """The same ``--streams`` on every command that opens a model."""
+    p.add_argument("--streams", type=streams_arg, default=None, metavar="N|auto",
+                   help="ONNX models on the CPU: N sessions with 1/N of the threads each, fed batches concurrently "
+                        "(throughput streams; two 1-thread sessions beat one 2-thread session on small CPUs). "
+                        "Default auto: one per core, at most 4")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from ferret_runtime.commands import HelpFormatter
+from ferret_runtime.commands import HelpFormatter, add_streams_argument
 import json
 import os
 import sys
@@ -44,6 +44,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help='one JSON object per line: {"path", "logit", "prob_fake", "label"} or {"path", "error"}')
     p.add_argument("--device", default="auto", help="auto (GPU when available), cpu, cuda or cuda:N")
     p.add_argument("--workers", type=int, default=4, metavar="N", help="image decoding threads")
+    add_streams_argument(p)
     p.add_argument("--max-pixels", default=str(DEFAULT_MAX_PIXELS), metavar="N|none",
                    help=f"refuse images of more than N pixels (width x height; {DEFAULT_MAX_PIXELS / 1e6:g} Mpx by "
                         "default) from their header, before decoding; 'none' leaves only Pillow's "
@@ -122,7 +123,8 @@ def run(args: argparse.Namespace) -> int:
 
     explainer = None
     with Detector.open(model_path, device=args.device, crop=crop, threshold=args.threshold,
-                       batch_size=args.batch_size, workers=args.workers, max_pixels=max_pixels, **options) as det:
+                       batch_size=args.batch_size, workers=args.workers, max_pixels=max_pixels,
+                       streams=args.streams, **options) as det:
         if args.explain:
             make = getattr(det.backend, "explainer", None)
             if make is None:

@@ -6,7 +6,7 @@ import argparse
 
 import sys
 
-from ferret_runtime.commands import HelpFormatter
+from ferret_runtime.commands import HelpFormatter, add_streams_argument
 
 from ..errors import ConfigError
 from ..preprocess import DEFAULT_MAX_PIXELS, parse_crop
@@ -61,6 +61,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--ssl-certfile", metavar="PEM", default=None, help="serve HTTPS with this certificate (chain) (default: plain HTTP)")
     p.add_argument("--ssl-keyfile", metavar="PEM", default=None, help="the certificate's private key")
     p.add_argument("--workers", type=int, default=4, help="image decoding threads")
+    add_streams_argument(p)
     p.add_argument("--threshold", type=float, default=None, help="label 'fake' above this probability (default: the model's)")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     p.set_defaults(func=run)
@@ -91,7 +92,8 @@ def run(args: argparse.Namespace) -> int:
     keys = load_api_keys(args.api_key_file) if args.api_key_file else ()
     crop = "model" if args.crop == "model" else parse_crop(args.crop)
     det = Detector.open(args.model or args.weights, device=args.device, crop=crop, threshold=args.threshold,
-                        batch_size=args.max_batch, workers=args.workers, max_pixels=args.max_pixels)
+                        batch_size=args.max_batch, workers=args.workers, max_pixels=args.max_pixels,
+                        streams=args.streams)
     scheme = "https" if args.ssl_certfile else "http"
     print(f"[serve] {args.model or args.weights} on {det.backend.name}, {scheme}://{args.host}:{args.port}/v1/detect"
           f"{' (bearer token required)' if keys else ''}", file=sys.stderr)
