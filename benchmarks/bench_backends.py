@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 
+from ferret_export.bench_runners import steady_state
 from ferret_export.onnx_export import export_onnx
 from ferret_export.onnx_graph import GraphOptions
 from ferret_runtime.backends.onnxruntime import OrtBackend
@@ -46,6 +47,19 @@ def bench_pytorch_eager(benchmark, setup, impl):
 def bench_onnxruntime_cpu(benchmark, setup):
     benchmark.group = f"ferretnet-b b={BATCH} {SIZE}x{SIZE} CPU {THREADS} threads"
     _, onnx_path, x = setup
-    with OrtBackend(onnx_path, threads=THREADS) as backend:
+    with OrtBackend(onnx_path, threads=THREADS, streams=1) as backend:  # one session with every thread
         out = benchmark.pedantic(backend.run, (x,), rounds=3, warmup_rounds=1)
     assert out.shape == (BATCH,)
+
+
+def bench_onnxruntime_cpu_streams(benchmark, setup):
+    """THREADS one-thread sessions with batches in flight: one call is one batch of the steady state."""
+    benchmark.group = f"ferretnet-b b={BATCH} {SIZE}x{SIZE} CPU {THREADS} threads"
+    _, onnx_path, x = setup
+    backend = OrtBackend(onnx_path, threads=THREADS, streams=THREADS)
+    call, _ = steady_state(backend, x)
+    try:
+        benchmark.pedantic(call, rounds=3 * THREADS, warmup_rounds=THREADS)
+    finally:
+        backend.close()  # steady_state's close: collects the batches still in flight first
+    assert backend.slots == THREADS

@@ -17,12 +17,8 @@ from __future__ import annotations
 
 import gc
 import importlib.util
-import io
-import json
 import os
 import platform
-import statistics
-import sys
 import tempfile
 import time
 from collections.abc import Callable
@@ -33,6 +29,8 @@ from typing import Any
 import numpy as np
 
 from ferret_runtime.errors import ConfigError
+
+from .bench_runners import RUNNERS, Context, Skip
 
 # The backends a user can name, in table order. "pipeline" is the whole ferret_runtime path
 # (encoded PNG bytes in, results out) over ONNX Runtime; the others time the model alone.
@@ -147,166 +145,6 @@ def hardware() -> dict[str, Any]:
     return info
 
 
-# ----------------------------------------------------------------------------------- runners
-class _Skip(Exception):
-    """This backend cannot run this model here; the message is the reason."""
-
-
-def _is_ferret(name: str) -> bool:
-    return name.startswith("ferretnet")
-
-
-class _Context:
-    """Per-model state shared by the backends: the torch model, its checkpoint, its ONNX file."""
-
-    def __init__(self, model: str, size: int, device: str, tmp: Path, threads: int | None):
-        import torch
-
-        from ferret_train import create_model
-
-        self.name, self.size, self.device, self.tmp, self.threads = model, size, device, tmp, threads
-        torch.manual_seed(0)
-        self.model = create_model(model).eval()
-        self._onnx: Path | None = None
-        self._onnx_error: str | None = None
-
-    def onnx_path(self) -> Path:
-        if self._onnx is None and self._onnx_error is None:
-            try:
-                self._onnx = self._export()
-            except Exception as e:  # an exporter's failure becomes this row's reason
-                self._onnx_error = f"ONNX export failed: {type(e).__name__}: {str(e).splitlines()[0][:200]}"
-        if self._onnx_error:
-            raise _Skip(self._onnx_error)
-        return self._onnx  # type: ignore[return-value]
-
-    def _export(self) -> Path:
-        import torch
-
-        out = self.tmp / f"{self.name}.onnx"
-        if _is_ferret(self.name):
-            from ferret_train.checkpoint import save_checkpoint
-
-            from .onnx_export import export_onnx
-            from .onnx_graph import GraphOptions
-
-            ckpt = save_checkpoint(self.tmp / f"{self.name}.pth", self.model)
-            export_onnx(ckpt, out, GraphOptions(input_size=self.size, dynamic_hw=False), run_verify=False,
-                        log=lambda *_: None)
-            return out
-        x = torch.zeros(1, 3, self.size, self.size)
-        torch.onnx.export(self.model, (x,), str(out), input_names=["input"], output_names=["logit"],
-                          dynamic_axes={"input": {0: "batch"}, "logit": {0: "batch"}}, opset_version=17, dynamo=False)
-        return out
-
-
-Runner = tuple[Callable[[], Any], bool, Callable[[], None]]  # (one batch, times on CUDA, release)
-
-
-def _torch_runner(ctx: _Context, backend: str, batch: int) -> Runner:
-    import torch
-
-    dev = torch.device(ctx.device)
-    if backend == "torch-reference":
-        if not _is_ferret(ctx.name):
-            raise _Skip("the unfold + median reference LPD exists only in FerretNet")
-        from ferret_train import create_model
-
-        model = create_model(ctx.name, lpd_impl="reference").eval()
-        model.load_state_dict(ctx.model.state_dict())
-    else:
-        model = ctx.model
-    model = model.to(dev)
-    if backend == "torch-compile":
-        mode = "reduce-overhead" if dev.type == "cuda" else None  # CUDA graphs on GPU
-        model = torch.compile(model, mode=mode, dynamic=False)
-    x = torch.randn(batch, 3, ctx.size, ctx.size, device=dev)
-
-    def run() -> Any:
-        with torch.inference_mode():
-            return model(x)
-
-    return run, dev.type == "cuda", lambda: None
-
-
-def _ort_runner(ctx: _Context, backend: str, batch: int) -> Runner:
-    from ferret_runtime.backends.onnxruntime import OrtBackend
-
-    path = ctx.onnx_path()
-    # the session alone on float input, as the other backend rows (the pipeline row times the rest)
-    be = OrtBackend(path, device="cuda" if ctx.device.startswith("cuda") else "cpu", threads=ctx.threads or 0,
-                    gpu_preprocess=False, max_batch=batch) if _is_ferret(ctx.name) else None
-    if be is not None:
-        x = np.random.default_rng(0).standard_normal((batch, 3, ctx.size, ctx.size)).astype(np.float32)
-        return (lambda: be.run(x)), False, be.close
-    import onnxruntime as ort  # peers: a plain session (our backend wants FerretNet metadata)
-
-    so = ort.SessionOptions()
-    if ctx.threads:
-        so.intra_op_num_threads = ctx.threads
-    sess = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
-    x = np.random.default_rng(0).standard_normal((batch, 3, ctx.size, ctx.size)).astype(np.float32)
-    name = sess.get_inputs()[0].name
-    return (lambda: sess.run(None, {name: x})), False, lambda: None
-
-
-def _pipeline_runner(ctx: _Context, backend: str, batch: int) -> Runner:
-    if not _is_ferret(ctx.name):
-        raise _Skip("the runtime pipeline serves FerretNet models (ferret_runtime reads their metadata)")
-    from PIL import Image
-
-    from ferret_runtime import Detector
-
-    det = Detector.open(ctx.onnx_path(), device="cuda" if ctx.device.startswith("cuda") else "cpu",
-                        crop=ctx.size, batch_size=batch, threads=ctx.threads or 0, max_batch=batch)
-    rng = np.random.default_rng(0)
-    images = []
-    for _ in range(batch):
-        buf = io.BytesIO()
-        Image.fromarray(rng.integers(0, 256, (ctx.size, ctx.size, 3), dtype=np.uint8)).save(buf, "PNG")
-        images.append(buf.getvalue())
-    return (lambda: det.predict(images)), False, det.close
-
-
-def _trt_runner(ctx: _Context, backend: str, batch: int) -> Runner:
-    if importlib.util.find_spec("tensorrt") is None:
-        raise _Skip("TensorRT is not installed (pip install 'ferretnet-deploy[trt]' on a machine with an NVIDIA GPU)")
-    if not ctx.device.startswith("cuda"):
-        raise _Skip("TensorRT needs a CUDA device")
-    if not _is_ferret(ctx.name):
-        raise _Skip("TensorRT rows are built from our FerretNet export")
-    precision = backend.split("-", 1)[1]
-    if precision == "int8":
-        raise _Skip("INT8 engines need calibration images: build one with 'ferret export tensorrt --int8' "
-                    "and time it with --backends pipeline on that engine")
-    from ferret_runtime.backends.tensorrt import TrtBackend
-
-    from .tensorrt import export_and_build
-
-    engine = ctx.tmp / f"{ctx.name}-{precision}-b{batch}.engine"
-    if not engine.exists():
-        export_and_build(ctx.tmp / f"{ctx.name}.pth" if (ctx.tmp / f"{ctx.name}.pth").exists() else _save(ctx),
-                         engine, precision=precision, input_size=ctx.size, batch=(1, batch, batch), verify=False,
-                         log=lambda *_: None)
-    be = TrtBackend(engine, device="cuda", gpu_preprocess=False)  # the engine alone, as the other backend rows
-    x = np.random.default_rng(0).standard_normal((batch, 3, ctx.size, ctx.size)).astype(
-        np.float16 if be.info.preprocess.dtype == "float16" else np.float32)
-    return (lambda: be.run(x)), False, be.close
-
-
-def _save(ctx: _Context) -> Path:
-    from ferret_train.checkpoint import save_checkpoint
-
-    return save_checkpoint(ctx.tmp / f"{ctx.name}.pth", ctx.model)
-
-
-RUNNERS: dict[str, Callable[[_Context, str, int], Runner]] = {
-    "torch-reference": _torch_runner, "torch": _torch_runner, "torch-compile": _torch_runner,
-    "onnxruntime": _ort_runner, "pipeline": _pipeline_runner,
-    "tensorrt-fp32": _trt_runner, "tensorrt-fp16": _trt_runner, "tensorrt-int8": _trt_runner,
-}
-
-
 # ------------------------------------------------------------------------------------- driver
 @dataclass
 class BenchConfig:
@@ -318,6 +156,7 @@ class BenchConfig:
     iters: int = 5
     device: str = "auto"
     threads: int | None = None
+    streams: int | None = None  # CPU streams of the ONNX Runtime rows (None: one per core, at most 4)
 
 
 def resolve_device(device: str) -> str:
@@ -385,7 +224,7 @@ def run_bench(cfg: BenchConfig, log: Callable[[str], None] = print, progress=Non
     try:
         with tempfile.TemporaryDirectory(prefix="ferret-bench-") as tmp:
             for name in cfg.models:
-                ctx = _Context(name, cfg.image_size, device, Path(tmp), cfg.threads)
+                ctx = Context(name, cfg.image_size, device, Path(tmp), cfg.threads, cfg.streams)
                 row = model_row(name, ctx.model, cfg.image_size)
                 models.append(row)
                 log(f"[bench] {name}: {row.params / 1e6:.2f}M params, {row.gflops_paper_convention:.2f} GFLOPs "
@@ -401,15 +240,21 @@ def run_bench(cfg: BenchConfig, log: Callable[[str], None] = print, progress=Non
     finally:
         torch.set_num_threads(old_threads)
     return {"schema": SCHEMA, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "device": device,
-            "hardware": hardware(), "config": asdict(cfg), "paper_fps_reading": "batch 1, PyTorch eager, one GPU",
+            "hardware": hardware(), "config": asdict(cfg), "onnxruntime_cpu_streams": _effective_streams(cfg), "paper_fps_reading": "batch 1, PyTorch eager, one GPU",
             "models": [asdict(m) for m in models], "cells": [asdict(c) for c in cells]}
 
 
-def _measure(ctx: _Context, backend: str, batch: int, cfg: BenchConfig, device: str) -> Cell:
+def _effective_streams(cfg: BenchConfig) -> int:
+    from ferret_runtime.backends.onnxruntime import default_streams
+
+    return cfg.streams or default_streams()
+
+
+def _measure(ctx: Context, backend: str, batch: int, cfg: BenchConfig, device: str) -> Cell:
     cell = Cell(ctx.name, backend, batch, device)
     try:
-        fn, cuda, release = RUNNERS[backend](ctx, backend, batch)
-    except _Skip as e:
+        fn, per_call, cuda, release = RUNNERS[backend](ctx, backend, batch)
+    except Skip as e:
         cell.status, cell.reason = "skipped", str(e)
         return cell
     try:
@@ -421,98 +266,9 @@ def _measure(ctx: _Context, backend: str, batch: int, cfg: BenchConfig, device: 
         del fn
         gc.collect()
     cell.iters = len(seconds)
+    seconds = [t * batch / per_call for t in seconds]  # per `batch` images, whatever a call ran
     for k, v in timings_summary(batch, seconds).items():
         setattr(cell, k, v)
     return cell
 
 
-# ------------------------------------------------------------------------------------- output
-def _fmt(v: float | None, spec: str) -> str:
-    return "-" if v is None else format(v, spec)
-
-
-def paper_table(record: dict[str, Any]) -> str:
-    """Shaped like the paper's: Method, Ref, Image size, Params, FLOPs, FPS (paper | ours), ACC/AP (paper)."""
-    best: dict[str, tuple[float, str]] = {}
-    for c in record["cells"]:
-        if c["status"] == "ok" and c["batch"] == 1 and c["backend"] != "pipeline":
-            if c["img_s_median"] > best.get(c["model"], (0.0, ""))[0]:
-                best[c["model"]] = (c["img_s_median"], c["backend"])
-    head = (f"{'Method':<13} {'Ref':<13} {'Size':>5} {'Params':>8} {'FLOPs':>8} {'paper FLOPs':>11} "
-            f"{'paper FPS':>9} {'FPS b=1 (ours)':>22} {'ACC / AP (paper)':>17}")
-    lines = [head, "-" * len(head)]
-    for m in record["models"]:
-        p = m["paper"]
-        fps, how = best.get(m["model"], (None, ""))
-        acc = f"{p['acc']:.1f} / {p['ap']:.1f}" if "acc" in p else "-"
-        lines.append(f"{m['model']:<13} {p.get('ref', '-'):<13} {str(m['image_size']) + '²':>5} "
-                     f"{m['params'] / 1e6:>7.2f}M {m['gflops_paper_convention']:>7.2f}G "
-                     f"{_fmt(p.get('gflops'), '.2f') + 'G' if 'gflops' in p else '-':>11} "
-                     f"{_fmt(p.get('fps'), '.1f'):>9} {(_fmt(fps, '.1f') + ' ' + how) if fps else '-':>22} {acc:>17}")
-    lines.append("FLOPs: multiply-adds (the paper's unit, thop MACs) from FlopCounterMode / 2, convolutions and linear "
-                 "layers only (BatchNorm, pooling, FFTs not counted; see ferret_train.models.peers). Paper FPS: its GPU; "
-                 "ours: fastest backend at batch 1 on this machine.")
-    return "\n".join(lines)
-
-
-def sweep_table(record: dict[str, Any]) -> str:
-    lines = [f"{'model':<13} {'backend':<16} {'batch':>5} {'img/s':>10} {'IQR':>8} {'p50 ms':>9} {'p99 ms':>9}  note"]
-    for c in record["cells"]:
-        if c["status"] == "ok":
-            lines.append(f"{c['model']:<13} {c['backend']:<16} {c['batch']:>5} {c['img_s_median']:>10.1f} "
-                         f"{c['img_s_iqr']:>8.1f} {c['latency_ms_p50']:>9.2f} {c['latency_ms_p99']:>9.2f}")
-        else:
-            lines.append(f"{c['model']:<13} {c['backend']:<16} {c['batch']:>5} {'-':>10} {'-':>8} {'-':>9} {'-':>9}"
-                         f"  skipped: {c['reason']}")
-    return "\n".join(lines)
-
-
-def plot(record: dict[str, Any], out_dir: Path) -> list[Path]:
-    """throughput.png (img/s vs batch) and latency.png (ms per batch vs batch), one panel per model."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    models = [m["model"] for m in record["models"]]
-    paths = []
-    for key, ylabel, fname in (("img_s_median", "images / s (median)", "throughput.png"),
-                               ("latency_ms_p50", "latency per batch, p50 (ms)", "latency.png")):
-        fig, axes = plt.subplots(1, len(models), figsize=(4.2 * len(models), 3.8), squeeze=False)
-        for ax, model in zip(axes[0], models):
-            for backend in dict.fromkeys(c["backend"] for c in record["cells"]):
-                pts = [(c["batch"], c[key]) for c in record["cells"]
-                       if c["model"] == model and c["backend"] == backend and c["status"] == "ok"]
-                if pts:
-                    ax.plot(*zip(*pts), "o-", label=backend)
-            ax.set(title=model, xlabel="batch size", ylabel=ylabel, xscale="log", yscale="log")
-            ax.grid(alpha=0.3, which="both")
-            ax.legend(fontsize=7)
-        hw = record["hardware"]
-        fig.suptitle(f"{hw.get('gpu') or hw['cpu']} ({record['device']})", fontsize=9)
-        fig.tight_layout()
-        path = out_dir / fname
-        fig.savefig(path, dpi=100)
-        plt.close(fig)
-        paths.append(path)
-    return paths
-
-
-def write_outputs(record: dict[str, Any], out_dir: Path) -> list[Path]:
-    from ferret_runtime.fileio import atomic_write
-
-    out_dir.mkdir(parents=True, exist_ok=True)
-    text = paper_table(record) + "\n\n" + sweep_table(record) + "\n"
-    atomic_write(out_dir / "table.txt", lambda f: f.write(text.encode()))
-    atomic_write(out_dir / "bench.json", lambda f: f.write(json.dumps(record, indent=2).encode()))
-    return [out_dir / "table.txt", out_dir / "bench.json", *plot(record, out_dir)]
-
-
-def default_out_dir(base: str | Path = "runs/bench") -> Path:
-    from ferret_train.engine import next_run_dir
-
-    return next_run_dir(base)
-
-
-def main_log(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+
+from ferret_runtime.commands import add_streams_argument
 from pathlib import Path
 
 HELP = "measure params, FLOPs and throughput of FerretNet and its peers across backends (the paper's table)"
@@ -45,13 +47,14 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--iters", type=int, default=None, help="timed batches per cell (default: 5 CPU, 50 GPU)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     p.add_argument("--threads", type=int, default=None, help="CPU threads for PyTorch and ONNX Runtime (default: all)")
+    add_streams_argument(p)
     p.add_argument("--out", default=None, help="output folder (default: runs/bench, runs/bench2, ...)")
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..benchmark import BACKENDS, BenchConfig, default_out_dir, main_log, paper_table, resolve_device, run_bench, \
-        sweep_table, write_outputs
+    from ..bench_report import default_out_dir, main_log, paper_table, sweep_table, write_outputs
+    from ..benchmark import BACKENDS, BenchConfig, resolve_device, run_bench
 
     device = resolve_device(args.device)
     gpu = device.startswith("cuda")
@@ -60,7 +63,7 @@ def run(args: argparse.Namespace) -> int:
                       batch_sizes=args.batch_sizes or ((1, 8, 32, 64, 128, 256) if gpu else (1, 8)),
                       image_size=args.image_size, warmup=args.warmup if args.warmup is not None else (10 if gpu else 1),
                       iters=args.iters if args.iters is not None else (50 if gpu else 5), device=device,
-                      threads=args.threads)
+                      threads=args.threads, streams=args.streams)
     from tqdm import tqdm
 
     total = len(cfg.models) * len(cfg.backends) * len(cfg.batch_sizes)

@@ -6,7 +6,6 @@ import argparse
 
 from ferret_runtime.commands import HelpFormatter, add_streams_argument
 import json
-import os
 import sys
 import warnings
 from pathlib import Path

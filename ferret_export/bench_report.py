@@ -1,0 +1,102 @@
+"""``ferret bench``'s outputs: the paper-shaped table, the sweep, the plots and the JSON record."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+def _fmt(v: float | None, spec: str) -> str:
+    return "-" if v is None else format(v, spec)
+
+
+def paper_table(record: dict[str, Any]) -> str:
+    """Shaped like the paper's: Method, Ref, Image size, Params, FLOPs, FPS (paper | ours), ACC/AP (paper)."""
+    best: dict[str, tuple[float, str]] = {}
+    for c in record["cells"]:
+        if c["status"] == "ok" and c["batch"] == 1 and c["backend"] != "pipeline":
+            if c["img_s_median"] > best.get(c["model"], (0.0, ""))[0]:
+                best[c["model"]] = (c["img_s_median"], c["backend"])
+    head = (f"{'Method':<13} {'Ref':<13} {'Size':>5} {'Params':>8} {'FLOPs':>8} {'paper FLOPs':>11} "
+            f"{'paper FPS':>9} {'FPS b=1 (ours)':>22} {'ACC / AP (paper)':>17}")
+    lines = [head, "-" * len(head)]
+    for m in record["models"]:
+        p = m["paper"]
+        fps, how = best.get(m["model"], (None, ""))
+        acc = f"{p['acc']:.1f} / {p['ap']:.1f}" if "acc" in p else "-"
+        lines.append(f"{m['model']:<13} {p.get('ref', '-'):<13} {str(m['image_size']) + '²':>5} "
+                     f"{m['params'] / 1e6:>7.2f}M {m['gflops_paper_convention']:>7.2f}G "
+                     f"{_fmt(p.get('gflops'), '.2f') + 'G' if 'gflops' in p else '-':>11} "
+                     f"{_fmt(p.get('fps'), '.1f'):>9} {(_fmt(fps, '.1f') + ' ' + how) if fps else '-':>22} {acc:>17}")
+    lines.append("FLOPs: multiply-adds (the paper's unit, thop MACs) from FlopCounterMode / 2, convolutions and linear "
+                 "layers only (BatchNorm, pooling, FFTs not counted; see ferret_train.models.peers). Paper FPS: its GPU; "
+                 "ours: fastest backend at batch 1 on this machine.")
+    return "\n".join(lines)
+
+
+def sweep_table(record: dict[str, Any]) -> str:
+    streams = record.get("onnxruntime_cpu_streams")
+    lines = [] if streams is None or record["device"] != "cpu" else [
+        f"ONNX Runtime on the CPU (onnxruntime, pipeline rows): {streams} stream(s), batches in flight concurrently "
+        "(--streams)"]
+    lines += [f"{'model':<13} {'backend':<16} {'batch':>5} {'img/s':>10} {'IQR':>8} {'p50 ms':>9} {'p99 ms':>9}  note"]
+    for c in record["cells"]:
+        if c["status"] == "ok":
+            lines.append(f"{c['model']:<13} {c['backend']:<16} {c['batch']:>5} {c['img_s_median']:>10.1f} "
+                         f"{c['img_s_iqr']:>8.1f} {c['latency_ms_p50']:>9.2f} {c['latency_ms_p99']:>9.2f}")
+        else:
+            lines.append(f"{c['model']:<13} {c['backend']:<16} {c['batch']:>5} {'-':>10} {'-':>8} {'-':>9} {'-':>9}"
+                         f"  skipped: {c['reason']}")
+    return "\n".join(lines)
+
+
+def plot(record: dict[str, Any], out_dir: Path) -> list[Path]:
+    """throughput.png (img/s vs batch) and latency.png (ms per batch vs batch), one panel per model."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    models = [m["model"] for m in record["models"]]
+    paths = []
+    for key, ylabel, fname in (("img_s_median", "images / s (median)", "throughput.png"),
+                               ("latency_ms_p50", "latency per batch, p50 (ms)", "latency.png")):
+        fig, axes = plt.subplots(1, len(models), figsize=(4.2 * len(models), 3.8), squeeze=False)
+        for ax, model in zip(axes[0], models):
+            for backend in dict.fromkeys(c["backend"] for c in record["cells"]):
+                pts = [(c["batch"], c[key]) for c in record["cells"]
+                       if c["model"] == model and c["backend"] == backend and c["status"] == "ok"]
+                if pts:
+                    ax.plot(*zip(*pts), "o-", label=backend)
+            ax.set(title=model, xlabel="batch size", ylabel=ylabel, xscale="log", yscale="log")
+            ax.grid(alpha=0.3, which="both")
+            ax.legend(fontsize=7)
+        hw = record["hardware"]
+        fig.suptitle(f"{hw.get('gpu') or hw['cpu']} ({record['device']})", fontsize=9)
+        fig.tight_layout()
+        path = out_dir / fname
+        fig.savefig(path, dpi=100)
+        plt.close(fig)
+        paths.append(path)
+    return paths
+
+
+def write_outputs(record: dict[str, Any], out_dir: Path) -> list[Path]:
+    from ferret_runtime.fileio import atomic_write
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    text = paper_table(record) + "\n\n" + sweep_table(record) + "\n"
+    atomic_write(out_dir / "table.txt", lambda f: f.write(text.encode()))
+    atomic_write(out_dir / "bench.json", lambda f: f.write(json.dumps(record, indent=2).encode()))
+    return [out_dir / "table.txt", out_dir / "bench.json", *plot(record, out_dir)]
+
+
+def default_out_dir(base: str | Path = "runs/bench") -> Path:
+    from ferret_train.engine import next_run_dir
+
+    return next_run_dir(base)
+
+
+def main_log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
