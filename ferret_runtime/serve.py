@@ -28,23 +28,21 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hmac
-import logging
 import sys
-import threading
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from .batching import Closed, DynamicBatcher, Overloaded
-from .detector import Detector
-from .errors import ConfigError
+from .detector import Detector, Result
+from .http_limits import OVER_CAPACITY, ByteBudget, ServerLimits, load_api_keys, log, protocol_class
+
+__all__ = ["DETECT_PATH", "DetectApp", "ServeConfig", "ServerLimits", "create_app", "load_api_keys", "serve"]
 
 DETECT_PATH = "/v1/detect"
 MB = 1024 * 1024
-log = logging.getLogger("uvicorn.error")  # uvicorn configures its handler and level
 
 
 @dataclass
@@ -59,51 +57,6 @@ class ServeConfig:
     read_timeout: float = 10.0
     api_keys: tuple[str, ...] = ()
     metrics_public: bool = False
-
-
-@dataclass
-class ServerLimits:
-    """Connection-level settings handed to uvicorn and to the protocol below."""
-
-    max_connections: int = 256
-    keep_alive_timeout: float = 5.0
-    shutdown_timeout: float = 20.0
-    ssl_certfile: str | None = None
-    ssl_keyfile: str | None = None
-
-
-def load_api_keys(path: str | Path) -> tuple[str, ...]:
-    """Bearer tokens from a file, one per line; ConfigError when it is unreadable or holds none."""
-    try:
-        lines = Path(path).read_text().splitlines()
-    except (OSError, UnicodeDecodeError) as e:
-        raise ConfigError(f"Received --api-key-file {path}: cannot read it ({e.__class__.__name__}); "
-                          "expected a readable text file of tokens, one per line") from None
-    keys = tuple(line.strip() for line in lines if line.strip())
-    if not keys:
-        raise ConfigError(f"Received --api-key-file {path} with no token; expected one or more, one per line")
-    if not all(k.isascii() for k in keys):
-        raise ConfigError(f"Received --api-key-file {path} with a non-ASCII token; expected ASCII tokens")
-    return keys
-
-
-class _ByteBudget:
-    """Bytes of request bodies accepted and not yet answered, up to a limit; thread-safe."""
-
-    def __init__(self, limit: int):
-        self.limit, self.used = limit, 0
-        self._lock = threading.Lock()
-
-    def reserve(self, n: int) -> bool:
-        with self._lock:
-            if self.used + n > self.limit:
-                return False
-            self.used += n
-            return True
-
-    def release(self, n: int) -> None:
-        with self._lock:
-            self.used -= n
 
 
 class _Metrics:
@@ -146,267 +99,239 @@ class _Answer(Exception):
         self.status, self.kind, self.message, self.headers = status, kind, message, headers
 
 
-OVER_CAPACITY = "ferret_over_capacity"  # set in the request state by the protocol for connections past the cap
+class DetectApp:
+    """The service: one detector behind a dynamic batcher, its limits, metrics and handlers.
 
+    ``asgi()`` builds the Starlette app (the detector is owned: closed at shutdown). The handler
+    core, :meth:`classify_items`, takes named image bytes and returns results or raises an answer,
+    so every route speaks the same limits, errors and metrics.
+    """
 
-def create_app(detector: Detector, config: ServeConfig | None = None, *, warmup: bool = True):
-    """The ASGI app; the detector is owned (closed at shutdown)."""
-    from starlette.applications import Starlette
-    from starlette.datastructures import UploadFile
-    from starlette.formparsers import MultiPartException
-    from starlette.requests import ClientDisconnect, Request
-    from starlette.responses import JSONResponse, PlainTextResponse, Response
-    from starlette.routing import Route
+    def __init__(self, detector: Detector, config: ServeConfig | None = None, *, warmup: bool = True):
+        self.detector, self.cfg, self.warmup = detector, config or ServeConfig(), warmup
+        self.ready = False
+        self.batcher: DynamicBatcher | None = None
+        self.max_body = int(self.cfg.max_body_mb * MB)
+        self.budget = ByteBudget(int(self.cfg.max_inflight_mb * MB))
+        self.metrics = _Metrics(lambda: self.batcher.queue_depth if self.batcher else 0, lambda: self.budget.used)
+        self._keys = [k.encode() for k in self.cfg.api_keys]
+        self._retry = {"Retry-After": str(self.cfg.retry_after_s)}
 
-    cfg = config or ServeConfig()
-    state: dict[str, Any] = {"ready": False, "batcher": None}
-    max_body = int(cfg.max_body_mb * MB)
-    budget = _ByteBudget(int(cfg.max_inflight_mb * MB))
-    metrics = _Metrics(lambda: state["batcher"].queue_depth if state["batcher"] else 0, lambda: budget.used)
-    keys = [k.encode() for k in cfg.api_keys]
-    retry = {"Retry-After": str(cfg.retry_after_s)}
+    def asgi(self) -> Any:
+        from starlette.applications import Starlette
+        from starlette.routing import Route
 
-    def error(status: int, kind: str, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
-        metrics.errors.labels(kind).inc()
-        metrics.requests.labels(str(status)).inc()
+        routes = [Route(DETECT_PATH, self.detect, methods=["POST"]), Route("/healthz", self.healthz),
+                  Route("/readyz", self.readyz), Route("/metrics", self.metrics_page)]
+        app = Starlette(routes=routes, lifespan=self.lifespan)
+        app.state.metrics = self.metrics
+        return app
+
+    # ------------------------------------------------------------------------------ answers
+    def error(self, status: int, kind: str, message: str, headers: dict[str, str] | None = None) -> Any:
+        from starlette.responses import JSONResponse
+
+        self.metrics.errors.labels(kind).inc()
+        self.metrics.requests.labels(str(status)).inc()
         return JSONResponse({"error": message}, status_code=status, headers=headers)
 
-    def authorized(request: Request) -> bool:
+    def authorized(self, request: Any) -> bool:
         """A valid bearer token, or no keys configured; every key compared in constant time."""
-        if not keys:
+        if not self._keys:
             return True
         scheme, _, token = request.headers.get("authorization", "").partition(" ")
         given = token.strip().encode("latin-1", "replace")
         # compare against every key (no early exit): timing says nothing about which key nearly matched
-        matches = [hmac.compare_digest(given, k) for k in keys]
+        matches = [hmac.compare_digest(given, k) for k in self._keys]
         return scheme.lower() == "bearer" and any(matches)
 
+    @staticmethod
     def unauthorized() -> _Answer:
         return _Answer(401, "unauthorized", "Received no valid bearer token; expected an Authorization: Bearer header "
                                             "with a key of this server", {"WWW-Authenticate": "Bearer"})
 
-    async def read_body(request: Request, held: list[int]) -> bytes:
-        """The body within max_body and the byte budget (reserved into ``held`` as it arrives)."""
-        length = request.headers.get("content-length")
-        if length is not None and length.isdigit() and int(length) > max_body:
+    # ------------------------------------------------------------------------------ reading a request
+    def admit(self, request: Any) -> None:
+        """The checks before a request's body is read: connection cap, then the token."""
+        if request.scope.get("state", {}).get(OVER_CAPACITY):
+            raise _Answer(503, "connections", "Received a request on a connection past the connection cap; expected "
+                                              "fewer open connections (--max-connections, retry later)",
+                          {**self._retry, "Connection": "close"})
+        if not self.authorized(request):
+            raise self.unauthorized()
+
+    async def read_body(self, request: Any, held: list[int]) -> bytes:
+        """The whole body within ``read_timeout`` (else 408), ``max_body`` (else 413) and the byte budget
+        (else 503; reserved into ``held`` as it arrives)."""
+        try:
+            return await asyncio.wait_for(self._read_body(request, held), self.cfg.read_timeout)
+        except asyncio.TimeoutError:  # not the builtin TimeoutError before Python 3.11
+            raise _Answer(408, "read_timeout", f"Received an incomplete body after {self.cfg.read_timeout:g} s; "
+                                               "expected the whole body within that (--read-timeout)",
+                          {"Connection": "close"}) from None
+
+    async def _read_body(self, request: Any, held: list[int]) -> bytes:
+        cfg, length = self.cfg, request.headers.get("content-length")
+        if length is not None and length.isdigit() and int(length) > self.max_body:
             raise _Answer(413, "too_large", f"Received a body of {int(length)} bytes; expected at most "
                                             f"{cfg.max_body_mb:g} MB (--max-body-mb)")
         chunks, size = [], 0
         async for chunk in request.stream():
             size += len(chunk)
-            if size > max_body:
+            if size > self.max_body:
                 raise _Answer(413, "too_large", f"Received a body over {cfg.max_body_mb:g} MB; expected at most that "
                                                 "(--max-body-mb)")
-            if not budget.reserve(len(chunk)):
-                raise _Answer(503, "inflight_bytes", f"Received a body while {budget.used} bytes of other requests "
-                                                     f"are in flight; expected at most {cfg.max_inflight_mb:g} MB in "
-                                                     "all (server overloaded, retry later)", retry)
+            if not self.budget.reserve(len(chunk)):
+                raise _Answer(503, "inflight_bytes", f"Received a body while {self.budget.used} bytes of other "
+                                                     f"requests are in flight; expected at most {cfg.max_inflight_mb:g}"
+                                                     " MB in all (server overloaded, retry later)", self._retry)
             held[0] += len(chunk)
             chunks.append(chunk)
         return b"".join(chunks)
 
-    async def parts(request: Request, body: bytes) -> list[tuple[str, bytes]]:
-        ctype = request.headers.get("content-type", "")
-        if not ctype.startswith("multipart/form-data"):
+    async def parts(self, request: Any, body: bytes) -> list[tuple[str, bytes]]:
+        """(name, bytes) of each image: the raw body, or each multipart file part."""
+        from starlette.datastructures import UploadFile
+        from starlette.formparsers import MultiPartException
+        from starlette.requests import Request
+
+        if not request.headers.get("content-type", "").startswith("multipart/form-data"):
             return [("<body>", body)]
 
-        # re-parse the already-read body (bounded above) with Starlette's multipart parser
-        async def receive() -> dict[str, Any]:
+        async def receive() -> dict[str, Any]:  # re-parse the already-read body (bounded above)
             return {"type": "http.request", "body": body, "more_body": False}
 
         # without "app" in the scope Starlette raises its parser's MultiPartException, not a ready-made 400
         scope = {k: v for k, v in request.scope.items() if k != "app"}
+        n = self.cfg.max_parts
         try:
-            form = await Request(scope, receive).form(max_files=cfg.max_parts, max_fields=cfg.max_parts,
-                                                              max_part_size=max_body)
+            form = await Request(scope, receive).form(max_files=n, max_fields=n, max_part_size=self.max_body)
         except MultiPartException as e:
             if str(e).startswith("Too many"):
-                raise _Answer(413, "too_many_parts", f"Received more than {cfg.max_parts} multipart parts; expected "
-                                                     f"at most {cfg.max_parts} (--max-parts)") from None
+                raise _Answer(413, "too_many_parts", f"Received more than {n} multipart parts; expected at most {n} "
+                                                     "(--max-parts)") from None
             raise _Answer(400, "bad_request", f"Received a malformed multipart body ({e}); expected image file "
                                               "parts") from None
         try:
-            out = []
-            for key, value in form.multi_items():
-                if isinstance(value, UploadFile):
-                    out.append((value.filename or key, await value.read()))
-            return out
+            return [(v.filename or k, await v.read()) for k, v in form.multi_items() if isinstance(v, UploadFile)]
         finally:
             await form.close()  # large parts spill to temporary files: remove them now, not at garbage collection
 
-    async def classify(request: Request, held: list[int]) -> Response:
-        loop = asyncio.get_running_loop()
-        start = loop.time()
-        if request.scope.get("state", {}).get(OVER_CAPACITY):
-            raise _Answer(503, "connections", "Received a request on a connection past the connection cap; expected "
-                                              "fewer open connections (--max-connections, retry later)",
-                          {**retry, "Connection": "close"})
-        if not authorized(request):
-            raise unauthorized()
-        try:
-            body = await asyncio.wait_for(read_body(request, held), cfg.read_timeout)
-        except asyncio.TimeoutError:  # not the builtin TimeoutError before Python 3.11
-            raise _Answer(408, "read_timeout", f"Received an incomplete body after {cfg.read_timeout:g} s; expected "
-                                               "the whole body within that (--read-timeout)",
-                          {"Connection": "close"}) from None
-        items = await parts(request, body)
-        del body  # the parts are copies: the joined body need not live while they wait for a batch
+    # ------------------------------------------------------------------------------ the core
+    async def classify_items(self, items: list[tuple[str, Any]]) -> list[Result]:
+        """Results for named images, through the batcher; the answer (400, 503) when not all can be had."""
         if not items or items == [("<body>", b"")]:
             raise _Answer(400, "bad_request", "Received no image; expected an image as the body or as multipart "
                                               "file parts")
-        empty = [name for name, data in items if not data]
+        empty = [name for name, data in items if len(data) == 0]
         if empty:
             raise _Answer(400, "bad_request", f"Received empty part(s) {', '.join(empty[:5])}"
                                               f"{' ...' if len(empty) > 5 else ''}; expected image bytes in every part")
-        batcher: DynamicBatcher = state["batcher"]
+        assert self.batcher is not None
         try:
-            futures = batcher.submit_many(items)
+            futures = self.batcher.submit_many(items)
         except Overloaded as e:
-            raise _Answer(503, "overloaded", str(e), retry) from None
+            raise _Answer(503, "overloaded", str(e), self._retry) from None
         except Closed as e:
-            raise _Answer(503, "shutting_down", str(e), retry) from None
+            raise _Answer(503, "shutting_down", str(e), self._retry) from None
         del items
         results = await asyncio.gather(*(asyncio.wrap_future(f) for f in futures))
         bad = [r for r in results if r.error is not None]
         if bad:
             raise _Answer(400, "bad_image", "; ".join(r.error for r in bad))
-        metrics.images.inc(len(results))
-        metrics.latency.observe(loop.time() - start)
-        metrics.requests.labels("200").inc()
-        return JSONResponse({"results": [r.to_dict() for r in results]})
+        return list(results)
 
-    async def detect(request: Request) -> Response:
+    async def answered(self, request: Any, handle: Callable[[list[int]], Any]) -> Any:
+        """Run ``handle(held)`` and turn every outcome into one counted answer: an error status, a
+        disconnect (one log line, no traceback), a shutdown timeout (503), a server fault (500)."""
+        from starlette.requests import ClientDisconnect
+        from starlette.responses import Response
+
         held = [0]  # budget bytes this request reserved, released once it is answered
         try:
-            return await classify(request, held)
+            return await handle(held)
         except _Answer as a:
-            return error(a.status, a.kind, a.message, a.headers)
+            return self.error(a.status, a.kind, a.message, a.headers)
         except ClientDisconnect:
-            metrics.disconnects.inc()
+            self.metrics.disconnects.inc()
             client = request.client
             log.info("[serve] client %s disconnected after %d bytes of its request", client and client.host, held[0])
             return Response(status_code=499)  # never sent: uvicorn drops answers to a closed connection
         except asyncio.CancelledError:
             # uvicorn cancels requests still running when --shutdown-timeout expires: answer, do not 500
-            return error(503, "shutting_down", "Received no result before the shutdown timeout; expected the "
-                                               "request to finish sooner (retry on another instance)", retry)
+            return self.error(503, "shutting_down", "Received no result before the shutdown timeout; expected the "
+                                                    "request to finish sooner (retry on another instance)", self._retry)
         except Exception:
-            log.exception("[serve] unexpected error answering %s", DETECT_PATH)
-            return error(500, "internal", "Received an unexpected server error; expected none (see the server log)")
+            log.exception("[serve] unexpected error answering %s", request.url.path)
+            return self.error(500, "internal", "Received an unexpected server error; expected none (see the server log)")
         finally:
-            budget.release(held[0])
+            self.budget.release(held[0])
 
-    async def healthz(_: Request) -> Response:
+    # ------------------------------------------------------------------------------ routes
+    async def detect(self, request: Any) -> Any:
+        """POST /v1/detect: ``{"results": [rows]}``."""
+        from starlette.responses import JSONResponse
+
+        async def handle(held: list[int]) -> Any:
+            start = asyncio.get_running_loop().time()
+            self.admit(request)
+            body = await self.read_body(request, held)
+            items = await self.parts(request, body)
+            del body  # the parts are copies: the joined body need not live while they wait for a batch
+            results = await self.classify_items(items)
+            self.metrics.images.inc(len(results))
+            self.metrics.latency.observe(asyncio.get_running_loop().time() - start)
+            self.metrics.requests.labels("200").inc()
+            return JSONResponse({"results": [r.to_dict() for r in results]})
+
+        return await self.answered(request, handle)
+
+    async def healthz(self, _: Any) -> Any:
+        from starlette.responses import PlainTextResponse
+
         return PlainTextResponse("ok")
 
-    async def readyz(_: Request) -> Response:
-        if state["ready"]:
-            return PlainTextResponse("ready")
-        return PlainTextResponse("warming up", status_code=503)
+    async def readyz(self, _: Any) -> Any:
+        from starlette.responses import PlainTextResponse
 
-    async def metrics_page(request: Request) -> Response:
-        if not cfg.metrics_public and not authorized(request):
-            a = unauthorized()
+        return PlainTextResponse("ready") if self.ready else PlainTextResponse("warming up", status_code=503)
+
+    async def metrics_page(self, request: Any) -> Any:
+        from starlette.responses import JSONResponse, Response
+
+        if not self.cfg.metrics_public and not self.authorized(request):
+            a = self.unauthorized()
             return JSONResponse({"error": a.message}, status_code=401, headers=a.headers)
-        data, ctype = metrics.render()
+        data, ctype = self.metrics.render()
         return Response(data, media_type=ctype)
 
     @contextlib.asynccontextmanager
-    async def lifespan(_app):
-        batcher = DynamicBatcher(detector, max_batch=cfg.max_batch, max_delay_ms=cfg.max_delay_ms,
-                                 max_queue=cfg.max_queue, on_batch=metrics.on_batch)
-        state["batcher"] = batcher
-        if warmup:
-            await asyncio.get_running_loop().run_in_executor(None, _warm_up, detector)
-        state["ready"] = True
+    async def lifespan(self, _app: Any):
+        cfg, loop = self.cfg, asyncio.get_running_loop()
+        self.batcher = batcher = DynamicBatcher(self.detector, max_batch=cfg.max_batch, max_delay_ms=cfg.max_delay_ms,
+                                                max_queue=cfg.max_queue, on_batch=self.metrics.on_batch)
+        if self.warmup:
+            await loop.run_in_executor(None, _warm_up, self.detector)
+        self.ready = True
         try:
             yield
         finally:
-            state["ready"] = False
-            await asyncio.get_running_loop().run_in_executor(None, batcher.close)
-            detector.close()
+            self.ready = False
+            await loop.run_in_executor(None, batcher.close)
+            self.detector.close()
             print(f"[serve] shut down after {batcher.stats.requests} images in {batcher.stats.batches} batches",
                   file=sys.stderr, flush=True)
 
-    routes = [Route(DETECT_PATH, detect, methods=["POST"]), Route("/healthz", healthz), Route("/readyz", readyz),
-              Route("/metrics", metrics_page)]
-    app = Starlette(routes=routes, lifespan=lifespan)
-    app.state.metrics = metrics
-    return app
+
+def create_app(detector: Detector, config: ServeConfig | None = None, *, warmup: bool = True) -> Any:
+    """The ASGI app of :class:`DetectApp`; the detector is owned (closed at shutdown)."""
+    return DetectApp(detector, config, warmup=warmup).asgi()
 
 
 def _warm_up(detector: Detector) -> None:
     """Run one batch so the first request does not pay for lazy initialisation."""
     size = detector.preprocess.crop or 256
     detector.predict([np.zeros((size, size, 3), np.uint8)])
-
-
-def protocol_class(read_timeout: float, max_connections: int) -> type:
-    """uvicorn's h11 protocol plus a header deadline and a connection cap, which uvicorn lacks.
-
-    A connection must deliver a complete request head within ``read_timeout`` of opening (or of the
-    first byte of its next request); else it is closed. A body left unread after the answer (a 401,
-    a 413) must also finish within ``read_timeout``. Requests on connections opened past
-    ``max_connections`` reach the app marked :data:`OVER_CAPACITY` (answered 503 and counted there,
-    the probes still served), so the cap costs no request parsing of our own.
-    """
-    import h11
-    from uvicorn.protocols.http.h11_impl import H11Protocol
-
-    class DeadlineH11Protocol(H11Protocol):
-        _deadline: asyncio.TimerHandle | None = None
-
-        def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
-            super().connection_made(transport)
-            if len(self.connections) > max_connections:
-                self.app_state = {**self.app_state, OVER_CAPACITY: True}
-            self._arm()
-
-        def connection_lost(self, exc: Exception | None) -> None:
-            self._disarm()
-            super().connection_lost(exc)
-
-        def data_received(self, data: bytes) -> None:
-            if self._deadline is None and self.conn.their_state is h11.IDLE:
-                self._arm()  # the first bytes of the next request on a kept-alive connection
-            super().data_received(data)
-            self._update()
-
-        def on_response_complete(self) -> None:
-            super().on_response_complete()
-            self._update()
-
-        def _reading_leftover(self) -> bool:
-            """Answered, but the client is still sending that request's body (uvicorn discards it)."""
-            return self.conn.their_state is h11.SEND_BODY and (self.cycle is None or self.cycle.response_complete)
-
-        def _update(self) -> None:
-            state = self.conn.their_state
-            if state is h11.IDLE:
-                return  # head still coming (deadline armed) or an idle keep-alive (uvicorn's own timer)
-            if self._reading_leftover():
-                if self._deadline is None:
-                    self._arm()
-            else:
-                self._disarm()  # head complete: the app reads the body under its own deadline
-
-        def _arm(self) -> None:
-            self._disarm()
-            self._deadline = self.loop.call_later(read_timeout, self._expired)
-
-        def _disarm(self) -> None:
-            if self._deadline is not None:
-                self._deadline.cancel()
-                self._deadline = None
-
-        def _expired(self) -> None:
-            self._deadline = None
-            if (self.conn.their_state is h11.IDLE or self._reading_leftover()) and not self.transport.is_closing():
-                log.info("[serve] closed a connection from %s: no complete request within %g s (--read-timeout)",
-                         self.client and self.client[0], read_timeout)
-                self.transport.close()
-
-    return DeadlineH11Protocol
 
 
 def serve(detector: Detector, host: str = "127.0.0.1", port: int = 8000, config: ServeConfig | None = None,
