@@ -53,13 +53,10 @@ def bench_onnxruntime_cpu(benchmark, setup):
 
 
 def bench_onnxruntime_cpu_streams(benchmark, setup):
-    """THREADS one-thread sessions with batches in flight: one call is one batch of the steady state."""
+    """THREADS one-thread sessions, one batch each in flight: one call is THREADS batches."""
     benchmark.group = f"ferretnet-b b={BATCH} {SIZE}x{SIZE} CPU {THREADS} threads"
     _, onnx_path, x = setup
-    backend = OrtBackend(onnx_path, threads=THREADS, streams=THREADS)
-    call, _ = steady_state(backend, x)
-    try:
-        benchmark.pedantic(call, rounds=3 * THREADS, warmup_rounds=THREADS)
-    finally:
-        backend.close()  # steady_state's close: collects the batches still in flight first
-    assert backend.slots == THREADS
+    with OrtBackend(onnx_path, threads=THREADS, streams=THREADS) as backend:
+        call, per_call = steady_state(backend, x)
+        benchmark.pedantic(call, rounds=3, warmup_rounds=1)
+    assert backend.slots == THREADS and per_call == THREADS * BATCH

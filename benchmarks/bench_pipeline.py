@@ -77,8 +77,9 @@ def measure_throughput(onnx_path: Path, images: list[bytes], batch: int, threads
     batches = [normalize(u8[i : i + batch]) for i in range(0, len(u8), batch)]
     n = len(images)
     with OrtBackend(onnx_path, threads=threads) as be:  # the default CPU streams, batches in flight
-        call, _ = steady_state(be, batches[0])
-        backend = _rate(n, lambda: [call() for _ in batches], repeats)
+        call, per_call = steady_state(be, batches[0])
+        calls = max(1, n // per_call)
+        backend = _rate(calls * per_call, lambda: [call() for _ in range(calls)], repeats)
     with Detector.open(onnx_path, batch_size=batch, threads=threads, workers=max(2, threads)) as det:
         pipeline = _rate(n, lambda: det.predict(images), repeats)
     decode = _rate(n, lambda: [load_image(b) for b in images], repeats)

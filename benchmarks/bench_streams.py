@@ -8,7 +8,7 @@ runs once on a few small images, as a smoke test.
 Rows, all at batch ``--batch`` on the same random-weight model and the same images:
 - original: the authors' eager PyTorch (unfold + median LPD), all cores;
 - ONNX Runtime alone on normalised batches: one session with every thread, then ``streams``
-  sessions of one thread each with batches in flight (``ferret_export.bench_runners.steady_state``);
+  sessions of one thread each, one batch per session in flight (``bench_runners.steady_state``);
 - pipeline: ``Detector`` over the PNG files on disk (decode, crop, normalise, run: what
   ``ferret detect`` does, without printing), with one stream and with the default streams.
 """
@@ -80,10 +80,9 @@ def _original(ckpt: Path, model: str, batches: list[np.ndarray], repeats: int, t
 
 def _ort_alone(onnx_path: Path, batches: list[np.ndarray], streams: int, repeats: int, threads: int) -> float:
     with OrtBackend(onnx_path, device="cpu", threads=threads, streams=streams) as be:
-        call, _ = steady_state(be, batches[0])
-        n = sum(len(b) for b in batches)
-        rate = _best_rate(n, lambda: [call() for _ in batches], repeats)
-    return rate
+        call, per_call = steady_state(be, batches[0])
+        calls = max(1, len(batches) * len(batches[0]) // per_call)
+        return _best_rate(calls * per_call, lambda: [call() for _ in range(calls)], repeats)
 
 
 def _pipeline(onnx_path: Path, paths: list[Path], batch: int, streams: int, repeats: int, threads: int) -> float:

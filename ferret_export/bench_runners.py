@@ -1,15 +1,14 @@
 """What ``ferret bench`` times in each cell: one callable per backend, built for a model and a batch size.
 
 A runner is ``(one call, images per call, times on CUDA, release)``. Backends with batches in flight
-(CPU streams, GPU slots) are timed in their steady state: each call submits one batch and collects
-the oldest once ``slots`` are out, so a call's time is the interval between finished batches.
+(CPU streams, GPU slots) are timed with one batch per slot in flight at once, so a call's images are
+``slots`` batches.
 """
 
 from __future__ import annotations
 
 import importlib.util
 import io
-from collections import deque
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -119,26 +118,17 @@ def _ort_runner(ctx: Context, backend: str, batch: int) -> Runner:
 
 
 def steady_state(be: Any, x: np.ndarray) -> tuple[Callable[[], Any], int]:
-    """One call = one batch submitted, the oldest collected once ``slots`` are in flight: in steady
-    state a call lasts one batch's share of the backend's throughput."""
+    """One call = one batch per slot, all in flight at once, then collected: a call's time is the
+    backend's throughput for ``slots`` batches (timing each submit alone would alternate between
+    instant and whole-batch calls, and their median would mean nothing)."""
     if be.slots < 2:
         return (lambda: be.run(x)), x.shape[0]
-    inflight: deque = deque()
 
     def call() -> None:
-        inflight.append(be.submit(x))
-        if len(inflight) >= be.slots:
-            inflight.popleft().result()
+        for pending in [be.submit(x) for _ in range(be.slots)]:
+            pending.result()
 
-    close = be.close
-
-    def drain_then_close() -> None:  # release(): no batch may still run on a closed session
-        while inflight:
-            inflight.popleft().result()
-        close()
-
-    be.close = drain_then_close  # type: ignore[method-assign]
-    return call, x.shape[0]
+    return call, be.slots * x.shape[0]
 
 
 def _pipeline_runner(ctx: Context, backend: str, batch: int) -> Runner:
