@@ -2,7 +2,7 @@
 pipeline against the original code's eager PyTorch.
 
 Run fully: ``python -m benchmarks.bench_streams [--model ferretnet-b] [--images 128] [--out DIR]``
-(writes ``streams.json`` under ``benchmarks/results/cpu-<cores>c/``). Under pytest (CI) the same code
+(writes ``streams-b<batch>.json`` under ``benchmarks/results/cpu-<cores>c/``). Under pytest (CI) the same code
 runs once on a few small images, as a smoke test.
 
 Rows, all at batch ``--batch`` on the same random-weight model and the same images:
@@ -128,17 +128,18 @@ def main() -> None:
     ap.add_argument("--size", type=int, default=256)
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--repeats", type=int, default=2)
-    ap.add_argument("--out", default=None, help="folder for streams.json (default: benchmarks/results/cpu-<cores>c)")
+    ap.add_argument("--out", default=None, help="folder for streams-b<batch>.json (default: benchmarks/results/cpu-<cores>c)")
     a = ap.parse_args()
     rec = run(a.model, a.images, a.size, a.batch, a.repeats, a.original_images)
     out = Path(a.out) if a.out else Path(__file__).parent / "results" / f"cpu-{os.cpu_count()}c"
     out.mkdir(parents=True, exist_ok=True)
-    (out / "streams.json").write_text(json.dumps(rec, indent=2))
+    path = out / f"streams-b{a.batch}.json"
+    path.write_text(json.dumps(rec, indent=2))
     print(f"{rec['model']} {rec['image_size']}px, batch {rec['batch']}, {rec['threads']} cores, "
           f"default {rec['default_streams']} streams")
     for k, v in rec["img_s"].items():
         print(f"{k:<24} {v:7.1f} img/s  {rec['vs_original'][k]:5.2f}x the original")
-    print(f"wrote {out / 'streams.json'}")
+    print(f"wrote {path}")
 
 
 if __name__ == "__main__":

@@ -107,14 +107,25 @@ def _ort_runner(ctx: Context, backend: str, batch: int) -> Runner:
         be = OrtBackend(path, device="cuda" if ctx.device.startswith("cuda") else "cpu", threads=ctx.threads or 0,
                         gpu_preprocess=False, max_batch=batch, streams=ctx.streams)
         return (*steady_state(be, x), False, be.close)
-    import onnxruntime as ort  # peers: a plain session (our backend wants FerretNet metadata)
+    import onnxruntime as ort  # peers: plain sessions (our backend wants FerretNet metadata) ...
 
+    from ferret_runtime.backends.onnxruntime import CpuStreams, cpu_cores, default_streams
+
+    # ... as many as the FerretNet rows get streams, so every model is timed the same way
+    streams = ctx.streams or default_streams()
     so = ort.SessionOptions()
-    if ctx.threads:
-        so.intra_op_num_threads = ctx.threads
-    sess = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
-    name = sess.get_inputs()[0].name
-    return (lambda: sess.run(None, {name: x})), batch, False, lambda: None
+    so.intra_op_num_threads = max(1, (ctx.threads or cpu_cores()) // streams)
+    sessions = [ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"]) for _ in range(streams)]
+    name = sessions[0].get_inputs()[0].name
+    if streams == 1:
+        return (lambda: sessions[0].run(None, {name: x})), batch, False, lambda: None
+    pool = CpuStreams(sessions, lambda session, b: session.run(None, {name: b})[0])
+
+    def call() -> None:
+        for pending in [pool.submit(x, block=True) for _ in range(streams)]:
+            pending.result()
+
+    return call, streams * batch, False, pool.close
 
 
 def steady_state(be: Any, x: np.ndarray) -> tuple[Callable[[], Any], int]:

@@ -52,6 +52,9 @@ def test_streams_are_sessions_with_a_share_of_the_threads(onnx_model):
         assert [s.get_session_options().intra_op_num_threads for s in sessions] == [1, 1]
     with OrtBackend(onnx_model, device="cpu", streams=1) as be:
         assert be.slots == 1 and be._streams is None
+        # the contract on the CPU too: submit runs the batch (before, a CPU OrtBackend's submit failed)
+        x = np.random.default_rng(0).standard_normal((3, 3, 32, 32)).astype(np.float32)
+        np.testing.assert_array_equal(be.submit(x).result(), be.run(x))
 
 
 def test_streams_give_the_logits_of_one_session(onnx_model):

@@ -122,7 +122,7 @@ class OrtBackend(SlotBackend):
         so.intra_op_num_threads = max(1, (threads or cpu_cores()) // streams)
         sessions = [self._session(ort, so, ["CPUExecutionProvider"]) for _ in range(streams)]
         self.session = sessions[0]
-        self._streams = _CpuStreams(sessions, self._run_session)
+        self._streams = CpuStreams(sessions, self._run_session)
         self.slots = streams
 
     @property
@@ -283,7 +283,7 @@ class _StreamPending(Pending):
         return as_logits(self._future.result(), self._n)
 
 
-class _CpuStreams:
+class CpuStreams:
     """Sessions run concurrently, each on its own thread: a batch takes whichever session is free."""
 
     def __init__(self, sessions: list[Any], run: Any):
