@@ -60,7 +60,7 @@ def _images(n: int, size: int) -> list[bytes]:
     return out
 
 
-def _rate(n: int, fn, repeats: int) -> float:
+def best_rate(n: int, fn, repeats: int) -> float:
     """Best-of-``repeats`` images/s for fn() processing n images (after one warm-up call)."""
     fn()
     best = float("inf")
@@ -79,12 +79,12 @@ def measure_throughput(onnx_path: Path, images: list[bytes], batch: int, threads
     with OrtBackend(onnx_path, threads=threads) as be:  # the default CPU streams, batches in flight
         call, per_call = steady_state(be, batches[0])
         calls = max(1, n // per_call)
-        backend = _rate(calls * per_call, lambda: [call() for _ in range(calls)], repeats)
+        backend = best_rate(calls * per_call, lambda: [call() for _ in range(calls)], repeats)
     with Detector.open(onnx_path, batch_size=batch, threads=threads, workers=max(2, threads)) as det:
-        pipeline = _rate(n, lambda: det.predict(images), repeats)
-    decode = _rate(n, lambda: [load_image(b) for b in images], repeats)
+        pipeline = best_rate(n, lambda: det.predict(images), repeats)
+    decode = best_rate(n, lambda: [load_image(b) for b in images], repeats)
     out = np.empty((batch, 3) + u8.shape[1:3], np.float32)
-    prep = _rate(n, lambda: [normalize(u8[i : i + batch], out=out[: len(u8[i : i + batch])]) for i in range(0, n, batch)],
+    prep = best_rate(n, lambda: [normalize(u8[i : i + batch], out=out[: len(u8[i : i + batch])]) for i in range(0, n, batch)],
                  repeats)
     return {"images": n, "batch": batch, "backend_img_s": backend, "pipeline_img_s": pipeline,
             "pipeline_vs_backend": pipeline / backend,

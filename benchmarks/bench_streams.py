@@ -19,28 +19,17 @@ import argparse
 import json
 import os
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
+from benchmarks.bench_pipeline import best_rate
 from ferret_export.bench_runners import steady_state
 from ferret_runtime import Detector
 from ferret_runtime.backends.onnxruntime import OrtBackend, cpu_cores, default_streams
 from ferret_runtime.preprocess import load_image, normalize
 from ferret_runtime.samples import natural_image
-
-
-def _best_rate(n: int, fn, repeats: int) -> float:
-    """Best-of-``repeats`` images/s of fn() processing n images, after one warm-up call."""
-    fn()
-    best = float("inf")
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - t0)
-    return n / best
 
 
 def _setup(model: str, tmp: Path, size: int, n_images: int) -> tuple[Path, Path, list[Path]]:
@@ -73,7 +62,7 @@ def _original(ckpt: Path, model: str, batches: list[np.ndarray], repeats: int, t
     torch.set_num_threads(threads)
     try:
         with torch.inference_mode():
-            return _best_rate(sum(len(b) for b in batches), lambda: [net(torch.from_numpy(b)) for b in batches], repeats)
+            return best_rate(sum(len(b) for b in batches), lambda: [net(torch.from_numpy(b)) for b in batches], repeats)
     finally:
         torch.set_num_threads(old)
 
@@ -82,12 +71,12 @@ def _ort_alone(onnx_path: Path, batches: list[np.ndarray], streams: int, repeats
     with OrtBackend(onnx_path, device="cpu", threads=threads, streams=streams) as be:
         call, per_call = steady_state(be, batches[0])
         calls = max(1, len(batches) * len(batches[0]) // per_call)
-        return _best_rate(calls * per_call, lambda: [call() for _ in range(calls)], repeats)
+        return best_rate(calls * per_call, lambda: [call() for _ in range(calls)], repeats)
 
 
 def _pipeline(onnx_path: Path, paths: list[Path], batch: int, streams: int, repeats: int, threads: int) -> float:
     with Detector.open(onnx_path, device="cpu", batch_size=batch, threads=threads, streams=streams) as det:
-        return _best_rate(len(paths), lambda: list(det.predict_iter(paths)), repeats)
+        return best_rate(len(paths), lambda: list(det.predict_iter(paths)), repeats)
 
 
 def run(model: str = "ferretnet-b", n_images: int = 128, size: int = 256, batch: int = 32, repeats: int = 2,
