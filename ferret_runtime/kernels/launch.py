@@ -11,6 +11,7 @@ from __future__ import annotations
 import ctypes
 import functools
 import math
+import re
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -67,6 +68,19 @@ class LaunchConfig:
     grid: tuple[int, int, int]
     block: tuple[int, int, int]
     shared_mem_bytes: int
+
+
+def kernel_family(base: str) -> tuple[str, int]:
+    """('lpd_generic', 5) from 'lpd_generic5', (name, 3) for the others: the launch_config kernel and window."""
+    m = re.fullmatch(r"(lpd_generic)(\d)?", base)
+    if m:
+        return m.group(1), int(m.group(2) or 3)
+    return base, 3
+
+
+def tile_shape(kernel: str, k: int = 3) -> tuple[int, int]:
+    """Output columns and rows one block writes."""
+    return BLOCK[0], BLOCK[1] * ROWS_PER_THREAD
 
 
 def dtype_name(dtype: Any) -> str:

@@ -1,0 +1,258 @@
+"""Static figures of lpd.cu's kernels, read from the sm_90 CUBIN the runtime loads (no GPU needed).
+
+For each kernel: registers, stack and spill (local memory) bytes, occupancy on sm_90 for the launch
+``launch_config`` makes, and instructions per output read from the SASS:
+
+- the hot loop is the kernel's outermost loop (the grid-stride loop over planes or images); its
+  body is counted instruction by instruction (static count, every path: an edge-only branch counts
+  as if it always ran, so the figure is an upper bound for interior tiles);
+- an inner loop inside it (a run-time staging loop) is weighted by how often it runs per plane:
+  the tile elements each thread stages divided by the shared-memory stores in one pass of the loop;
+- divided by the outputs one thread writes per pass of the hot loop: output values for the LPD
+  kernels, RGB pixels (three output values) for ``normalize`` and ``preprocess_lpd``.
+
+``python -m benchmarks.sass_static`` writes ``benchmarks/results/static/sm90.json`` and ``table.txt``
+and prints the table; ``--check`` compares a fresh build with the recorded file. Needs NVRTC
+(``nvidia-cuda-nvrtc``) and ``cuobjdump`` (the CUDA toolkit, or ``pip install nvidia-cuda-cuobjdump``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import math
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from ferret_runtime.kernels import launch, source_hash
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "benchmarks" / "results" / "static"
+ARCH = 90
+# sm_90 limits (CUDA C Programming Guide, "Technical Specifications per Compute Capability")
+SM90 = dict(regs=65536, threads=2048, blocks=32, smem=233472, smem_per_block_reserved=1024, reg_unit=256, warp=32)
+# Goals from the issue: instructions per output (per RGB pixel for the NHWC kernels), occupancy, spills.
+GOALS = {"lpd_residual": {"instructions_per_output": 50, "occupancy": 0.75},
+         "normalize": {"instructions_per_output": 20}}
+BRANCH = re.compile(r"^(?:@!?U?P\w+\s+)?(?:BRA|JMP)(?:\.\w+)*\s+(?:`?\(?\.?\w*\)?\s*)?(0x[0-9a-f]+)")
+
+
+@dataclass(frozen=True)
+class KernelFigures:
+    """What one kernel costs, statically."""
+
+    name: str
+    registers: int
+    stack_bytes: int
+    local_bytes: int
+    block_threads: int
+    shared_bytes: int
+    occupancy: float  # resident warps / 64 on sm_90
+    loop_instructions: float  # the hot loop's body, inner loops weighted
+    outputs_per_pass: int  # outputs (RGB pixels for NHWC kernels) one thread writes per pass of the hot loop
+    instructions_per_output: float
+    total_instructions: int
+
+
+def find_tool(name: str) -> str:
+    """``name`` on PATH, else in the nvidia-cuda-* wheels (nvidia/cu13/bin)."""
+    found = shutil.which(name)
+    if found:
+        return found
+    for base in map(Path, sys.path):
+        for candidate in base.glob(f"nvidia/cu*/bin/{name}"):
+            return str(candidate)
+    raise FileNotFoundError(f"Received no {name} on PATH or in the nvidia wheels; expected the CUDA toolkit or "
+                            f"`pip install nvidia-cuda-{name}`")
+
+
+def build_cubin(arch: int = ARCH) -> bytes:
+    """lpd.cu, every kernel, compiled by NVRTC for sm_{arch}, as the runtime compiles it (no disk cache)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        return launch.compile_lpd(arch, "cubin", cache=Path(tmp)).data
+
+
+def _cuobjdump(cubin: bytes, *args: str) -> str:
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "lpd.cubin"
+        path.write_bytes(cubin)
+        return subprocess.run([find_tool("cuobjdump"), *args, str(path)], check=True, capture_output=True,
+                              text=True).stdout
+
+
+def parse_sass(text: str) -> dict[str, list[tuple[int, str]]]:
+    """{function: [(address, instruction), ...]} from ``cuobjdump -sass``."""
+    out: dict[str, list[tuple[int, str]]] = {}
+    current = None
+    for line in text.splitlines():
+        if m := re.search(r"Function : (\w+)", line):
+            current = out.setdefault(m.group(1), [])
+        elif current is not None and (m := re.match(r"\s*/\*([0-9a-f]{4,})\*/\s+(.*?)\s*;", line)):
+            current.append((int(m.group(1), 16), m.group(2)))
+    return out
+
+
+def parse_resources(text: str) -> dict[str, dict[str, int]]:
+    """{function: {'REG': 40, 'STACK': 0, 'SHARED': 0, 'LOCAL': 0, ...}} from ``cuobjdump -res-usage``."""
+    out: dict[str, dict[str, int]] = {}
+    name = None
+    for line in text.splitlines():
+        if m := re.search(r"Function (\w+):", line):
+            name = m.group(1)
+        elif name and "REG:" in line:
+            out[name] = {k: int(v) for k, v in re.findall(r"(\w+(?:\[\d\])?):(\d+)", line)}
+            name = None
+    return out
+
+
+def loops(code: list[tuple[int, str]]) -> list[tuple[int, int]]:
+    """(head, back-branch) address pairs: a branch to an earlier address closes a loop."""
+    found = []
+    for addr, text in code:
+        m = BRANCH.match(text)
+        if m and int(m.group(1), 16) <= addr:
+            found.append((int(m.group(1), 16), addr))
+    return found
+
+
+def hot_loop_count(code: list[tuple[int, str]], staged_per_thread: float) -> tuple[float, int]:
+    """(weighted instruction count of the outermost loop's body, its plain count); without a loop, the
+    whole function up to its last EXIT (a kernel whose grid-stride loop was proven to run once)."""
+    body = [(a, t) for a, t in code if not t.startswith("NOP")]
+    found = loops(code)
+    if not found:
+        last_exit = max(a for a, t in body if t.endswith("EXIT"))
+        body = [(a, t) for a, t in body if a <= last_exit]
+        return float(len(body)), len(body)
+    outer = max(found, key=lambda hb: hb[1] - hb[0])
+    inner = [hb for hb in found if hb != outer and outer[0] <= hb[0] and hb[1] <= outer[1]]
+    total = 0.0
+    plain = 0
+    weights = {}
+    for head, back in inner:
+        stores = sum(1 for a, t in body if head <= a <= back and t.split()[0].lstrip("@!P0123456789T ").startswith("STS"))
+        weights[(head, back)] = staged_per_thread / stores if stores else 1.0
+    for addr, _ in body:
+        if not outer[0] <= addr <= outer[1]:
+            continue
+        w = 1.0
+        for (head, back), lw in weights.items():
+            if head <= addr <= back:
+                w *= lw
+        total += w
+        plain += 1
+    return total, plain
+
+
+def occupancy(registers: int, threads: int, shared: int) -> float:
+    """Resident warps per SM over the maximum (64), from registers, threads and shared memory."""
+    warps = math.ceil(threads / SM90["warp"])
+    regs_per_warp = math.ceil(max(registers, 1) * SM90["warp"] / SM90["reg_unit"]) * SM90["reg_unit"]
+    by_regs = (SM90["regs"] // regs_per_warp) // warps
+    by_threads = SM90["threads"] // threads
+    by_smem = SM90["smem"] // (shared + SM90["smem_per_block_reserved"]) if shared else SM90["blocks"]
+    blocks = min(by_regs, by_threads, by_smem, SM90["blocks"])
+    return blocks * warps / (SM90["threads"] // SM90["warp"])
+
+
+def kernel_model(name: str) -> tuple[int, int, float, int]:
+    """(threads per block, dynamic shared bytes, tile elements staged per thread, outputs per thread per pass)
+    for kernel ``name`` (e.g. 'lpd_residual_f32') on a large input, from launch.py's launch geometry."""
+    base = name.rsplit("_", 1)[0]
+    dtype = "float16" if name.endswith("f16") else "float32"
+    kernel, k = launch.kernel_family(base)
+    shape = (1, 1024, 1024, 3) if kernel in launch.NHWC_KERNELS else (1, 1, 1024, 1024)
+    cfg = launch.launch_config(kernel, shape, dtype, ARCH, k)
+    threads = math.prod(cfg.block)
+    tile_w, tile_h = launch.tile_shape(kernel, k)
+    staged = 0.0 if kernel == "normalize" else (tile_w + 2 * (k // 2)) * (tile_h + 2 * (k // 2)) / threads
+    if kernel == "preprocess_lpd":
+        staged *= 3  # three channel tiles
+    outputs = tile_w * tile_h // threads
+    return threads, cfg.shared_mem_bytes, staged, outputs
+
+
+def analyse(cubin: bytes) -> list[KernelFigures]:
+    sass = parse_sass(_cuobjdump(cubin, "-sass"))
+    res = parse_resources(_cuobjdump(cubin, "-res-usage"))
+    figures = []
+    for name in sorted(sass):
+        threads, shared, staged, outputs = kernel_model(name)
+        r = res[name]
+        weighted, plain = hot_loop_count(sass[name], staged)
+        figures.append(KernelFigures(
+            name, r["REG"], r["STACK"], r["LOCAL"], threads, shared + r["SHARED"],
+            round(occupancy(r["REG"], threads, shared + r["SHARED"]), 3), round(weighted, 1), outputs,
+            round(weighted / outputs, 1), len([1 for _, t in sass[name] if not t.startswith("NOP")])))
+    return figures
+
+
+def goals_met(figures: list[KernelFigures]) -> dict[str, dict[str, bool]]:
+    """Each goal of the issue, met or not, for the float32 kernels (float16 figures are reported beside)."""
+    by = {f.name: f for f in figures}
+    met: dict[str, dict[str, bool]] = {}
+    for name, f in by.items():
+        base = name.rsplit("_", 1)[0]
+        g = met.setdefault(name, {"no_spills": f.stack_bytes == 0 and f.local_bytes == 0})
+        for key, bound in GOALS.get(base, {}).items():
+            g[key] = getattr(f, key) <= bound if key == "instructions_per_output" else getattr(f, key) >= bound
+    for s in ("f32", "f16"):
+        pre, norm, res = (by.get(f"{k}_{s}") for k in ("preprocess_lpd", "normalize", "lpd_residual"))
+        if pre and norm and res:  # fused <= normalize + the residual of its three channels, per RGB pixel
+            met[pre.name]["fused_le_two_pass"] = (pre.instructions_per_output <=
+                                                  norm.instructions_per_output + 3 * res.instructions_per_output)
+    return met
+
+
+def table(figures: list[KernelFigures]) -> str:
+    met = goals_met(figures)
+    lines = [f"{'kernel':22s} {'regs':>4s} {'spill':>5s} {'occup':>6s} {'instr/out':>9s} {'loop':>7s} {'out/pass':>8s}  goals"]
+    for f in figures:
+        goals = ", ".join(f"{k} {'met' if v else 'MISSED'}" for k, v in met[f.name].items())
+        lines.append(f"{f.name:22s} {f.registers:4d} {f.stack_bytes + f.local_bytes:5d} {f.occupancy:6.0%} "
+                     f"{f.instructions_per_output:9.1f} {f.loop_instructions:7.1f} {f.outputs_per_pass:8d}  {goals}")
+    return "\n".join(lines)
+
+
+def record(figures: list[KernelFigures], nvrtc: tuple[int, int]) -> dict:
+    return {"arch": f"sm_{ARCH}", "compiler": "NVRTC %d.%d" % nvrtc, "source_hash": source_hash(*launch.NVRTC_OPTIONS),
+            "method": __doc__.split("\n\n")[1].strip(), "kernels": [asdict(f) for f in figures],
+            "goals": GOALS, "goals_met": goals_met(figures)}
+
+
+def load_recorded(path: Path = RESULTS / "sm90.json") -> dict:
+    return json.loads(path.read_text())
+
+
+@functools.lru_cache(maxsize=1)
+def current() -> list[KernelFigures]:
+    """The figures of the lpd.cu in this checkout (compiles it: about two seconds per kernel group)."""
+    return analyse(build_cubin())
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--check", action="store_true", help="compare with the recorded figures instead of writing them")
+    args = ap.parse_args(argv)
+    figures = current()
+    print(table(figures))
+    rec = record(figures, launch.nvrtc_version())
+    if args.check:
+        old = load_recorded()
+        same = old["kernels"] == rec["kernels"]
+        print("recorded figures match" if same else "recorded figures differ: run python -m benchmarks.sass_static")
+        return 0 if same else 1
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / "sm90.json").write_text(json.dumps(rec, indent=1) + "\n")
+    (RESULTS / "table.txt").write_text(f"sm_{ARCH}, {rec['compiler']}, lpd.cu {rec['source_hash']}\n" + table(figures) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
