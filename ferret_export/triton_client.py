@@ -1,12 +1,13 @@
 #!/usr/bin/env python3
-"""Classify images with a FerretNet model served by Triton (copied into the repository by `ferret export triton`).
+"""Classify images with a FerretNet model served by Triton or by `ferret serve` (copied into the repository by `ferret export triton`).
 
     pip install "tritonclient[http]" numpy pillow
     python client_example.py IMAGE [IMAGE ...] --url localhost:8000 --model NAME
 
 The preprocessing is read from the served model's config (parameter ferret.preprocess), so this
-works for every FerretNet model in the repository; the constants below, those of the model it was
-written for, are the fallback. numpy and Pillow only: no torch, and no ferret package.
+works for every FerretNet model in the repository, and against `ferret serve` (KServe v2), whose
+config asks for uint8 pixels and normalises on the server; the constants below, those of the model
+it was written for, are the fallback. numpy and Pillow only: no torch, and no ferret package.
 """
 
 from __future__ import annotations
@@ -60,19 +61,24 @@ def preprocess(img: np.ndarray, pre: dict = PREPROCESS) -> np.ndarray:
 
 
 def served_model(client, model: str) -> tuple[dict, float, str, str, int]:
-    """(preprocess, threshold, input name, output name, max_batch_size) from the server's config."""
+    """(preprocess, threshold, input name, output name, max_batch_size) from the server's config.
+
+    The image input is the first one of a pixel data type (ferret serve also offers a BYTES input
+    of encoded files), the logit output the first floating-point one (it also returns labels)."""
     cfg = client.get_model_config(model)
     params = {k: v.get("string_value") for k, v in (cfg.get("parameters") or {}).items()}
     pre = dict(json.loads(params["ferret.preprocess"]) if params.get("ferret.preprocess") else PREPROCESS)
-    pre["dtype"] = CONFIG_DTYPES.get(cfg["input"][0].get("data_type"), pre["dtype"])  # e.g. a float16 engine input
+    inp = next((t for t in cfg["input"] if t.get("data_type") in CONFIG_DTYPES), cfg["input"][0])
+    out = next((t for t in cfg["output"] if t.get("data_type") in ("TYPE_FP32", "TYPE_FP16")), cfg["output"][0])
+    pre["dtype"] = CONFIG_DTYPES.get(inp.get("data_type"), pre["dtype"])  # e.g. a float16 engine input
     threshold = float(params.get("ferret.threshold") or THRESHOLD)
-    return pre, threshold, cfg["input"][0]["name"], cfg["output"][0]["name"], int(cfg.get("max_batch_size", 0))
+    return pre, threshold, inp["name"], out["name"], int(cfg.get("max_batch_size", 0))
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("images", nargs="+", help="image files")
-    p.add_argument("--url", default="localhost:8000", help="Triton HTTP endpoint")
+    p.add_argument("--url", default="localhost:8000", help="HTTP endpoint of Triton or ferret serve (host:port)")
     p.add_argument("--model", default=MODEL_NAME, help="model name in the repository")
     p.add_argument("--batch", type=int, default=8, help="images per request (capped by max_batch_size)")
     args = p.parse_args(argv)

@@ -11,6 +11,12 @@ Endpoints:
 - ``GET /healthz`` (the process is up), ``GET /readyz`` (model loaded and warmed up): always open,
   for probes. ``GET /metrics`` (Prometheus text): needs the bearer token when keys are set, unless
   ``metrics_public``.
+- The Open Inference Protocol (KServe v2; codec and tensors in ``kserve.py``), so standard clients
+  (``tritonclient.http``) work unchanged: ``GET /v2/health/live``, ``/v2/health/ready`` and
+  ``/v2/models/<name>[/versions/1]/ready`` (open, for probes: 200 or 400, empty body); ``GET /v2``,
+  ``/v2/models/<name>`` (metadata, with the ``ferret.*`` parameters) and ``/v2/models/<name>/config``
+  (Triton's model configuration); ``POST /v2/models/<name>/infer``: the same handler core, limits,
+  errors (``{"error": ...}``) and metrics as /v1/detect, JSON or binary tensors.
 
 Limits (each bounds one resource; every answer is counted in ``ferret_requests_total{code}``):
 request bodies accepted and not yet answered hold at most ``max_inflight_mb`` (reserved as chunks
@@ -28,20 +34,25 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hmac
+import json
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from . import __version__, kserve
 from .batching import Closed, DynamicBatcher, Overloaded
 from .detector import Detector, Result
+from .fileio import sha256
 from .http_limits import OVER_CAPACITY, ByteBudget, ServerLimits, load_api_keys, log, protocol_class
 
-__all__ = ["DETECT_PATH", "DetectApp", "ServeConfig", "ServerLimits", "create_app", "load_api_keys", "serve"]
+__all__ = ["DETECT_PATH", "V2_VERSION", "DetectApp", "ServeConfig", "ServerLimits", "create_app", "load_api_keys", "serve"]
 
 DETECT_PATH = "/v1/detect"
+V2_VERSION = "1"  # the one version of the one model a server holds
 MB = 1024 * 1024
 
 
@@ -57,6 +68,7 @@ class ServeConfig:
     read_timeout: float = 10.0
     api_keys: tuple[str, ...] = ()
     metrics_public: bool = False
+    model_name: str | None = None  # the v2 name (/v2/models/<name>); None: the model file's stem
 
 
 class _Metrics:
@@ -116,13 +128,20 @@ class DetectApp:
         self.metrics = _Metrics(lambda: self.batcher.queue_depth if self.batcher else 0, lambda: self.budget.used)
         self._keys = [k.encode() for k in self.cfg.api_keys]
         self._retry = {"Retry-After": str(self.cfg.retry_after_s)}
+        self.model_name = self.cfg.model_name or Path(detector.model_name).stem or "ferretnet"
+        self.model_sha256: str | None = None  # read at startup, off the event loop
 
     def asgi(self) -> Any:
         from starlette.applications import Starlette
         from starlette.routing import Route
 
         routes = [Route(DETECT_PATH, self.detect, methods=["POST"]), Route("/healthz", self.healthz),
-                  Route("/readyz", self.readyz), Route("/metrics", self.metrics_page)]
+                  Route("/readyz", self.readyz), Route("/metrics", self.metrics_page),
+                  Route("/v2", self.v2_server), Route("/v2/health/live", self.v2_live),
+                  Route("/v2/health/ready", self.v2_ready)]
+        for model in ("/v2/models/{model}", "/v2/models/{model}/versions/{version}"):
+            routes += [Route(model, self.v2_metadata), Route(model + "/ready", self.v2_model_ready),
+                       Route(model + "/config", self.v2_config), Route(model + "/infer", self.v2_infer, methods=["POST"])]
         app = Starlette(routes=routes, lifespan=self.lifespan)
         app.state.metrics = self.metrics
         return app
@@ -286,6 +305,116 @@ class DetectApp:
 
         return await self.answered(request, handle)
 
+    # ------------------------------------------------------------------------------ v2 (KServe)
+    def v2_parameters(self) -> dict[str, str]:
+        """The ``ferret.*`` parameters of the v2 model, in the form ``ferret export triton`` gives them.
+
+        ``ferret.preprocess`` is the wire contract: uint8 NHWC pixels, cropped as the model's crop
+        (the server normalises, as a graph exported with ``--preprocess`` would)."""
+        det, info = self.detector, self.detector.backend.info
+        pre = det.preprocess
+        wire = {"crop": pre.crop, "mean": list(pre.mean), "std": list(pre.std), "layout": "NHWC", "dtype": "uint8"}
+        params = {"ferret.preprocess": json.dumps(wire), "ferret.threshold": repr(float(det.threshold)),
+                  "ferret.arch": str(info.arch), "ferret.lpd_func": str(info.lpd_func),
+                  "ferret.window_size": str(info.window_size), "ferret.backend": det.backend.name,
+                  "ferret.model_file": det.model_name, "ferret.max_pixels": str(det.max_pixels),
+                  "ferret.toolkit_version": __version__}
+        if self.model_sha256:
+            params["ferret.model_sha256"] = self.model_sha256
+        return params
+
+    def v2_model_error(self, request: Any) -> _Answer | None:
+        """404 unless the URL names our model (and version 1, when it names one)."""
+        name, version = request.path_params["model"], request.path_params.get("version")
+        if name != self.model_name or version not in (None, V2_VERSION):
+            return _Answer(404, "unknown_model", f"Received model {name!r}" + (f" version {version!r}" if version else "")
+                           + f"; expected {self.model_name!r} (version {V2_VERSION})")
+        return None
+
+    def v2_guard(self, request: Any, model: bool = True) -> Any:
+        """The uncounted answer for a metadata request that is not authorized or names another model."""
+        from starlette.responses import JSONResponse
+
+        a = None if self.authorized(request) else self.unauthorized()
+        a = a or (self.v2_model_error(request) if model else None)
+        return None if a is None else JSONResponse({"error": a.message}, status_code=a.status, headers=a.headers)
+
+    async def v2_server(self, request: Any) -> Any:
+        from starlette.responses import JSONResponse
+
+        return self.v2_guard(request, model=False) or JSONResponse(kserve.server_metadata(__version__))
+
+    async def v2_live(self, _: Any) -> Any:
+        from starlette.responses import Response
+
+        return Response(status_code=200)
+
+    async def v2_ready(self, _: Any) -> Any:
+        from starlette.responses import Response
+
+        return Response(status_code=200 if self.ready else 400)  # the protocol: 200 true, 4xx false, empty body
+
+    async def v2_model_ready(self, request: Any) -> Any:
+        from starlette.responses import Response
+
+        known = self.v2_model_error(request) is None
+        return Response(status_code=200 if known and self.ready else (400 if known else 404))
+
+    async def v2_metadata(self, request: Any) -> Any:
+        from starlette.responses import JSONResponse
+
+        return self.v2_guard(request) or JSONResponse(kserve.model_metadata(self.model_name, V2_VERSION,
+                                                                            self.v2_parameters()))
+
+    async def v2_config(self, request: Any) -> Any:
+        from starlette.responses import JSONResponse
+
+        return self.v2_guard(request) or JSONResponse(kserve.model_config(self.model_name, self.cfg.max_parts,
+                                                                          self.v2_parameters()))
+
+    async def v2_infer(self, request: Any) -> Any:
+        """POST /v2/models/<name>/infer: images in (encoded BYTES or UINT8 pixels), logits, prob_fake, labels out."""
+        from starlette.responses import Response
+
+        async def handle(held: list[int]) -> Any:
+            start = asyncio.get_running_loop().time()
+            self.admit(request)
+            wrong = self.v2_model_error(request)
+            if wrong is not None:
+                raise wrong
+            if request.headers.get("content-encoding", "identity").lower() != "identity":
+                raise _Answer(415, "bad_request", f"Received Content-Encoding {request.headers['content-encoding']!r}; "
+                                                  "expected identity (send the request uncompressed)")
+            body = await self.read_body(request, held)
+            try:
+                req = kserve.parse_infer_request(body, request.headers.get(kserve.HEADER_LENGTH),
+                                                 max_images=self.cfg.max_parts)
+            except kserve.ImagesOverLimit as e:
+                raise _Answer(413, "too_many_parts", str(e)) from None
+            except kserve.ProtocolError as e:
+                raise _Answer(400, "bad_request", str(e)) from None
+            del body  # pixels are views of it, kept alive by the arrays; encoded images are copies
+            self.check_pixels(req.items)
+            results = await self.classify_items(req.items)
+            data, headers = kserve.encode_infer_response(self.model_name, V2_VERSION, req,
+                                                         [r.logit for r in results], [r.prob_fake for r in results],
+                                                         [r.label for r in results])
+            self.metrics.images.inc(len(results))
+            self.metrics.latency.observe(asyncio.get_running_loop().time() - start)
+            self.metrics.requests.labels("200").inc()
+            return Response(data, headers=headers)
+
+        return await self.answered(request, handle)
+
+    def check_pixels(self, items: list[tuple[str, Any]]) -> None:
+        """Decoded images obey --max-pixels as encoded ones do (those are checked from their header)."""
+        limit = self.detector.max_pixels
+        for name, item in items:
+            if isinstance(item, np.ndarray) and limit is not None and item.shape[0] * item.shape[1] > limit:
+                h, w = item.shape[:2]
+                raise _Answer(400, "bad_image", f"{name}: received an image of {w}x{h} = {w * h} pixels; expected at "
+                                                f"most {limit} (--max-pixels)")
+
     async def healthz(self, _: Any) -> Any:
         from starlette.responses import PlainTextResponse
 
@@ -312,6 +441,9 @@ class DetectApp:
                                                 max_queue=cfg.max_queue, on_batch=self.metrics.on_batch)
         if self.warmup:
             await loop.run_in_executor(None, _warm_up, self.detector)
+        path = getattr(self.detector.backend, "path", None)
+        if path is not None and Path(str(path)).is_file():
+            self.model_sha256 = await loop.run_in_executor(None, sha256, path)
         self.ready = True
         try:
             yield
