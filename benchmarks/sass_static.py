@@ -72,10 +72,22 @@ def find_tool(name: str) -> str:
                             f"`pip install nvidia-cuda-{name}`")
 
 
-def build_cubin(arch: int = ARCH) -> bytes:
-    """lpd.cu, every kernel, compiled by NVRTC for sm_{arch}, as the runtime compiles it (no disk cache)."""
+def build_cubin(arch: int = ARCH, kernels: tuple[str, ...] | None = None, window: int = 0) -> bytes:
+    """lpd.cu compiled by NVRTC for sm_{arch} as the runtime compiles it (no disk cache): ``kernels`` only,
+    lpd_generic for ``window`` only, as LpdModule loads them."""
     with tempfile.TemporaryDirectory() as tmp:
-        return launch.compile_lpd(arch, "cubin", cache=Path(tmp)).data
+        return launch.compile_lpd(arch, "cubin", cache=Path(tmp), kernels=kernels, window=window).data
+
+
+def runtime_builds(arch: int = ARCH) -> list[tuple[str, bytes]]:
+    """(label, CUBIN) of each build the runtime loads: one per kernel, lpd_generic one per window."""
+    out = []
+    for base in launch.KERNELS:
+        for s in ("f32", "f16"):
+            name = f"{base}_{s}"
+            for k in ((3, 5, 7) if base == "lpd_generic" else (0,)):
+                out.append((f"lpd_generic{k}_{s}" if k else name, build_cubin(arch, (name,), k)))
+    return out
 
 
 def _cuobjdump(cubin: bytes, *args: str) -> str:
@@ -178,16 +190,17 @@ def kernel_model(name: str) -> tuple[int, int, float, int]:
     return threads, cfg.shared_mem_bytes, staged, outputs
 
 
-def analyse(cubin: bytes) -> list[KernelFigures]:
+def analyse(cubin: bytes, label: str | None = None) -> list[KernelFigures]:
+    """Figures of the kernels in ``cubin`` (``label`` names a build holding one kernel)."""
     sass = parse_sass(_cuobjdump(cubin, "-sass"))
     res = parse_resources(_cuobjdump(cubin, "-res-usage"))
     figures = []
     for name in sorted(sass):
-        threads, shared, staged, outputs = kernel_model(name)
+        threads, shared, staged, outputs = kernel_model(label or name)
         r = res[name]
         weighted, plain = hot_loop_count(sass[name], staged)
         figures.append(KernelFigures(
-            name, r["REG"], r["STACK"], r["LOCAL"], threads, shared + r["SHARED"],
+            label or name, r["REG"], r["STACK"], r["LOCAL"], threads, shared + r["SHARED"],
             round(occupancy(r["REG"], threads, shared + r["SHARED"]), 3), round(weighted, 1), outputs,
             round(weighted / outputs, 1), len([1 for _, t in sass[name] if not t.startswith("NOP")])))
     return figures
@@ -232,8 +245,8 @@ def load_recorded(path: Path = RESULTS / "sm90.json") -> dict:
 
 @functools.lru_cache(maxsize=1)
 def current() -> list[KernelFigures]:
-    """The figures of the lpd.cu in this checkout (compiles it: about two seconds per kernel group)."""
-    return analyse(build_cubin())
+    """The figures of the lpd.cu in this checkout, per runtime build (compiles each: a few seconds in all)."""
+    return [f for label, cubin in runtime_builds() for f in analyse(cubin, label)]
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -29,8 +29,8 @@ from typing import Any, Callable, List, Tuple, Union
 
 from ferret_runtime.errors import ConfigError
 from ferret_runtime.kernels import cache_dir, read_source, source_hash, variant_id, write_atomic
-from ferret_runtime.kernels.launch import (MAX_GRID_YZ, NVRTC_OPTIONS, ROWS_PER_THREAD, launch_config, nvrtc_compile,
-                                           nvrtc_version)
+from ferret_runtime.kernels.launch import (MAX_GRID_YZ, NVRTC_OPTIONS, CudaError, check_nvrtc_driver, driver_version,
+                                           launch_config, nvrtc_compile, nvrtc_version, selection_options, tile_shape)
 from ferret_runtime.lpd_spec import check_window
 
 from .onnx_graph import PLUGIN_DOMAIN, PLUGIN_OP
@@ -49,23 +49,30 @@ TRT_ENTRY_SOURCE = r"""
 // TensorRT AOT plugin entry points (appended by ferret_export/trt_plugin.py): TensorRT passes
 // (inputs..., extra int32 arguments..., outputs...), so these are the kernels above with `out` last.
 // ---------------------------------------------------------------------------------------------
-extern "C" __global__ void __launch_bounds__(FERRET_MAX_THREADS)
-trt_lpd_residual_f32(const float* x, int N, int C, int H, int W, float* out) {
+#ifdef __CUDACC__
+#if !defined(FERRET_ONLY) || defined(FERRET_WANT_trt_lpd_residual_f32)
+FERRET_KERNEL_3X3 trt_lpd_residual_f32(const float* x, int N, int C, int H, int W, float* out) {
     ferret_median_residual_kernel(x, out, N, C, H, W);
 }
-extern "C" __global__ void __launch_bounds__(FERRET_MAX_THREADS)
-trt_lpd_residual_f16(const unsigned short* x, int N, int C, int H, int W, unsigned short* out) {
+#endif
+#if !defined(FERRET_ONLY) || defined(FERRET_WANT_trt_lpd_residual_f16)
+FERRET_KERNEL_3X3 trt_lpd_residual_f16(const unsigned short* x, int N, int C, int H, int W, unsigned short* out) {
     ferret_median_residual_kernel(x, out, N, C, H, W);
 }
-extern "C" __global__ void __launch_bounds__(FERRET_MAX_THREADS)
-trt_lpd_generic_f32(const float* x, int N, int C, int H, int W, int k, int variant, int residual, float* out) {
+#endif
+#if !defined(FERRET_ONLY) || defined(FERRET_WANT_trt_lpd_generic_f32)
+FERRET_KERNEL trt_lpd_generic_f32(const float* x, int N, int C, int H, int W, int k, int variant, int residual,
+                                  float* out) {
     ferret_lpd_kernel(x, out, N, C, H, W, k, variant, residual);
 }
-extern "C" __global__ void __launch_bounds__(FERRET_MAX_THREADS)
-trt_lpd_generic_f16(const unsigned short* x, int N, int C, int H, int W, int k, int variant, int residual,
-                    unsigned short* out) {
+#endif
+#if !defined(FERRET_ONLY) || defined(FERRET_WANT_trt_lpd_generic_f16)
+FERRET_KERNEL trt_lpd_generic_f16(const unsigned short* x, int N, int C, int H, int W, int k, int variant,
+                                  int residual, unsigned short* out) {
     ferret_lpd_kernel(x, out, N, C, H, W, k, variant, residual);
 }
+#endif
+#endif
 """
 # Parameters of the entry points above, in order (a test compares them with the PTX NVRTC emits).
 TRT_KERNEL_ARGS: dict[str, tuple[str, ...]] = {
@@ -105,22 +112,42 @@ def aot_launch(shape: tuple[Any, Any, Any, Any], dtype: str, func: str, k: int, 
     n, c, h, w = shape
     kernel = "lpd_residual" if residual and func == "median" and k == 3 else "lpd_generic"
     cfg = launch_config(kernel, (1, 1, 1, 1), dtype, arch, k)
-    bx, by, _ = cfg.block
-    grid = (cdiv(w, bx), cdiv(h, by * ROWS_PER_THREAD), minimum(n * c, MAX_GRID_YZ))
+    tile_w, tile_h = tile_shape(kernel, k)
+    grid = (cdiv(w, tile_w), cdiv(h, tile_h), minimum(n * c, MAX_GRID_YZ))
     extra = (n, c, h, w) if kernel == "lpd_residual" else (n, c, h, w, k, variant_id(func), int(residual))
     return AotLaunch(TRT_PREFIX + cfg.name, grid, cfg.block, cfg.shared_mem_bytes, extra)
 
 
 # ------------------------------------------------------------------------------------------------ PTX
-def compile_trt_ptx(arch: int = PTX_ARCH, cache: Path | None = None) -> bytes:
-    """lpd.cu plus the TensorRT entry points, compiled by NVRTC to PTX for ``compute_{arch}``; cached on disk."""
+def check_ptx_driver(nvrtc: tuple[int, int] | None = None) -> None:
+    """Refuse to embed PTX this machine's driver could not JIT: one line naming both versions and the fix.
+    Without a driver (a CPU-only build machine) there is nothing to compare; the sidecar records NVRTC's version."""
+    try:
+        driver = driver_version()
+    except CudaError:
+        return
+    check_nvrtc_driver("ptx", nvrtc or nvrtc_version(), driver)
+
+
+def compile_trt_ptx(arch: int = PTX_ARCH, cache: Path | None = None, kernels: tuple[str, ...] | None = None,
+                    window: int = 0) -> bytes:
+    """lpd.cu plus the TensorRT entry points, compiled by NVRTC to PTX for ``compute_{arch}``; cached on disk.
+
+    ``kernels``/``window``: only those entry points, lpd_generic for one window (what one plugin node
+    runs: a few tens of KB of PTX where every kernel for every window is over a megabyte).
+    """
     major, minor = nvrtc_version()
-    key = source_hash(TRT_ENTRY_SOURCE, *NVRTC_OPTIONS, f"nvrtc{major}.{minor}")
-    path = (cache or cache_dir()) / f"lpd-trt-{key}-compute{arch}-nvrtc{major}{minor}.ptx"
+    check_ptx_driver((major, minor))
+    options = selection_options(kernels, window)
+    key = source_hash(TRT_ENTRY_SOURCE, *NVRTC_OPTIONS, *options, f"nvrtc{major}.{minor}")
+    what = "all" if kernels is None else "-".join(sorted(kernels)) + (f"-k{window}" if window else "")
+    path = (cache or cache_dir()) / f"lpd-trt-{key}-compute{arch}-nvrtc{major}{minor}-{what}.ptx"
     if path.is_file():
         return path.read_bytes()
+    entries = tuple(f"{base}_{s}" for base in TRT_KERNEL_ARGS for s in ("f32", "f16"))
     data = nvrtc_compile(read_source() + TRT_ENTRY_SOURCE, "lpd_trt.cu", f"compute_{arch}", "ptx",
-                         f"lpd.cu with the TensorRT entry points (compute_{arch})")
+                         f"lpd.cu with the TensorRT entry points (compute_{arch})",
+                         selection_options(entries if kernels is None else kernels, window))
     data = data.rstrip(b"\0")  # TensorRT takes the PTX text; NVRTC's size counts the terminating NUL
     write_atomic(path, data)
     return data
@@ -128,7 +155,14 @@ def compile_trt_ptx(arch: int = PTX_ARCH, cache: Path | None = None) -> bytes:
 
 @functools.lru_cache(maxsize=None)
 def _ptx(arch: int) -> bytes:
+    """Every TensorRT entry point for every window (tests, gpu_check)."""
     return compile_trt_ptx(arch)
+
+
+@functools.lru_cache(maxsize=None)
+def _entry_ptx(arch: int, kernel: str, window: int) -> bytes:
+    """The PTX one plugin node embeds: its entry point alone, lpd_generic built for its window."""
+    return compile_trt_ptx(arch, kernels=(kernel,), window=window if "generic" in kernel else 0)
 
 
 # ---------------------------------------------------------------------------------------- registration
@@ -191,10 +225,15 @@ def _register(trt: Any, trtp: Any, op: str, residual: bool) -> None:
         params.block_x, params.block_y, params.block_z = launch.block
         params.shared_mem = launch.shared_mem
         extra = trtp.SymIntExprs.from_tuple([trtp.SymInt32(v) for v in launch.extra_args])  # SymInt32 each: required
-        return launch.kernel, _ptx(PTX_ARCH), params, extra
+        return launch.kernel, _entry_ptx(PTX_ARCH, launch.kernel, window_size), params, extra
 
 
 def plugin_record() -> dict[str, Any]:
     """What an engine's sidecar says about the plugin it embeds."""
+    try:
+        nvrtc = "%d.%d" % nvrtc_version()
+    except CudaError:
+        nvrtc = None
+    # PTX from NVRTC X.Y runs only on drivers for CUDA X.Y or newer: the engine's runtime checks this
     return {"id": f"{PLUGIN_NAMESPACE}::{PLUGIN_OP}", "implementation": "aot", "ptx_arch": PTX_ARCH,
-            "kernel_source": source_hash(TRT_ENTRY_SOURCE)}
+            "kernel_source": source_hash(TRT_ENTRY_SOURCE), "ptx_nvrtc": nvrtc}

@@ -192,8 +192,9 @@ def test_launch_config_covers_the_output(shape, k):
 
 def test_launch_config_preprocess_and_residual():
     cfg = launch.launch_config("preprocess_lpd", (4, 100, 70, 3), np.float32, (8, 0))
-    assert cfg.name == "preprocess_lpd_f32" and cfg.grid == (3, 7, 4)
-    assert cfg.shared_mem_bytes == 3 * (32 + 2) * (16 + 2) * 4  # three channel tiles
+    # 32 x 64 tiles (8 rows per thread), compile-time block and static shared memory (three channel tiles)
+    assert cfg.name == "preprocess_lpd_f32" and cfg.grid == (3, 2, 4) and cfg.block == launch.BLOCK_3X3
+    assert cfg.shared_mem_bytes == 0 and launch.tile_shape("preprocess_lpd") == (32, 64)
     cfg = launch.launch_config("lpd_residual", (2, 3, 16, 33), torch.float16, 80)
     assert cfg.name == "lpd_residual_f16" and cfg.grid == (2, 1, 6)
 
@@ -277,15 +278,34 @@ def test_emulated_normalize_equals_numpy(shape):
 def test_emulated_normalize_shows_short_grids():
     images = np.zeros((1, 40, 70, 3), np.uint8)
     cfg = launch.launch_config("normalize", images.shape, "float32", 80)
-    out = host.emulate_normalize(images, dataclasses.replace(cfg, grid=(2, cfg.grid[1], 1)))
-    assert np.isnan(out[..., 64:]).all() and not np.isnan(out[..., :64]).any()
+    assert cfg.grid == (3, 1, 1) and cfg.block == (256, 1, 1)  # 4 pixels per thread over the flattened image
+    out = host.emulate_normalize(images, dataclasses.replace(cfg, grid=(1, 1, 1))).reshape(1, 3, -1)
+    assert np.isnan(out[..., 1024:]).all() and not np.isnan(out[..., :1024]).any()
+
+
+@pytest.mark.parametrize("data", ["zero-one", "ties", "signed-zeros"])
+def test_sliding_median_equals_the_network(data):
+    # the residual kernel's sorted rows shared down a column against the 9-element network, block by block;
+    # 0/1 images of 96 x 200 hold all 512 window patterns (0-1 principle), ties and +-0 everywhere
+    rng = np.random.default_rng(11)
+    x = {"zero-one": rng.integers(0, 2, (2, 3, 96, 200)).astype(np.float32),
+         "ties": ties((2, 3, 96, 200), 3),
+         "signed-zeros": rng.choice(np.array([-0.0, 0.0, -1.0, 1.0], np.float32), (2, 3, 96, 200))}[data]
+    cfg = launch.launch_config("lpd_residual", x.shape, "float32", 90)
+    got, want = host.emulate_lpd(x, cfg), host.lpd_residual_host(x)
+    np.testing.assert_array_equal(got, want)
+    if data == "zero-one":
+        windows = np.lib.stride_tricks.sliding_window_view(x[..., :, :], (3, 3), axis=(2, 3)).reshape(-1, 9)
+        assert len(np.unique(windows @ (2 ** np.arange(9)))) == 512
+    # and the medians the grid reaches equal the reference's, with ties (the == of array_equal)
+    np.testing.assert_array_equal(got, torch_residual(x, "median", 3))
 
 
 def test_launch_constants_and_arguments_match_the_source():
     defines = dict(re.findall(r"#define (FERRET_\w+) (\d+)", SOURCE))
     assert int(defines["FERRET_ROWS_PER_THREAD"]) == launch.ROWS_PER_THREAD
     assert int(defines["FERRET_MAX_THREADS"]) == launch.MAX_THREADS >= math.prod(launch.BLOCK)
-    kernels = dict(re.findall(r"FERRET_KERNEL (\w+)\(([^)]*)\)", SOURCE))
+    kernels = dict(re.findall(r"FERRET_KERNEL\w* (\w+)\(([^)]*)\)", SOURCE))
     assert sorted(kernels) == sorted(f"{k}_{s}" for k in launch.KERNELS for s in ("f32", "f16"))
     for name, params in kernels.items():
         kinds = tuple("ptr" if "*" in p else p.split()[0] for p in params.split(","))

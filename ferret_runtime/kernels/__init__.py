@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import tempfile
 from pathlib import Path
 
 from ..errors import ConfigError
@@ -37,10 +38,44 @@ def source_hash(*extra: str) -> str:
     return h.hexdigest()[:16]
 
 
+def cache_candidates() -> list[Path]:
+    """Cache folders in order of preference: ``$FERRET_CACHE/kernels``, ``$XDG_CACHE_HOME/ferret/kernels``
+    (XDG's default ``~/.cache``), then one in the temporary directory (per user)."""
+    roots: list[Path] = []
+    if os.environ.get("FERRET_CACHE"):
+        roots.append(Path(os.environ["FERRET_CACHE"]))
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    try:
+        roots.append(Path(xdg) / "ferret" if xdg else Path.home() / ".cache" / "ferret")
+    except RuntimeError:  # no home directory to expand
+        pass
+    roots.append(Path(tempfile.gettempdir()) / f"ferret-{_user()}")
+    return [r / "kernels" for r in roots]
+
+
+def _user() -> str:
+    try:
+        return str(os.getuid())
+    except AttributeError:  # not POSIX
+        return os.environ.get("USERNAME", "user")
+
+
+def _writable(path: Path) -> bool:
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe = path / f".probe-{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+        return True
+    except OSError:
+        return False
+
+
 def cache_dir() -> Path:
-    """Where builds are cached: ``$FERRET_CACHE/kernels``, else ``~/.cache/ferret/kernels``."""
-    root = os.environ.get("FERRET_CACHE") or Path.home() / ".cache" / "ferret"
-    return Path(root) / "kernels"
+    """The first writable folder of :func:`cache_candidates` (a read-only HOME falls through to the
+    next); the last one even if unwritable, since :func:`write_atomic` never fails on a cache."""
+    candidates = cache_candidates()
+    return next((c for c in candidates if _writable(c)), candidates[-1])
 
 
 def variant_id(func: str) -> int:
@@ -51,9 +86,18 @@ def variant_id(func: str) -> int:
     return VARIANT_IDS[func]
 
 
-def write_atomic(path: Path, data: bytes) -> None:
-    """Write a cache file so that a concurrent reader sees either nothing or all of it."""
-    path.parent.mkdir(parents=True, exist_ok=True)
+def write_atomic(path: Path, data: bytes) -> bool:
+    """Write a cache file so that a concurrent reader sees either nothing or all of it; False (and
+    nothing written) when it cannot be written: a cache is never a reason to fail."""
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp.write_bytes(data)
+        os.replace(tmp, path)
+        return True
+    except OSError:
+        try:
+            tmp.unlink(missing_ok=True)
+        except OSError:
+            pass
+        return False

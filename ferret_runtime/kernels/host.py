@@ -12,6 +12,7 @@ import functools
 import os
 import shutil
 import subprocess
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -48,7 +49,10 @@ def build_host_library(cache: Path | None = None) -> Path:
     out = (cache or cache_dir()) / f"lpd_host-{source_hash(cxx, *CXX_FLAGS)}.so"
     if out.is_file():
         return out
-    out.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError:  # an unwritable cache: build in a private temporary folder instead
+        out = Path(tempfile.mkdtemp(prefix="ferret-host-")) / out.name
     tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
     proc = subprocess.run([cxx, *CXX_FLAGS, "-o", str(tmp), str(SOURCE_PATH)], capture_output=True, text=True)
     if proc.returncode != 0:
@@ -172,6 +176,8 @@ def emulate_lpd(x: np.ndarray, cfg: LaunchConfig, func: str = "median", k: int =
         _check(lib.lpd_residual_emulate(x, out, *x.shape, grid, block, cfg.shared_mem_bytes), "lpd_residual_emulate")
     else:
         grid, block = _launch_arrays(cfg, "lpd_generic_f32")
+        if cfg.window and cfg.window != k:  # the GPU build for another window would write nothing
+            raise ConfigError(f"Received k={k} for an lpd_generic build specialised to k={cfg.window}; expected {cfg.window}")
         _check(lib.lpd_generic_emulate(x, out, *x.shape, k, variant, int(residual), grid, block, cfg.shared_mem_bytes),
                "lpd_generic_emulate")
     return out

@@ -12,6 +12,7 @@ import ctypes
 import functools
 import math
 import re
+import time
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,9 +23,12 @@ from ..lpd_spec import check_window
 from ..preprocess import MEAN, STD
 from . import SOURCE_PATH, cache_dir, read_source, source_hash, variant_id, write_atomic
 
-# Must agree with lpd.cu (a test parses FERRET_ROWS_PER_THREAD and FERRET_MAX_THREADS there).
-BLOCK: tuple[int, int, int] = (32, 8, 1)  # a warp per row: coalesced loads and stores
-ROWS_PER_THREAD = 2  # each thread writes 2 rows, so a block covers a 32 x 16 tile
+# Must agree with lpd.cu (a test parses FERRET_ROWS_PER_THREAD, FERRET_MAX_THREADS and FERRET_RES_* there).
+BLOCK: tuple[int, int, int] = (32, 8, 1)  # lpd_generic: a warp per row, coalesced loads and stores
+ROWS_PER_THREAD = 2  # lpd_generic: each thread writes 2 rows, so a block covers a 32 x 16 tile
+BLOCK_3X3: tuple[int, int, int] = (32, 8, 1)  # lpd_residual, preprocess_lpd: compile-time in lpd.cu
+ROWS_3X3 = 8  # each thread slides down 8 rows of its column: a block covers a 32 x 64 tile
+NORM_THREADS, NORM_PIXELS = 256, 4  # normalize: 256 threads of 4 consecutive pixels each
 MAX_THREADS = 256  # __launch_bounds__
 MAX_GRID_YZ = 65535  # gridDim.y and gridDim.z limits; planes beyond gridDim.z are a grid-stride loop
 MAX_INT = 2**31 - 1  # the kernels take int sizes
@@ -68,6 +72,7 @@ class LaunchConfig:
     grid: tuple[int, int, int]
     block: tuple[int, int, int]
     shared_mem_bytes: int
+    window: int = 0  # lpd_generic: the window size its build is specialised to (0: any)
 
 
 def kernel_family(base: str) -> tuple[str, int]:
@@ -79,7 +84,11 @@ def kernel_family(base: str) -> tuple[str, int]:
 
 
 def tile_shape(kernel: str, k: int = 3) -> tuple[int, int]:
-    """Output columns and rows one block writes."""
+    """Output columns and rows one block writes (normalize: pixels of the flattened image, one row)."""
+    if kernel in ("lpd_residual", "preprocess_lpd"):
+        return BLOCK_3X3[0], BLOCK_3X3[1] * ROWS_3X3
+    if kernel == "normalize":
+        return NORM_THREADS * NORM_PIXELS, 1
     return BLOCK[0], BLOCK[1] * ROWS_PER_THREAD
 
 
@@ -113,13 +122,17 @@ def parse_arch(arch: int | str | tuple[int, int]) -> int:
 def launch_config(kernel: str, shape: tuple[int, ...], dtype: Any, arch: int | str | tuple[int, int],
                   k: int = 3) -> LaunchConfig:
     """The grid, block and shared memory for ``kernel`` on ``shape`` ((N, C, H, W), or (N, H, W, 3)
-    for preprocess_lpd and normalize), the only place launch tuples are computed."""
+    for preprocess_lpd and normalize), the only place launch tuples are computed; cached per shape."""
     if kernel not in KERNELS:
         raise ConfigError(f"Received kernel {kernel!r}; expected one of {', '.join(KERNELS)}")
     name = dtype_name(dtype)
     if name not in DTYPE_SUFFIX:
         raise ConfigError(f"Received dtype {name}; expected one of {', '.join(DTYPE_SUFFIX)}")
-    shape = tuple(int(s) for s in shape)
+    return _launch_config(kernel, tuple(int(s) for s in shape), name, parse_arch(arch), k)
+
+
+@functools.lru_cache(maxsize=1024)
+def _launch_config(kernel: str, shape: tuple[int, ...], name: str, arch: int, k: int) -> LaunchConfig:
     if kernel in NHWC_KERNELS:
         if len(shape) != 4 or shape[3] != 3:
             raise ConfigError(f"Received shape {shape} for {kernel}; expected (N, H, W, 3)")
@@ -130,17 +143,25 @@ def launch_config(kernel: str, shape: tuple[int, ...], dtype: Any, arch: int | s
         (n, c, h, w), planes, channels = shape, shape[0] * shape[1], 1
     if min(shape) < 1 or max(shape) > MAX_INT:
         raise ConfigError(f"Received shape {shape}; expected sizes from 1 to {MAX_INT} (callers skip empty tensors)")
+    if h * w * channels > MAX_INT:  # the kernels index within a plane (an image) in 32 bits
+        raise ConfigError(f"Received shape {shape}; expected at most {MAX_INT} values per plane (height x width"
+                          f"{' x 3' if channels == 3 else ''})")
     k = check_window(k)
     if kernel != "lpd_generic" and k != 3:
         raise ConfigError(f"Received k={k} for {kernel}; expected 3 (other windows run in lpd_generic)")
-    bx, by, _ = BLOCK
-    tile_rows = by * ROWS_PER_THREAD
-    grid = (math.ceil(w / bx), math.ceil(h / tile_rows), min(planes, MAX_GRID_YZ))
+    suffix = DTYPE_SUFFIX[name]
+    if kernel == "normalize":
+        grid = (math.ceil(h * w / (NORM_THREADS * NORM_PIXELS)), 1, min(planes, MAX_GRID_YZ))
+        return LaunchConfig(f"{kernel}_{suffix}", arch, grid, (NORM_THREADS, 1, 1), 0)
+    tile_w, tile_h = tile_shape(kernel, k)
+    grid = (math.ceil(w / tile_w), math.ceil(h / tile_h), min(planes, MAX_GRID_YZ))
     if grid[1] > MAX_GRID_YZ:
-        raise ConfigError(f"Received height {h}; expected at most {MAX_GRID_YZ * tile_rows}")
+        raise ConfigError(f"Received height {h}; expected at most {MAX_GRID_YZ * tile_h}")
+    if kernel != "lpd_generic":  # static shared memory, a compile-time block
+        return LaunchConfig(f"{kernel}_{suffix}", arch, grid, BLOCK_3X3, 0)
     r = k // 2
-    shared = 0 if kernel == "normalize" else (bx + 2 * r) * (tile_rows + 2 * r) * channels * 4  # float tiles, k//2 halo
-    return LaunchConfig(f"{kernel}_{DTYPE_SUFFIX[name]}", parse_arch(arch), grid, BLOCK, shared)
+    shared = (BLOCK[0] + 2 * r) * (tile_h + 2 * r) * channels * 4  # a float tile with its k//2 halo
+    return LaunchConfig(f"{kernel}_{suffix}", arch, grid, BLOCK, shared, window=k)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -197,19 +218,42 @@ class CompiledModule:
     arch: int
     path: Path
     from_cache: bool
+    seconds: float = 0.0  # NVRTC's time for this build (0 when read from the cache)
 
 
 def nvrtc_version() -> tuple[int, int]:
     return _call("nvrtcVersion", _bindings("nvrtc").nvrtcVersion)
 
 
-def nvrtc_compile(source: str, name: str, gpu: str, target: str, what: str) -> bytes:
+def driver_version() -> tuple[int, int]:
+    """The CUDA version the installed driver supports, e.g. (13, 0); CudaError without a driver."""
+    v = _call("cuDriverGetVersion", _bindings("driver").cuDriverGetVersion)
+    return int(v) // 1000, int(v) % 1000 // 10
+
+
+def check_nvrtc_driver(target: str, nvrtc: tuple[int, int], driver: tuple[int, int]) -> None:
+    """Refuse a build the driver cannot load, before compiling it.
+
+    PTX is JIT-compiled by the driver, which rejects a PTX ISA newer than its own (NVRTC 13.5 writes
+    ``.version 9.5``; a 13.0 driver stops at 9.0). A CUBIN is machine code: within one CUDA major
+    version it loads on an older driver (minor version compatibility), across majors it does not.
+    """
+    newer = nvrtc > driver if target == "ptx" else nvrtc[0] > driver[0]
+    if newer:
+        need = "%d.%d" % nvrtc if target == "ptx" else "%d.0" % nvrtc[0]
+        pin = ("'nvidia-cuda-nvrtc==%d.%d.*'" % driver) if target == "ptx" else ("'nvidia-cuda-nvrtc<%d'" % (driver[0] + 1))
+        raise CudaError(f"Received NVRTC {nvrtc[0]}.{nvrtc[1]} {'PTX' if target == 'ptx' else 'CUBINs'} for a driver of "
+                        f"CUDA {driver[0]}.{driver[1]}; expected a driver for CUDA {need} or newer, or pip install {pin}",
+                        "cuDriverGetVersion")
+
+
+def nvrtc_compile(source: str, name: str, gpu: str, target: str, what: str, options: tuple[str, ...] = ()) -> bytes:
     """``source`` compiled by NVRTC for ``gpu`` ('sm_XX' for a CUBIN, 'compute_XX' for PTX) with
-    NVRTC_OPTIONS; KernelCompileError with NVRTC's log when it fails (``what`` names the build)."""
+    NVRTC_OPTIONS and ``options``; KernelCompileError with NVRTC's log when it fails (``what`` names the build)."""
     nvrtc = _bindings("nvrtc")
     prog = _call("nvrtcCreateProgram", nvrtc.nvrtcCreateProgram, source.encode(), name.encode(), 0, [], [])
     try:
-        opts = [f"--gpu-architecture={gpu}".encode(), *(o.encode() for o in NVRTC_OPTIONS)]
+        opts = [f"--gpu-architecture={gpu}".encode(), *(o.encode() for o in (*NVRTC_OPTIONS, *options))]
         status, = nvrtc.nvrtcCompileProgram(prog, len(opts), opts)
         if int(status) != 0:
             size = _call("nvrtcGetProgramLogSize", nvrtc.nvrtcGetProgramLogSize, prog)
@@ -227,23 +271,36 @@ def nvrtc_compile(source: str, name: str, gpu: str, target: str, what: str) -> b
     return data
 
 
-def compile_lpd(arch: int | str | tuple[int, int], target: str = "cubin", cache: Path | None = None) -> CompiledModule:
+def selection_options(kernels: tuple[str, ...] | None = None, window: int = 0) -> tuple[str, ...]:
+    """NVRTC options building only ``kernels`` (all when None), lpd_generic for ``window`` only (0: every window)."""
+    opts = () if kernels is None else ("-DFERRET_ONLY", *(f"-DFERRET_WANT_{k}" for k in sorted(kernels)))
+    return (*opts, f"-DFERRET_WINDOW={check_window(window)}") if window else opts
+
+
+def compile_lpd(arch: int | str | tuple[int, int], target: str = "cubin", cache: Path | None = None,
+                kernels: tuple[str, ...] | None = None, window: int = 0) -> CompiledModule:
     """lpd.cu compiled by NVRTC for ``arch`` (CUBIN: sm_XX machine code; PTX: compute_XX), cached on disk.
 
+    ``kernels`` (e.g. ``('lpd_residual_f32',)``) builds only those, ``window`` lpd_generic for one
+    window size: one kernel compiles in a fraction of a second where all of them take seconds.
     NVRTC needs no GPU or driver, so this also runs on CPU-only machines.
     """
     if target not in ("cubin", "ptx"):
         raise ConfigError(f"Received target {target!r}; expected 'cubin' or 'ptx'")
     arch = parse_arch(arch)
     major, minor = nvrtc_version()
-    key = source_hash(*NVRTC_OPTIONS, f"nvrtc{major}.{minor}")
-    path = (cache or cache_dir()) / f"lpd-{key}-sm{arch}-nvrtc{major}{minor}.{target}"
+    options = selection_options(kernels, window)
+    key = source_hash(*NVRTC_OPTIONS, *options, f"nvrtc{major}.{minor}")
+    what = "all" if kernels is None else "-".join(sorted(kernels)) + (f"-k{window}" if window else "")
+    path = (cache or cache_dir()) / f"lpd-{key}-sm{arch}-nvrtc{major}{minor}-{what}.{target}"
     if path.is_file():
         return CompiledModule(path.read_bytes(), target, arch, path, from_cache=True)
     gpu = f"sm_{arch}" if target == "cubin" else f"compute_{arch}"
-    data = nvrtc_compile(read_source(), SOURCE_PATH.name, gpu, target, f"{SOURCE_PATH.name} with {gpu}")
-    write_atomic(path, data)
-    return CompiledModule(data, target, arch, path, from_cache=False)
+    start = time.perf_counter()
+    data = nvrtc_compile(read_source(), SOURCE_PATH.name, gpu, target, f"{SOURCE_PATH.name} with {gpu}", options)
+    seconds = time.perf_counter() - start
+    write_atomic(path, data)  # best effort: a cache that cannot be written costs a rebuild, not a failure
+    return CompiledModule(data, target, arch, path, from_cache=False, seconds=seconds)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -254,12 +311,13 @@ _CTYPES = {"ptr": ctypes.c_void_p, "int": ctypes.c_int, "float": ctypes.c_float}
 
 
 class LpdModule:
-    """lpd.cu loaded into the primary context of one device (the context PyTorch's runtime uses)."""
+    """lpd.cu's kernels loaded into the primary context of one device (the context PyTorch's runtime
+    uses), each compiled (or read from the disk cache) and loaded on its first launch, alone."""
 
     def __init__(self, device: int = 0, cache: Path | None = None):
         self._drv = drv = _bindings("driver")
         _call("cuInit", drv.cuInit, 0)
-        self.device = device
+        self.device, self._cache = device, cache
         self._dev = _call("cuDeviceGet", drv.cuDeviceGet, device)
         attr = drv.CUdevice_attribute
         major = _call("cuDeviceGetAttribute", drv.cuDeviceGetAttribute,
@@ -267,19 +325,12 @@ class LpdModule:
         minor = _call("cuDeviceGetAttribute", drv.cuDeviceGetAttribute,
                       attr.CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MINOR, self._dev)
         self.arch = major * 10 + minor
-        self.compiled = compile_lpd(self.arch, "cubin", cache)
+        self.driver = driver_version()
+        check_nvrtc_driver("cubin", nvrtc_version(), self.driver)
+        self.compiled: dict[tuple[str, int], CompiledModule] = {}
         self._ctx = _call("cuDevicePrimaryCtxRetain", drv.cuDevicePrimaryCtxRetain, self._dev)
-        self._module: Any = None
-        self._functions: dict[str, Any] = {}
-        with self.current():
-            try:
-                self._module = _call("cuModuleLoadData", drv.cuModuleLoadData, self.compiled.data)
-            except CudaError as e:  # most often an NVRTC newer than the driver's CUDA version
-                driver_version = _call("cuDriverGetVersion", drv.cuDriverGetVersion)  # e.g. 13000 for 13.0
-                nvrtc = "%d.%d" % nvrtc_version()
-                raise CudaError(f"{e} (a CUBIN for sm_{self.arch} from NVRTC {nvrtc} on a driver for CUDA "
-                                f"{driver_version // 1000}.{driver_version % 1000 // 10}: an NVRTC newer than the "
-                                "driver needs a newer driver)", e.call, e.result) from None
+        self._modules: dict[tuple[str, int], Any] = {}
+        self._functions: dict[tuple[str, int], Any] = {}
 
     @contextmanager
     def current(self) -> Iterator[None]:
@@ -290,11 +341,25 @@ class LpdModule:
         finally:
             _call("cuCtxPopCurrent", self._drv.cuCtxPopCurrent)
 
-    def function(self, name: str) -> Any:
-        if name not in self._functions:
-            self._functions[name] = _call("cuModuleGetFunction", self._drv.cuModuleGetFunction, self._module,
-                                          name.encode())
-        return self._functions[name]
+    def function(self, name: str, window: int = 0) -> Any:
+        """The CUfunction of kernel ``name`` (lpd_generic: its build for ``window``), loaded on first use."""
+        key = (name, window)
+        if key not in self._functions:
+            if self._ctx is None:
+                raise CudaError(f"Received a closed LpdModule for device {self.device}; expected an open one")
+            compiled = compile_lpd(self.arch, "cubin", self._cache, kernels=(name,), window=window)
+            with self.current():
+                try:
+                    module = _call("cuModuleLoadData", self._drv.cuModuleLoadData, compiled.data)
+                except CudaError as e:
+                    raise CudaError(f"{e} (loading {compiled.path.name}, a CUBIN for sm_{self.arch} from NVRTC "
+                                    "%d.%d, on a driver for CUDA %d.%d; a CUBIN loads on any driver of its CUDA major "
+                                    "version, so suspect the file: delete it and it is rebuilt)"
+                                    % (*nvrtc_version(), *self.driver), e.call, e.result) from None
+                self._modules[key] = module
+                self._functions[key] = _call("cuModuleGetFunction", self._drv.cuModuleGetFunction, module, name.encode())
+            self.compiled[key] = compiled
+        return self._functions[key]
 
     def launch(self, cfg: LaunchConfig, args: tuple[Any, ...], stream: int = 0) -> None:
         """Enqueue one launch on ``stream`` (a CUstream handle as an int; 0 is the legacy default stream)."""
@@ -306,18 +371,21 @@ class LpdModule:
             raise ConfigError(f"Received {len(args)} arguments for {cfg.name}; expected {len(types)} ({', '.join(types)})")
         values = [_CTYPES[t](a) for t, a in zip(types, args)]
         params = (ctypes.c_void_p * len(values))(*(ctypes.addressof(v) for v in values))
-        fn = self.function(cfg.name)
+        fn = self.function(cfg.name, cfg.window)
         with self.current():
             _call("cuLaunchKernel", self._drv.cuLaunchKernel, fn, *cfg.grid, *cfg.block, cfg.shared_mem_bytes,
                   self._drv.CUstream(stream), ctypes.addressof(params), 0)
 
     def close(self) -> None:
-        """Unload the module and release the primary context (errors are raised, not swallowed)."""
-        if self._module is not None:
-            with self.current():
-                _call("cuModuleUnload", self._drv.cuModuleUnload, self._module)
-            self._module, self._functions = None, {}
-            _call("cuDevicePrimaryCtxRelease", self._drv.cuDevicePrimaryCtxRelease, self._dev)
+        """Unload the modules and release the primary context (errors are raised, not swallowed)."""
+        if self._ctx is None:
+            return
+        with self.current():
+            for module in self._modules.values():
+                _call("cuModuleUnload", self._drv.cuModuleUnload, module)
+        self._modules, self._functions = {}, {}
+        self._ctx = None
+        _call("cuDevicePrimaryCtxRelease", self._drv.cuDevicePrimaryCtxRelease, self._dev)
 
     def __enter__(self) -> "LpdModule":
         return self

@@ -10,6 +10,11 @@
 // The median-of-9 network is written out by hand and CHECKED (not generated): the test parses the
 // FERRET_CX lines between the BEGIN/END markers and compares them with lpd_spec.MEDIAN9_NETWORK.
 // fminf/fmaxf return the non-NaN operand, so a NaN pixel does not propagate as torch.minimum would.
+//
+// Building part of it (cold start: NVRTC takes seconds for every kernel, milliseconds for one):
+//   -DFERRET_ONLY -DFERRET_WANT_<kernel>   only the named extern "C" kernels (launch.py, trt_plugin.py)
+//   -DFERRET_WINDOW=k                      lpd_generic for one window size k only (3, 5 or 7), so a 3x3
+//                                          variant does not carry the 7x7 network's registers and code
 
 #ifndef __CUDACC__
 #define __host__
@@ -26,6 +31,17 @@
 // (bx, by) threads covers a bx x (by * FERRET_ROWS_PER_THREAD) output tile. launch.py mirrors this.
 #define FERRET_ROWS_PER_THREAD 2
 #define FERRET_MAX_THREADS 256
+
+// The median 3x3 kernels (lpd_residual, preprocess_lpd): a compile-time block of RES_BX x RES_BY
+// threads, each writing RES_ROWS consecutive rows of one column, so a block covers a 32 x 64 tile.
+// launch.py mirrors these (a test parses them).
+#define FERRET_RES_BX 32
+#define FERRET_RES_BY 8
+#define FERRET_RES_ROWS 8
+#define FERRET_RES_TW (FERRET_RES_BX + 2)
+#define FERRET_RES_TH (FERRET_RES_BY * FERRET_RES_ROWS + 2)
+// normalize: FERRET_NORM_PIXELS consecutive pixels per thread (12 bytes of RGB: three 32-bit words)
+#define FERRET_NORM_PIXELS 4
 
 // The order of lpd_spec.LPD_SPECS.
 enum {
@@ -229,9 +245,15 @@ template <class T>
 __host__ __device__ __forceinline__ void ferret_tile_outputs_k(int k, const float* tile, int tw, T* out_plane, int H,
                                                                int W, int x0, int y0, int tx, int ty, int by,
                                                                int variant, int residual) {
+#if !defined(FERRET_WINDOW) || FERRET_WINDOW == 3
     if (k == 3) ferret_tile_outputs<3>(tile, tw, out_plane, H, W, x0, y0, tx, ty, by, variant, residual);
-    else if (k == 5) ferret_tile_outputs<5>(tile, tw, out_plane, H, W, x0, y0, tx, ty, by, variant, residual);
-    else if (k == 7) ferret_tile_outputs<7>(tile, tw, out_plane, H, W, x0, y0, tx, ty, by, variant, residual);
+#endif
+#if !defined(FERRET_WINDOW) || FERRET_WINDOW == 5
+    if (k == 5) ferret_tile_outputs<5>(tile, tw, out_plane, H, W, x0, y0, tx, ty, by, variant, residual);
+#endif
+#if !defined(FERRET_WINDOW) || FERRET_WINDOW == 7
+    if (k == 7) ferret_tile_outputs<7>(tile, tw, out_plane, H, W, x0, y0, tx, ty, by, variant, residual);
+#endif
 }
 
 // Plain normalisation (for graphs that compute the LPD themselves): thread (tx, ty) of a (bx, by)
@@ -249,6 +271,152 @@ __host__ __device__ __forceinline__ void ferret_normalize_outputs(const unsigned
         FERRET_UNROLL
         for (int c = 0; c < 3; ++c) ferret_store(out + c * plane_size + at, ferret_normalize(image[at * 3 + c], mean[c], std[c]));
     }
+}
+
+
+// ---------------------------------------------------------------------------------------------
+// The median 3x3 residual, sliding down a column. With each row of three sorted (lo <= mid <= hi),
+// the median of the nine values is med3(max of the los, med3 of the mids, min of the his) (Paeth;
+// a selection network, so exact with ties: 0-1 principle). A thread walks down its column: every
+// tile row is sorted once as a full row (for the rows above and below an output) and once with its
+// centre masked to 0 (for the output on that row), and shares both with its neighbours' outputs:
+// 22 min/max per output instead of the 30 of the median-of-9 network.
+// ---------------------------------------------------------------------------------------------
+
+struct FerretSorted3 {
+    float lo, mid, hi;
+};
+
+__host__ __device__ __forceinline__ float ferret_med3(float a, float b, float c) {
+    return fmaxf(fminf(a, b), fminf(fmaxf(a, b), c));
+}
+
+// (a, b, c) sorted as (lo, mid, hi), and (a, 0, c) sorted, from one shared compare of a and c.
+__host__ __device__ __forceinline__ void ferret_sort_row(float a, float b, float c, FerretSorted3& full,
+                                                         FerretSorted3& masked) {
+    const float lo = fminf(a, c), hi = fmaxf(a, c);
+    full.lo = fminf(lo, b);
+    full.hi = fmaxf(hi, b);
+    full.mid = fmaxf(lo, fminf(b, hi));
+    masked.lo = fminf(lo, 0.0f);  // the masked centre: 0, the pad value (ferret_centre_value, median)
+    masked.hi = fmaxf(hi, 0.0f);
+    masked.mid = fmaxf(lo, fminf(0.0f, hi));
+}
+
+__host__ __device__ __forceinline__ float ferret_median_rows(const FerretSorted3& up, const FerretSorted3& centre,
+                                                             const FerretSorted3& down) {
+    const float lo = fmaxf(fmaxf(up.lo, centre.lo), down.lo);
+    const float hi = fminf(fminf(up.hi, centre.hi), down.hi);
+    return ferret_med3(lo, ferret_med3(up.mid, centre.mid, down.mid), hi);
+}
+
+// Phase 1: tile[ly][lx] = plane[y0 - 1 + ly][x0 - 1 + lx], 0 outside; 2D loops with compile-time
+// trip counts (no division), one unsigned compare per coordinate, 32-bit offsets within a plane
+// (launch.py refuses planes of 2^31 pixels or more).
+template <class T>
+__host__ __device__ __forceinline__ void ferret_res_stage(const T* plane, int H, int W, int x0, int y0, float* tile,
+                                                          int tx, int ty) {
+    FERRET_UNROLL
+    for (int j = 0; j < (FERRET_RES_TH + FERRET_RES_BY - 1) / FERRET_RES_BY; ++j) {
+        const int ly = ty + j * FERRET_RES_BY;
+        if (ly >= FERRET_RES_TH) break;
+        const int gy = y0 - 1 + ly;
+        const bool row_in = (unsigned)gy < (unsigned)H;
+        const T* row = plane + gy * W;
+        FERRET_UNROLL
+        for (int i = 0; i < (FERRET_RES_TW + FERRET_RES_BX - 1) / FERRET_RES_BX; ++i) {
+            const int lx = tx + i * FERRET_RES_BX;
+            if (lx >= FERRET_RES_TW) break;
+            const int gx = x0 - 1 + lx;
+            tile[ly * FERRET_RES_TW + lx] = row_in && (unsigned)gx < (unsigned)W ? ferret_load(row + gx) : 0.0f;
+        }
+    }
+}
+
+// Phase 2: thread (tx, ty) writes rows ty*ROWS .. ty*ROWS + ROWS-1 of column tx: x - median.
+template <class T>
+__host__ __device__ __forceinline__ void ferret_res_outputs(const float* tile, T* out_plane, int H, int W, int x0,
+                                                            int y0, int tx, int ty) {
+    const int ly0 = ty * FERRET_RES_ROWS, gx = x0 + tx;
+    const float* t = tile + ly0 * FERRET_RES_TW + tx;
+    FerretSorted3 up, up_masked, centre, centre_masked, down, down_masked;
+    ferret_sort_row(t[0], t[1], t[2], up, up_masked);
+    t += FERRET_RES_TW;
+    float x = t[1];
+    ferret_sort_row(t[0], x, t[2], centre, centre_masked);
+    FERRET_UNROLL
+    for (int j = 0; j < FERRET_RES_ROWS; ++j) {
+        t += FERRET_RES_TW;
+        const float x_down = t[1];
+        ferret_sort_row(t[0], x_down, t[2], down, down_masked);
+        const int gy = y0 + ly0 + j;
+        if (gy < H && gx < W) ferret_store(out_plane + gy * W + gx, x - ferret_median_rows(up, centre_masked, down));
+        up = centre;
+        centre = down;
+        centre_masked = down_masked;
+        x = x_down;
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Normalisation by table: the 256 values of ferret_normalize per channel, computed once per block
+// with the same float32 division, so a pixel costs a shared-memory read instead of two divisions.
+// ---------------------------------------------------------------------------------------------
+
+__host__ __device__ __forceinline__ void ferret_build_table(float* table, const float* mean, const float* std, int tid,
+                                                            int nthreads) {
+    for (int i = tid; i < 3 * 256; i += nthreads) table[i] = ferret_normalize((unsigned char)(i & 255), mean[i >> 8], std[i >> 8]);
+}
+
+// preprocess_lpd's phase 1: three normalised channel tiles (34 x 66 each), 0 outside the image in
+// normalised space, as the LPD pads the normalised image.
+__host__ __device__ __forceinline__ void ferret_res_stage_rgb(const unsigned char* image, int H, int W, int x0, int y0,
+                                                              const float* table, float* tile, int tx, int ty) {
+    FERRET_UNROLL
+    for (int j = 0; j < (FERRET_RES_TH + FERRET_RES_BY - 1) / FERRET_RES_BY; ++j) {
+        const int ly = ty + j * FERRET_RES_BY;
+        if (ly >= FERRET_RES_TH) break;
+        const int gy = y0 - 1 + ly;
+        const bool row_in = (unsigned)gy < (unsigned)H;
+        const unsigned char* row = image + gy * W * 3;
+        FERRET_UNROLL
+        for (int i = 0; i < (FERRET_RES_TW + FERRET_RES_BX - 1) / FERRET_RES_BX; ++i) {
+            const int lx = tx + i * FERRET_RES_BX;
+            if (lx >= FERRET_RES_TW) break;
+            const int gx = x0 - 1 + lx, at = ly * FERRET_RES_TW + lx;
+            const bool inside = row_in && (unsigned)gx < (unsigned)W;
+            FERRET_UNROLL
+            for (int c = 0; c < 3; ++c)
+                tile[c * FERRET_RES_TW * FERRET_RES_TH + at] = inside ? table[c * 256 + row[gx * 3 + c]] : 0.0f;
+        }
+    }
+}
+
+// normalize: thread `tid` of the block handles FERRET_NORM_PIXELS consecutive pixels of the image
+// (flat index over H*W), reading their 12 bytes as three 32-bit words when the image is 4-byte
+// aligned (`aligned`: H*W % 4 == 0 and an aligned base, checked by the caller) and bytes otherwise.
+template <class T>
+__host__ __device__ __forceinline__ void ferret_normalize_pixels(const unsigned char* image, T* out, int HW,
+                                                                 long long first, const float* table, bool aligned) {
+    if (first >= HW) return;
+    const int p0 = (int)first;
+    unsigned char v[3 * FERRET_NORM_PIXELS];
+    if (aligned && p0 + FERRET_NORM_PIXELS <= HW) {
+        const unsigned int* words = (const unsigned int*)(image + p0 * 3);
+        FERRET_UNROLL
+        for (int w = 0; w < 3; ++w) {
+            const unsigned int word = words[w];
+            FERRET_UNROLL
+            for (int b = 0; b < 4; ++b) v[w * 4 + b] = (unsigned char)(word >> (8 * b));  // little-endian
+        }
+        FERRET_UNROLL
+        for (int c = 0; c < 3; ++c)
+            FERRET_UNROLL
+            for (int q = 0; q < FERRET_NORM_PIXELS; ++q) ferret_store(out + (long long)c * HW + p0 + q, table[c * 256 + v[q * 3 + c]]);
+        return;
+    }
+    for (int q = 0; q < FERRET_NORM_PIXELS && p0 + q < HW; ++q)
+        for (int c = 0; c < 3; ++c) ferret_store(out + (long long)c * HW + p0 + q, table[c * 256 + image[(p0 + q) * 3 + c]]);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -276,93 +444,115 @@ __device__ __forceinline__ void ferret_lpd_kernel(const T* __restrict__ x, T* __
     }
 }
 
-// The paper's LPD (median, 3x3): k, variant and residual are constants, so the switch folds away.
+// The paper's LPD (median, 3x3, residual): a compile-time block, rows sliding down each column.
+// 256 threads and at most 40 registers (__launch_bounds__(256, 6)): 6 blocks, 48 warps, 75% occupancy.
 template <class T>
 __device__ __forceinline__ void ferret_median_residual_kernel(const T* __restrict__ x, T* __restrict__ out, int N,
                                                               int C, int H, int W) {
-    extern __shared__ float ferret_tile[];
-    const int tw = ferret_tile_w(blockDim.x, 1), th = ferret_tile_h(blockDim.y, 1);
-    const int x0 = blockIdx.x * blockDim.x, y0 = blockIdx.y * blockDim.y * FERRET_ROWS_PER_THREAD;
-    const int tid = threadIdx.y * blockDim.x + threadIdx.x, nthreads = blockDim.x * blockDim.y;
+    __shared__ float tile[FERRET_RES_TW * FERRET_RES_TH];
+    const int x0 = blockIdx.x * FERRET_RES_BX, y0 = blockIdx.y * (FERRET_RES_BY * FERRET_RES_ROWS);
     const long long planes = (long long)N * C, plane_size = (long long)H * W;
     for (long long p = blockIdx.z; p < planes; p += gridDim.z) {
-        ferret_load_tile(x + p * plane_size, H, W, x0, y0, 1, tw, th, 0.0f, ferret_tile, tid, nthreads);
+        ferret_res_stage(x + p * plane_size, H, W, x0, y0, tile, threadIdx.x, threadIdx.y);
         __syncthreads();
-        ferret_tile_outputs<3>(ferret_tile, tw, out + p * plane_size, H, W, x0, y0, threadIdx.x, threadIdx.y,
-                               blockDim.y, FERRET_LPD_MEDIAN, 1);
-        __syncthreads();
+        ferret_res_outputs(tile, out + p * plane_size, H, W, x0, y0, threadIdx.x, threadIdx.y);
+        __syncthreads();  // the next plane overwrites the tile
     }
 }
 
-// One block per (image, column tile, row tile) does all three channels: the uint8 pixels are
-// read once, interleaved, and normalised into three shared tiles.
+// One block per (image, column tile, row tile) does all three channels: the uint8 pixels are read
+// once, normalised through the block's table into three shared tiles.
 template <class T>
 __device__ __forceinline__ void ferret_preprocess_kernel(const unsigned char* __restrict__ image, T* __restrict__ out,
                                                          int N, int H, int W, float m0, float m1, float m2, float s0,
                                                          float s1, float s2) {
-    extern __shared__ float ferret_tile[];
+    __shared__ float table[3 * 256];
+    __shared__ float tile[3 * FERRET_RES_TW * FERRET_RES_TH];
     const float mean[3] = {m0, m1, m2}, std[3] = {s0, s1, s2};
-    const int tw = ferret_tile_w(blockDim.x, 1), th = ferret_tile_h(blockDim.y, 1);
-    const int x0 = blockIdx.x * blockDim.x, y0 = blockIdx.y * blockDim.y * FERRET_ROWS_PER_THREAD;
-    const int tid = threadIdx.y * blockDim.x + threadIdx.x, nthreads = blockDim.x * blockDim.y;
+    const int tid = threadIdx.y * FERRET_RES_BX + threadIdx.x;
+    ferret_build_table(table, mean, std, tid, FERRET_RES_BX * FERRET_RES_BY);
+    const int x0 = blockIdx.x * FERRET_RES_BX, y0 = blockIdx.y * (FERRET_RES_BY * FERRET_RES_ROWS);
     const long long plane_size = (long long)H * W;
+    __syncthreads();
     for (long long n = blockIdx.z; n < N; n += gridDim.z) {
-        ferret_load_rgb_tile(image + n * plane_size * 3, H, W, x0, y0, mean, std, tw, th, ferret_tile, tid, nthreads);
+        ferret_res_stage_rgb(image + n * plane_size * 3, H, W, x0, y0, table, tile, threadIdx.x, threadIdx.y);
         __syncthreads();
+        FERRET_UNROLL
         for (int c = 0; c < 3; ++c)
-            ferret_tile_outputs<3>(ferret_tile + c * tw * th, tw, out + (n * 3 + c) * plane_size, H, W, x0, y0,
-                                   threadIdx.x, threadIdx.y, blockDim.y, FERRET_LPD_MEDIAN, 1);
+            ferret_res_outputs(tile + c * FERRET_RES_TW * FERRET_RES_TH, out + (n * 3 + c) * plane_size, H, W, x0, y0,
+                               threadIdx.x, threadIdx.y);
         __syncthreads();
     }
 }
 
 // uint8 NHWC -> normalised NCHW: the baseline preprocess_lpd is measured against, and the
-// runtime's preprocessing when the graph contains the LPD.
+// runtime's preprocessing when the graph contains the LPD. Grid: x over chunks of
+// blockDim.x * FERRET_NORM_PIXELS pixels of one image, z over images (grid-stride).
 template <class T>
 __device__ __forceinline__ void ferret_normalize_kernel(const unsigned char* __restrict__ image, T* __restrict__ out,
                                                         int N, int H, int W, float m0, float m1, float m2, float s0,
                                                         float s1, float s2) {
+    __shared__ float table[3 * 256];
     const float mean[3] = {m0, m1, m2}, std[3] = {s0, s1, s2};
-    const int x0 = blockIdx.x * blockDim.x, y0 = blockIdx.y * blockDim.y * FERRET_ROWS_PER_THREAD;
-    const long long plane_size = (long long)H * W;
+    ferret_build_table(table, mean, std, threadIdx.x, blockDim.x);
+    const int HW = H * W;
+    const long long first = ((long long)blockIdx.x * blockDim.x + threadIdx.x) * FERRET_NORM_PIXELS;
+    const bool aligned = HW % 4 == 0 && ((unsigned long long)image & 3) == 0;
+    __syncthreads();
     for (long long n = blockIdx.z; n < N; n += gridDim.z)
-        ferret_normalize_outputs(image + n * plane_size * 3, out + n * 3 * plane_size, H, W, x0, y0, threadIdx.x,
-                                 threadIdx.y, blockDim.y, mean, std);
+        ferret_normalize_pixels(image + n * HW * 3, out + n * 3 * HW, HW, first, table, aligned);
 }
 
 #define FERRET_KERNEL extern "C" __global__ void __launch_bounds__(FERRET_MAX_THREADS)
+#define FERRET_KERNEL_3X3 extern "C" __global__ void __launch_bounds__(FERRET_RES_BX * FERRET_RES_BY, 6)
 
-FERRET_KERNEL lpd_residual_f32(const float* x, float* out, int N, int C, int H, int W) {
+#if !defined(FERRET_ONLY) || defined(FERRET_WANT_lpd_residual_f32)
+FERRET_KERNEL_3X3 lpd_residual_f32(const float* x, float* out, int N, int C, int H, int W) {
     ferret_median_residual_kernel(x, out, N, C, H, W);
 }
-FERRET_KERNEL lpd_residual_f16(const unsigned short* x, unsigned short* out, int N, int C, int H, int W) {
+#endif
+#if !defined(FERRET_ONLY) || defined(FERRET_WANT_lpd_residual_f16)
+FERRET_KERNEL_3X3 lpd_residual_f16(const unsigned short* x, unsigned short* out, int N, int C, int H, int W) {
     ferret_median_residual_kernel(x, out, N, C, H, W);
 }
+#endif
+#if !defined(FERRET_ONLY) || defined(FERRET_WANT_lpd_generic_f32)
 FERRET_KERNEL lpd_generic_f32(const float* x, float* out, int N, int C, int H, int W, int k, int variant,
                               int residual) {
     ferret_lpd_kernel(x, out, N, C, H, W, k, variant, residual);
 }
+#endif
+#if !defined(FERRET_ONLY) || defined(FERRET_WANT_lpd_generic_f16)
 FERRET_KERNEL lpd_generic_f16(const unsigned short* x, unsigned short* out, int N, int C, int H, int W, int k,
                               int variant, int residual) {
     ferret_lpd_kernel(x, out, N, C, H, W, k, variant, residual);
 }
-FERRET_KERNEL preprocess_lpd_f32(const unsigned char* image, float* out, int N, int H, int W, float m0, float m1,
+#endif
+#if !defined(FERRET_ONLY) || defined(FERRET_WANT_preprocess_lpd_f32)
+FERRET_KERNEL_3X3 preprocess_lpd_f32(const unsigned char* image, float* out, int N, int H, int W, float m0, float m1,
                                  float m2, float s0, float s1, float s2) {
     ferret_preprocess_kernel(image, out, N, H, W, m0, m1, m2, s0, s1, s2);
 }
-FERRET_KERNEL preprocess_lpd_f16(const unsigned char* image, unsigned short* out, int N, int H, int W, float m0,
+#endif
+#if !defined(FERRET_ONLY) || defined(FERRET_WANT_preprocess_lpd_f16)
+FERRET_KERNEL_3X3 preprocess_lpd_f16(const unsigned char* image, unsigned short* out, int N, int H, int W, float m0,
                                  float m1, float m2, float s0, float s1, float s2) {
     ferret_preprocess_kernel(image, out, N, H, W, m0, m1, m2, s0, s1, s2);
 }
+#endif
 
+#if !defined(FERRET_ONLY) || defined(FERRET_WANT_normalize_f32)
 FERRET_KERNEL normalize_f32(const unsigned char* image, float* out, int N, int H, int W, float m0, float m1, float m2,
                             float s0, float s1, float s2) {
     ferret_normalize_kernel(image, out, N, H, W, m0, m1, m2, s0, s1, s2);
 }
+#endif
+#if !defined(FERRET_ONLY) || defined(FERRET_WANT_normalize_f16)
 FERRET_KERNEL normalize_f16(const unsigned char* image, unsigned short* out, int N, int H, int W, float m0, float m1,
                             float m2, float s0, float s1, float s2) {
     ferret_normalize_kernel(image, out, N, H, W, m0, m1, m2, s0, s1, s2);
 }
+#endif
 
 #endif  // __CUDACC__
 
@@ -493,37 +683,58 @@ extern "C" int lpd_generic_emulate(const float* x, float* out, int N, int C, int
     return FERRET_OK;
 }
 
-// lpd_residual_f32 is lpd_generic_f32 with k = 3, median, residual: the same phase functions.
+// The 3x3 kernels' block is a compile-time constant; their tiles are static shared memory.
+static int ferret_check_block_3x3(const int* grid, const int* block) {
+    const int err = ferret_check_launch(grid, block, 0, 0);
+    if (err) return err;
+    return block[0] == FERRET_RES_BX && block[1] == FERRET_RES_BY ? FERRET_OK : FERRET_EBLOCK;
+}
+
 extern "C" int lpd_residual_emulate(const float* x, float* out, int N, int C, int H, int W, const int* grid,
                                     const int* block, long long smem_bytes) {
-    return lpd_generic_emulate(x, out, N, C, H, W, 3, FERRET_LPD_MEDIAN, 1, grid, block, smem_bytes);
+    const int err = ferret_check_block_3x3(grid, block);
+    if (err) return err;
+    static float tile[FERRET_RES_TW * FERRET_RES_TH];
+    const long long planes = (long long)N * C, plane_size = (long long)H * W;
+    for (int gz = 0; gz < grid[2]; ++gz)
+        for (int gy = 0; gy < grid[1]; ++gy)
+            for (int gx = 0; gx < grid[0]; ++gx) {
+                const int x0 = gx * FERRET_RES_BX, y0 = gy * FERRET_RES_BY * FERRET_RES_ROWS;
+                for (long long p = gz; p < planes; p += grid[2]) {
+                    for (int ty = 0; ty < FERRET_RES_BY; ++ty)
+                        for (int tx = 0; tx < FERRET_RES_BX; ++tx)
+                            ferret_res_stage(x + p * plane_size, H, W, x0, y0, tile, tx, ty);
+                    for (int ty = 0; ty < FERRET_RES_BY; ++ty)
+                        for (int tx = 0; tx < FERRET_RES_BX; ++tx)
+                            ferret_res_outputs(tile, out + p * plane_size, H, W, x0, y0, tx, ty);
+                }
+            }
+    return FERRET_OK;
 }
 
 extern "C" int preprocess_lpd_emulate(const unsigned char* image, float* out, int N, int H, int W, const float* mean,
                                       const float* std, const int* grid, const int* block, long long smem_bytes) {
-    const int bx = block[0], by = block[1];
-    const int err = ferret_check_launch(grid, block, ferret_tile_floats(bx, by, 1, 3), smem_bytes);
+    const int err = ferret_check_block_3x3(grid, block);
     if (err) return err;
-    float* tile = (float*)malloc(smem_bytes);
-    if (!tile) return FERRET_ENOMEM;
-    const int tw = ferret_tile_w(bx, 1), th = ferret_tile_h(by, 1);
+    static float table[3 * 256], tile[3 * FERRET_RES_TW * FERRET_RES_TH];
+    const int nthreads = FERRET_RES_BX * FERRET_RES_BY;
     const long long plane_size = (long long)H * W;
+    for (int tid = 0; tid < nthreads; ++tid) ferret_build_table(table, mean, std, tid, nthreads);
     for (int gz = 0; gz < grid[2]; ++gz)
         for (int gy = 0; gy < grid[1]; ++gy)
             for (int gx = 0; gx < grid[0]; ++gx) {
-                const int x0 = gx * bx, y0 = gy * by * FERRET_ROWS_PER_THREAD;
+                const int x0 = gx * FERRET_RES_BX, y0 = gy * FERRET_RES_BY * FERRET_RES_ROWS;
                 for (long long n = gz; n < N; n += grid[2]) {
-                    for (int tid = 0; tid < bx * by; ++tid)
-                        ferret_load_rgb_tile(image + n * plane_size * 3, H, W, x0, y0, mean, std, tw, th, tile, tid,
-                                             bx * by);
+                    for (int ty = 0; ty < FERRET_RES_BY; ++ty)
+                        for (int tx = 0; tx < FERRET_RES_BX; ++tx)
+                            ferret_res_stage_rgb(image + n * plane_size * 3, H, W, x0, y0, table, tile, tx, ty);
                     for (int c = 0; c < 3; ++c)
-                        for (int ty = 0; ty < by; ++ty)
-                            for (int tx = 0; tx < bx; ++tx)
-                                ferret_tile_outputs<3>(tile + c * tw * th, tw, out + (n * 3 + c) * plane_size, H, W,
-                                                       x0, y0, tx, ty, by, FERRET_LPD_MEDIAN, 1);
+                        for (int ty = 0; ty < FERRET_RES_BY; ++ty)
+                            for (int tx = 0; tx < FERRET_RES_BX; ++tx)
+                                ferret_res_outputs(tile + c * FERRET_RES_TW * FERRET_RES_TH,
+                                                   out + (n * 3 + c) * plane_size, H, W, x0, y0, tx, ty);
                 }
             }
-    free(tile);
     return FERRET_OK;
 }
 
@@ -531,16 +742,17 @@ extern "C" int normalize_emulate(const unsigned char* image, float* out, int N, 
                                  const float* std, const int* grid, const int* block, long long smem_bytes) {
     const int err = ferret_check_launch(grid, block, 0, smem_bytes);
     if (err) return err;
-    const int bx = block[0], by = block[1];
-    const long long plane_size = (long long)H * W;
+    if (block[1] != 1) return FERRET_EBLOCK;
+    float table[3 * 256];
+    for (int tid = 0; tid < block[0]; ++tid) ferret_build_table(table, mean, std, tid, block[0]);
+    const int HW = H * W;
+    const bool aligned = HW % 4 == 0 && ((unsigned long long)image & 3) == 0;
     for (int gz = 0; gz < grid[2]; ++gz)
-        for (int gy = 0; gy < grid[1]; ++gy)
-            for (int gx = 0; gx < grid[0]; ++gx)
-                for (long long n = gz; n < N; n += grid[2])
-                    for (int ty = 0; ty < by; ++ty)
-                        for (int tx = 0; tx < bx; ++tx)
-                            ferret_normalize_outputs(image + n * plane_size * 3, out + n * 3 * plane_size, H, W,
-                                                     gx * bx, gy * by * FERRET_ROWS_PER_THREAD, tx, ty, by, mean, std);
+        for (int gx = 0; gx < grid[0]; ++gx)
+            for (long long n = gz; n < N; n += grid[2])
+                for (int tx = 0; tx < block[0]; ++tx)
+                    ferret_normalize_pixels(image + n * HW * 3, out + n * 3 * HW, HW,
+                                            ((long long)gx * block[0] + tx) * FERRET_NORM_PIXELS, table, aligned);
     return FERRET_OK;
 }
 
