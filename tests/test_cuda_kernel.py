@@ -578,7 +578,8 @@ def test_gpu_normalize(dtype):
 
 @pytest.mark.gpu
 def test_gpu_nvrtc_cache_survives_a_restart(tmp_path):
-    code = "from ferret_runtime.kernels import launch; m = launch.LpdModule(0); print(m.compiled.from_cache); m.close()"
+    code = ("from ferret_runtime.kernels import launch; m = launch.LpdModule(0); m.function('lpd_residual_f32'); "
+            "print(m.compiled['lpd_residual_f32', 0].from_cache); m.close()")
     env = {**__import__("os").environ, "FERRET_CACHE": str(tmp_path)}
     runs = [subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env) for _ in range(2)]
     assert [r.returncode for r in runs] == [0, 0], [r.stderr for r in runs]
@@ -602,3 +603,72 @@ def test_gpu_ferretnet_with_the_op_gives_reference_logits(authors_ckpt, referenc
     for name, r in zip(names, results):
         assert r.error is None
         assert abs(r.logit - ref[name]["logit_center_crop_256"]) <= 1e-4, (name, r.logit)
+
+
+# ------------------------------------------------------------------------------------------------
+# (g) First-run risks: PTX newer than the driver, an unwritable cache, cold compiles
+# ------------------------------------------------------------------------------------------------
+
+
+def test_nvrtc_newer_than_the_driver_is_refused_in_one_line():
+    with pytest.raises(launch.CudaError, match=r"^Received NVRTC 13\.5 PTX for a driver of CUDA 13\.0; expected a driver "
+                                               r"for CUDA 13\.5 or newer, or pip install 'nvidia-cuda-nvrtc==13\.0\.\*'$"):
+        launch.check_nvrtc_driver("ptx", (13, 5), (13, 0))
+    launch.check_nvrtc_driver("cubin", (13, 5), (13, 0))  # CUBINs load within a major version
+    launch.check_nvrtc_driver("ptx", (13, 0), (13, 2))
+    with pytest.raises(launch.CudaError, match=r"Received NVRTC 14\.0 CUBINs for a driver of CUDA 13\.0; .*'nvidia-cuda-nvrtc<14'"):
+        launch.check_nvrtc_driver("cubin", (14, 0), (13, 0))
+
+
+def test_plugin_ptx_refused_on_an_older_driver(monkeypatch, tmp_path):
+    from ferret_export import trt_plugin
+
+    monkeypatch.setattr(trt_plugin, "driver_version", lambda: (13, 0))
+    monkeypatch.setattr(trt_plugin, "nvrtc_version", lambda: (13, 5))
+    with pytest.raises(launch.CudaError, match=r"NVRTC 13\.5 PTX for a driver of CUDA 13\.0"):
+        trt_plugin.compile_trt_ptx(cache=tmp_path)
+
+
+def test_unwritable_cache_falls_back(monkeypatch, tmp_path):
+    from ferret_runtime import kernels
+
+    blocked = tmp_path / "file-not-dir"
+    blocked.write_text("")  # a file where a folder should be: unwritable even for root
+    monkeypatch.setenv("FERRET_CACHE", str(blocked / "a"))
+    monkeypatch.setenv("XDG_CACHE_HOME", str(blocked / "b"))
+    monkeypatch.setattr(kernels.tempfile, "gettempdir", lambda: str(tmp_path / "tmp"))
+    assert kernels.cache_dir() == tmp_path / "tmp" / f"ferret-{kernels._user()}" / "kernels"
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert kernels.cache_dir() == tmp_path / "xdg" / "ferret" / "kernels"
+    assert kernels.write_atomic(blocked / "x" / "y.bin", b"data") is False  # never raises
+
+
+def test_compile_with_an_unwritable_cache(nvrtc_ok, tmp_path):
+    blocked = tmp_path / "file-not-dir"
+    blocked.write_text("")
+    built = launch.compile_lpd(90, "cubin", cache=blocked / "kernels", kernels=("lpd_residual_f32",))
+    assert not built.from_cache and built.data[:4] == b"\x7fELF" and not built.path.exists()
+
+
+def test_only_the_needed_kernel_is_compiled(nvrtc_ok, tmp_path):
+    # the cold start of the median 3x3 path: one kernel, well under a second (all twelve: several seconds)
+    one = launch.compile_lpd(90, "ptx", cache=tmp_path, kernels=("lpd_residual_f32",))
+    assert re.findall(r"\.entry (\w+)", one.data.decode()) == ["lpd_residual_f32"]
+    assert one.seconds < 1.0, one.seconds
+    k5 = launch.compile_lpd(90, "ptx", cache=tmp_path, kernels=("lpd_generic_f32",), window=5).data.decode()
+    assert "lpd_generic_f32" in k5 and len(k5) < len(launch.compile_lpd(90, "ptx", cache=tmp_path,
+                                                                        kernels=("lpd_generic_f32",)).data)
+
+
+@pytest.mark.parametrize("kernel, window", [("trt_lpd_residual_f16", 0), ("trt_lpd_generic_f32", 3),
+                                            ("trt_lpd_generic_f16", 7)])
+def test_plugin_node_ptx_is_small(nvrtc_ok, tmp_path, kernel, window):
+    from ferret_export import trt_plugin
+
+    ptx = trt_plugin.compile_trt_ptx(cache=tmp_path, kernels=(kernel,), window=window)
+    assert re.findall(rb"\.entry (\w+)", ptx) == [kernel.encode()] and len(ptx) <= 200_000, len(ptx)
+
+
+def test_launch_configs_are_cached_per_shape():
+    a = launch.launch_config("lpd_residual", (8, 3, 224, 224), "float32", 90)
+    assert launch.launch_config("lpd_residual", (8, 3, 224, 224), np.float32, "sm_90") is a

@@ -219,3 +219,42 @@ def test_gpu_ort_cuda_pipeline_equals_cpu(graphs):
         with OrtBackend(graphs[graph], device="cuda", max_batch=32) as backend:
             assert backend.slots == 2 and backend.kernel is not None
             np.testing.assert_allclose(backend.run(u8), want, rtol=1e-4, atol=1e-4)  # cuDNN's float32 sums
+
+
+def test_cuda_provider_options_keep_float32_parity(ort_cuda, graphs):
+    with OrtBackend(graphs["portable"], device="cuda") as backend:
+        options = StandInCudaSession.created[-1].options
+        assert options["use_tf32"] == 0 and options["cudnn_conv_algo_search"] == "HEURISTIC"
+        assert options["device_id"] == 0 and backend.cuda_failure is None
+    with OrtBackend(graphs["portable"], device="cuda", cuda_options={"use_tf32": 1}):
+        assert StandInCudaSession.created[-1].options["use_tf32"] == 1  # opted in, at TF32's precision
+
+
+class FallingBackSession(StandInCudaSession):
+    """The CUDA provider failing to load: ONNX Runtime runs the session on the CPU instead."""
+
+    def get_providers(self):
+        return ["CPUExecutionProvider"]
+
+
+def test_cuda_provider_failure_is_reported(ort_cuda, graphs, monkeypatch):
+    import ctypes
+
+    from ferret_runtime.backends import onnxruntime as ort_backend
+
+    monkeypatch.setattr(ort, "InferenceSession", FallingBackSession)
+    real_cdll = ctypes.CDLL
+
+    def cdll(path, *a, **kw):
+        if str(path).endswith("libonnxruntime_providers_cuda.so"):
+            raise OSError("libcudnn.so.9: cannot open shared object file: No such file or directory")
+        return real_cdll(path, *a, **kw)
+
+    monkeypatch.setattr(ctypes, "CDLL", cdll)
+    monkeypatch.setattr(ort_backend.Path, "is_file", lambda self: True)  # as if onnxruntime-gpu were installed
+    with pytest.raises(ConfigError, match=r"did not start its CUDA provider .*libcudnn\.so\.9: cannot open"):
+        OrtBackend(graphs["portable"], device="cuda")
+    with pytest.warns(RuntimeWarning, match=r"CUDA provider did not start, running on the CPU: .*libcudnn\.so\.9"):
+        backend = OrtBackend(graphs["portable"], device="cuda", gpu_pipeline=False)
+    assert backend.device == "cpu" and "libcudnn.so.9" in backend.cuda_failure
+    backend.close()

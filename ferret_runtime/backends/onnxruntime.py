@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 import queue
+import warnings
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -29,6 +30,26 @@ from .slots import Slot, SlotBackend
 _LEVELS = ("disable", "basic", "extended", "all")
 _DTYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(uint8)": np.uint8}
 NO_SYNC = "disable_synchronize_execution_providers"  # run config key: return once the work is enqueued
+# CUDA provider defaults. use_tf32=0: TF32 convolutions keep 10 mantissa bits (~1e-3 relative error), which
+# breaks the 1e-4 float32 parity with the CPU; pass cuda_options={"use_tf32": 1} for up to ~2x faster
+# convolutions on Ampere and newer at that cost. HEURISTIC: EXHAUSTIVE (ORT's default) benchmarks every
+# algorithm again at each new input shape, seconds per shape for any-size graphs.
+CUDA_OPTIONS: dict[str, Any] = {"use_tf32": 0, "cudnn_conv_algo_search": "HEURISTIC"}
+
+
+def cuda_provider_failure(ort: Any) -> str:
+    """Why ONNX Runtime's CUDA provider did not load, as far as we can tell: the error from loading its
+    library (most often a missing CUDA or cuDNN library), else a pointer to ORT's own log."""
+    import ctypes
+
+    lib = Path(ort.__file__).parent / "capi" / "libonnxruntime_providers_cuda.so"
+    if not lib.is_file():
+        return f"no {lib.name} in {lib.parent} (this onnxruntime has no CUDA provider: pip install onnxruntime-gpu)"
+    try:
+        ctypes.CDLL(str(lib))
+    except OSError as e:
+        return f"loading {lib.name}: {e} (install the CUDA and cuDNN versions this onnxruntime-gpu was built for)"
+    return "its library loads, but ONNX Runtime fell back to the CPU (session_options={'log_severity_level': 0} shows why)"
 
 
 class OrtBackend(SlotBackend):
@@ -44,7 +65,7 @@ class OrtBackend(SlotBackend):
     session, whose depthwise convolutions leave its second thread idle much of the time. ``None``:
     :func:`default_streams`. ``slots`` then equals ``streams``.
 
-    CUDA only: ``gpu_pipeline`` (default: on when cuda-python can reach the GPU) runs on our stream
+    CUDA only: ``cuda_options`` overrides CUDA_OPTIONS (TF32 off, heuristic cuDNN algorithm search); ``gpu_pipeline`` (default: on when cuda-python can reach the GPU) runs on our stream
     and buffers with ``slots`` batches of at most ``max_batch`` in flight; ``gpu_preprocess``
     (default True) then takes uint8 NHWC and normalises (and, for ``--lpd external`` graphs,
     computes the LPD) on the GPU.
@@ -57,7 +78,7 @@ class OrtBackend(SlotBackend):
     def __init__(self, path: str | Path, *, device: str = "auto", threads: int = 0, optimization: str = "all",
                  session_options: dict[str, Any] | None = None, io_binding: bool | None = None,
                  gpu_pipeline: bool | None = None, gpu_preprocess: bool = True, slots: int = 2, max_batch: int = 64,
-                 streams: int | None = None):
+                 streams: int | None = None, cuda_options: dict[str, Any] | None = None):
         try:
             import onnxruntime as ort
         except ImportError:
@@ -72,7 +93,7 @@ class OrtBackend(SlotBackend):
             raise ConfigError(f"Received streams {streams!r}; expected an integer >= 1 (or None for the default)")
         # slots: batches in flight (GPU pipeline slots, or CPU streams); 1 runs each batch in submit()
         self.slots, self._gpu, self._streams, self._closers = 1, False, None, []
-        providers = self._providers(ort, device)
+        providers = self._providers(ort, device, cuda_options)
         if isinstance(providers[0], tuple) and gpu_pipeline is not False:
             providers = self._open_gpu(providers, required=gpu_pipeline is True, slots=slots, max_batch=max_batch)
         so = ort.SessionOptions()
@@ -97,6 +118,12 @@ class OrtBackend(SlotBackend):
                               input_hw=tuple(hw) if all(isinstance(d, int) for d in hw) else None,
                               extra={k: meta[k] for k in ("lpd_mode", "precision", "toolkit_version", "provenance") if k in meta})
         self.device = "cuda" if "CUDAExecutionProvider" in self.session.get_providers() else "cpu"
+        self.cuda_failure = None
+        if isinstance(providers[0], tuple) and self.device == "cpu":  # asked for CUDA, got the CPU: say why
+            self.cuda_failure = cuda_provider_failure(ort)
+            if not self._gpu:
+                warnings.warn(f"{self.path}: ONNX Runtime's CUDA provider did not start, running on the CPU: "
+                              f"{self.cuda_failure}", RuntimeWarning, stacklevel=2)
         self.io_binding = self.device == "cuda" if io_binding is None else io_binding
         try:
             if self._gpu:
@@ -176,7 +203,8 @@ class OrtBackend(SlotBackend):
     def _start_gpu(self, ort, inp, out, gpu_preprocess: bool) -> None:
         if self.device != "cuda":
             raise ConfigError(f"{self.path}: ONNX Runtime did not start its CUDA provider (providers: "
-                              f"{', '.join(self.session.get_providers())}); expected CUDAExecutionProvider")
+                              f"{', '.join(self.session.get_providers())}); expected CUDAExecutionProvider: "
+                              f"{self.cuda_failure}")
         self.input_dtype, self.output_dtype = (np.dtype(_DTYPES.get(t.type, np.float32)) for t in (inp, out))
         if gpu_preprocess and self.info.preprocess.dtype != "uint8":
             self._gpu_preprocessing(self._index)
@@ -220,7 +248,7 @@ class OrtBackend(SlotBackend):
             self._download(slot)
 
     @staticmethod
-    def _providers(ort, device: str) -> list[str]:
+    def _providers(ort, device: str, cuda_options: dict[str, Any] | None = None) -> list[str]:
         available = ort.get_available_providers()
         if device == "auto":
             device = "cuda" if "CUDAExecutionProvider" in available else "cpu"
@@ -231,7 +259,8 @@ class OrtBackend(SlotBackend):
                 raise ConfigError(f"Received device {device!r}, but this onnxruntime has no CUDA provider "
                                   f"(available: {', '.join(available)}); pip install onnxruntime-gpu")
             index = int(device.split(":")[1]) if ":" in device else 0
-            return [("CUDAExecutionProvider", {"device_id": index}), "CPUExecutionProvider"]  # type: ignore[list-item]
+            options = {**CUDA_OPTIONS, **(cuda_options or {}), "device_id": index}
+            return [("CUDAExecutionProvider", options), "CPUExecutionProvider"]  # type: ignore[list-item]
         raise ConfigError(f"Received device {device!r}; expected 'auto', 'cpu', 'cuda' or 'cuda:N'")
 
     def run_impl(self, batch: np.ndarray) -> np.ndarray:
