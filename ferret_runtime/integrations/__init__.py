@@ -1,0 +1,1 @@
+"""Bridges to other frameworks, each imported on use (its framework is an optional extra)."""
