@@ -128,7 +128,7 @@ def loops(code: list[tuple[int, str]]) -> list[tuple[int, int]]:
     found = []
     for addr, text in code:
         m = BRANCH.match(text)
-        if m and int(m.group(1), 16) <= addr:
+        if m and int(m.group(1), 16) < addr:  # not the `BRA .` padding after EXIT
             found.append((int(m.group(1), 16), addr))
     return found
 

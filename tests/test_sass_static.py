@@ -1,0 +1,65 @@
+"""benchmarks/sass_static.py: the static SASS figures, recomputed from the CUBIN NVRTC builds here."""
+
+from __future__ import annotations
+
+import pytest
+
+from benchmarks import sass_static
+from ferret_runtime.kernels import launch
+
+SASS = """
+        Function : k
+        /*0000*/                   S2R R0, SR_TID.X ;
+        /*0010*/                   LDG.E R2, desc[UR4][R2.64] ;
+        /*0020*/                   STS [R0], R2 ;
+        /*0030*/              @!P0 BRA 0x10 ;
+        /*0040*/                   FMNMX R3, R2, R4, PT ;
+        /*0050*/                   BAR.SYNC.DEFER_BLOCKING 0x0 ;
+        /*0060*/              @!P1 BRA 0x0 ;
+        /*0070*/                   EXIT ;
+        /*0080*/                   BRA 0x80;
+"""
+
+
+def test_hot_loop_count_weights_inner_staging_loops():
+    code = sass_static.parse_sass(SASS)["k"]
+    assert sass_static.loops(code) == [(0x10, 0x30), (0x0, 0x60)]
+    weighted, plain = sass_static.hot_loop_count(code, staged_per_thread=2.5)
+    assert plain == 7 and weighted == 4 + 3 * 2.5  # the staging loop runs 2.5 times per pass
+
+
+def test_occupancy_on_sm90():
+    assert sass_static.occupancy(40, 256, 8976) == 0.75  # 40 registers: 6 blocks of 8 warps
+    assert sass_static.occupancy(32, 256, 0) == 1.0
+    assert sass_static.occupancy(98, 256, 0) == 0.25
+
+
+@pytest.fixture(scope="module")
+def figures():
+    try:
+        launch.nvrtc_version()
+        sass_static.find_tool("cuobjdump")
+    except (launch.CudaError, FileNotFoundError) as e:
+        pytest.skip(f"needs NVRTC and cuobjdump: {e}")
+    return sass_static.current()
+
+
+def test_recorded_figures_are_this_source(figures):
+    recorded = sass_static.load_recorded()
+    assert recorded["kernels"] == [sass_static.asdict(f) for f in figures], "run python -m benchmarks.sass_static"
+
+
+def test_static_goals(figures):
+    by = {f.name: f for f in figures}
+    for name, f in by.items():
+        assert f.stack_bytes == f.local_bytes == 0, name  # no spills anywhere
+    for s in ("f32", "f16"):
+        res = by[f"lpd_residual_{s}"]
+        assert res.occupancy >= 0.75 and res.outputs_per_pass == launch.ROWS_3X3
+        assert by[f"lpd_generic3_{s}"].registers < by[f"lpd_generic7_{s}"].registers  # 3x3 no longer pays for 7x7
+        assert by[f"preprocess_lpd_{s}"].instructions_per_output <= (
+            by[f"normalize_{s}"].instructions_per_output + 3 * res.instructions_per_output)
+    # the rewrite's progress against the recorded baseline (goals: 50 and 20, not met yet: see table.txt)
+    before = {k["name"]: k for k in sass_static.load_recorded(sass_static.RESULTS / "sm90-before.json")["kernels"]}
+    assert by["lpd_residual_f32"].instructions_per_output < before["lpd_residual_f32"]["instructions_per_output"]
+    assert by["normalize_f32"].instructions_per_output < before["normalize_f32"]["instructions_per_output"]
