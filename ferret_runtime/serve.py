@@ -16,7 +16,7 @@ Endpoints:
   ``/v2/models/<name>[/versions/1]/ready`` (open, for probes: 200 or 400, empty body); ``GET /v2``,
   ``/v2/models/<name>`` (metadata, with the ``ferret.*`` parameters) and ``/v2/models/<name>/config``
   (Triton's model configuration); ``POST /v2/models/<name>/infer``: the same handler core, limits,
-  errors (``{"error": ...}``) and metrics as /v1/detect, JSON or binary tensors.
+  errors (``{"error": ...}``) and metrics as /v1/detect, JSON or binary tensors (handlers in ``serve_v2.py``).
 
 Limits (each bounds one resource; every answer is counted in ``ferret_requests_total{code}``):
 request bodies accepted and not yet answered hold at most ``max_inflight_mb`` (reserved as chunks
@@ -34,7 +34,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hmac
-import json
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -43,16 +42,15 @@ from typing import Any
 
 import numpy as np
 
-from . import __version__, kserve
 from .batching import Closed, DynamicBatcher, Overloaded
 from .detector import Detector, Result
 from .fileio import sha256
 from .http_limits import OVER_CAPACITY, ByteBudget, ServerLimits, load_api_keys, log, protocol_class
+from .serve_v2 import V2_VERSION, V2Routes
 
 __all__ = ["DETECT_PATH", "V2_VERSION", "DetectApp", "ServeConfig", "ServerLimits", "create_app", "load_api_keys", "serve"]
 
 DETECT_PATH = "/v1/detect"
-V2_VERSION = "1"  # the one version of the one model a server holds
 MB = 1024 * 1024
 
 
@@ -111,7 +109,7 @@ class _Answer(Exception):
         self.status, self.kind, self.message, self.headers = status, kind, message, headers
 
 
-class DetectApp:
+class DetectApp(V2Routes):
     """The service: one detector behind a dynamic batcher, its limits, metrics and handlers.
 
     ``asgi()`` builds the Starlette app (the detector is owned: closed at shutdown). The handler
@@ -304,116 +302,6 @@ class DetectApp:
             return JSONResponse({"results": [r.to_dict() for r in results]})
 
         return await self.answered(request, handle)
-
-    # ------------------------------------------------------------------------------ v2 (KServe)
-    def v2_parameters(self) -> dict[str, str]:
-        """The ``ferret.*`` parameters of the v2 model, in the form ``ferret export triton`` gives them.
-
-        ``ferret.preprocess`` is the wire contract: uint8 NHWC pixels, cropped as the model's crop
-        (the server normalises, as a graph exported with ``--preprocess`` would)."""
-        det, info = self.detector, self.detector.backend.info
-        pre = det.preprocess
-        wire = {"crop": pre.crop, "mean": list(pre.mean), "std": list(pre.std), "layout": "NHWC", "dtype": "uint8"}
-        params = {"ferret.preprocess": json.dumps(wire), "ferret.threshold": repr(float(det.threshold)),
-                  "ferret.arch": str(info.arch), "ferret.lpd_func": str(info.lpd_func),
-                  "ferret.window_size": str(info.window_size), "ferret.backend": det.backend.name,
-                  "ferret.model_file": det.model_name, "ferret.max_pixels": str(det.max_pixels),
-                  "ferret.toolkit_version": __version__}
-        if self.model_sha256:
-            params["ferret.model_sha256"] = self.model_sha256
-        return params
-
-    def v2_model_error(self, request: Any) -> _Answer | None:
-        """404 unless the URL names our model (and version 1, when it names one)."""
-        name, version = request.path_params["model"], request.path_params.get("version")
-        if name != self.model_name or version not in (None, V2_VERSION):
-            return _Answer(404, "unknown_model", f"Received model {name!r}" + (f" version {version!r}" if version else "")
-                           + f"; expected {self.model_name!r} (version {V2_VERSION})")
-        return None
-
-    def v2_guard(self, request: Any, model: bool = True) -> Any:
-        """The uncounted answer for a metadata request that is not authorized or names another model."""
-        from starlette.responses import JSONResponse
-
-        a = None if self.authorized(request) else self.unauthorized()
-        a = a or (self.v2_model_error(request) if model else None)
-        return None if a is None else JSONResponse({"error": a.message}, status_code=a.status, headers=a.headers)
-
-    async def v2_server(self, request: Any) -> Any:
-        from starlette.responses import JSONResponse
-
-        return self.v2_guard(request, model=False) or JSONResponse(kserve.server_metadata(__version__))
-
-    async def v2_live(self, _: Any) -> Any:
-        from starlette.responses import Response
-
-        return Response(status_code=200)
-
-    async def v2_ready(self, _: Any) -> Any:
-        from starlette.responses import Response
-
-        return Response(status_code=200 if self.ready else 400)  # the protocol: 200 true, 4xx false, empty body
-
-    async def v2_model_ready(self, request: Any) -> Any:
-        from starlette.responses import Response
-
-        known = self.v2_model_error(request) is None
-        return Response(status_code=200 if known and self.ready else (400 if known else 404))
-
-    async def v2_metadata(self, request: Any) -> Any:
-        from starlette.responses import JSONResponse
-
-        return self.v2_guard(request) or JSONResponse(kserve.model_metadata(self.model_name, V2_VERSION,
-                                                                            self.v2_parameters()))
-
-    async def v2_config(self, request: Any) -> Any:
-        from starlette.responses import JSONResponse
-
-        return self.v2_guard(request) or JSONResponse(kserve.model_config(self.model_name, self.cfg.max_parts,
-                                                                          self.v2_parameters()))
-
-    async def v2_infer(self, request: Any) -> Any:
-        """POST /v2/models/<name>/infer: images in (encoded BYTES or UINT8 pixels), logits, prob_fake, labels out."""
-        from starlette.responses import Response
-
-        async def handle(held: list[int]) -> Any:
-            start = asyncio.get_running_loop().time()
-            self.admit(request)
-            wrong = self.v2_model_error(request)
-            if wrong is not None:
-                raise wrong
-            if request.headers.get("content-encoding", "identity").lower() != "identity":
-                raise _Answer(415, "bad_request", f"Received Content-Encoding {request.headers['content-encoding']!r}; "
-                                                  "expected identity (send the request uncompressed)")
-            body = await self.read_body(request, held)
-            try:
-                req = kserve.parse_infer_request(body, request.headers.get(kserve.HEADER_LENGTH),
-                                                 max_images=self.cfg.max_parts)
-            except kserve.ImagesOverLimit as e:
-                raise _Answer(413, "too_many_parts", str(e)) from None
-            except kserve.ProtocolError as e:
-                raise _Answer(400, "bad_request", str(e)) from None
-            del body  # pixels are views of it, kept alive by the arrays; encoded images are copies
-            self.check_pixels(req.items)
-            results = await self.classify_items(req.items)
-            data, headers = kserve.encode_infer_response(self.model_name, V2_VERSION, req,
-                                                         [r.logit for r in results], [r.prob_fake for r in results],
-                                                         [r.label for r in results])
-            self.metrics.images.inc(len(results))
-            self.metrics.latency.observe(asyncio.get_running_loop().time() - start)
-            self.metrics.requests.labels("200").inc()
-            return Response(data, headers=headers)
-
-        return await self.answered(request, handle)
-
-    def check_pixels(self, items: list[tuple[str, Any]]) -> None:
-        """Decoded images obey --max-pixels as encoded ones do (those are checked from their header)."""
-        limit = self.detector.max_pixels
-        for name, item in items:
-            if isinstance(item, np.ndarray) and limit is not None and item.shape[0] * item.shape[1] > limit:
-                h, w = item.shape[:2]
-                raise _Answer(400, "bad_image", f"{name}: received an image of {w}x{h} = {w * h} pixels; expected at "
-                                                f"most {limit} (--max-pixels)")
 
     async def healthz(self, _: Any) -> Any:
         from starlette.responses import PlainTextResponse
