@@ -18,8 +18,10 @@ import numpy as np
 from .backends import Backend, backend_for, external_lpd
 from .backends.base import Pending
 from .errors import ConfigError, FerretError, ImageError
+from .metadata import Scaling, scaling_of
 from .preprocess import (DEFAULT_MAX_PIXELS, ImageInput, Preprocess, check_max_pixels, load_image, median_residual,
                          normalize, prepare)
+from . import tiling
 
 
 @dataclass
@@ -48,21 +50,27 @@ def _name(item: ImageInput, i: int) -> str:
 
 
 class _Batch:
-    """One batch of inputs: results filled in as its groups' logits arrive."""
+    """One batch of inputs: results made once all of its groups' logits (one per image, or one per
+    tile) have arrived."""
 
     def __init__(self, det: "Detector", names: list[str], decoded: list):
         self.det, self.names, self.decoded = det, names, decoded
         self.out: list = [None] * len(names)
-        self.parts: list[tuple[list[int], Any]] = []  # (image indices, pending logits), oldest first
+        self.logits: list[list[float]] = [[] for _ in names]  # per image: its logit, or its tiles' logits
+        self.parts: list[tuple[list[int], Any]] = []  # (image index per row, pending logits), oldest first
 
     def collect_oldest(self) -> None:
         idx, pending = self.parts.pop(0)
         for i, logit in zip(idx, pending.result()):
-            self.out[i] = (self.det._result(self.names[i], float(logit)), self.decoded[i])
+            self.logits[i].append(float(logit))
 
     def finish(self) -> list[tuple[Result, np.ndarray | None]]:
         while self.parts:
             self.collect_oldest()
+        for i, logits in enumerate(self.logits):
+            if self.out[i] is None:
+                logit = logits[0] if self.det.tile is None else tiling.aggregate(logits, self.det.aggregate, self.det.topk)
+                self.out[i] = (self.det._result(self.names[i], logit), self.decoded[i])
         return self.out
 
 
@@ -70,7 +78,13 @@ class Detector:
     """Classifies images as real or AI-generated with a FerretNet model of any supported format."""
 
     def __init__(self, backend: Backend, *, preprocess: Preprocess | None = None, threshold: float | None = None,
-                 batch_size: int = 32, workers: int = 4, max_pixels: int | None = DEFAULT_MAX_PIXELS):
+                 batch_size: int = 32, workers: int = 4, max_pixels: int | None = DEFAULT_MAX_PIXELS,
+                 tile: int | None = None, tile_stride: int | None = None, aggregate: str = "max", topk: int = 3,
+                 scaling: Scaling | None = None):
+        """``tile``: classify every ``tile`` x ``tile`` crop of the whole image (``tile_stride`` apart,
+        the last aligned to the border; smaller images zero-padded) and ``aggregate`` their logits
+        ("max", "mean", or "topk": the mean of the ``topk`` largest); None: the preprocessing's crop.
+        ``scaling``: the logit's calibration (default: the model's, from ``ferret calibrate``)."""
         if batch_size < 1:
             raise ValueError(f"Received batch_size {batch_size}; expected >= 1")
         self.max_pixels = check_max_pixels(max_pixels)  # larger images are refused from their header
@@ -80,7 +94,14 @@ class Detector:
         self.external_lpd = external_lpd(backend.info, str(getattr(backend, "path", backend.name)))
         self.backend = backend
         self.preprocess = preprocess or backend.info.preprocess
+        self.tile, self.aggregate, self.topk = tile, aggregate, topk
+        if tile is not None:
+            self.tile_stride = tiling.check_tiling(tile, tile_stride, aggregate, topk)
+            self.preprocess = replace(self.preprocess, crop=None)  # tiles are cut from the whole image
         self.threshold = backend.info.threshold if threshold is None else threshold
+        if not 0.0 <= self.threshold <= 1.0:
+            raise ConfigError(f"Received threshold {self.threshold!r}; expected a probability in [0, 1]")
+        self.scaling = scaling_of(backend.info.extra, self.model_name) if scaling is None else scaling
         self.batch_size = batch_size
         self._pool = ThreadPoolExecutor(max(1, workers), thread_name_prefix="ferret-decode")
         self.prefetch = 2  # batches decoded ahead of the one running
@@ -90,7 +111,8 @@ class Detector:
     def open(cls, path: str | Path, *, device: str = "auto", crop: int | None | str = "model",
              threshold: float | None = None, batch_size: int = 32, workers: int = 4,
              max_pixels: int | None = DEFAULT_MAX_PIXELS, streams: int | None = None,
-             **backend_options: Any) -> "Detector":
+             tile: int | None | str = None, tile_stride: int | None = None, aggregate: str = "max",
+             topk: int = 3, **backend_options: Any) -> "Detector":
         """Load a model file; the backend is chosen by suffix, preprocessing read from the model.
 
         ``device="auto"`` takes the GPU when the backend can use one, else the CPU.
@@ -98,6 +120,7 @@ class Detector:
         ``max_pixels`` refuses larger images from their header (None: only Pillow's 178.9 Mpx limit).
         ``streams``: CPU throughput streams of the ONNX Runtime backend (None: its default, from the
         core count); other ``backend_options`` go to the backend's constructor.
+        ``tile="model"`` tiles with the model's own input size (its crop); an int sets it (see ``__init__``).
         """
         check_max_pixels(max_pixels)  # before loading a model for nothing
         if streams is not None:
@@ -120,13 +143,20 @@ class Detector:
         if crop != "model":
             pre = replace(pre, crop=crop)
         fixed = backend.info.input_hw
-        if fixed is not None and (pre.crop is None or (pre.crop, pre.crop) != tuple(fixed)):
+        if tile == "model":
+            tile = backend.info.preprocess.crop or (fixed[0] if fixed is not None else None)
+            if tile is None:
+                backend.close()
+                raise ConfigError(f"{path}: received tile 'model', but this model has no crop or fixed input size; "
+                                  "expected a tile size such as 256")
+        side = tile if tile is not None else pre.crop
+        if fixed is not None and (side is None or (side, side) != tuple(fixed)):
             backend.close()
-            raise ConfigError(f"{path}: received crop {pre.crop}; this model takes a fixed {fixed[0]}x{fixed[1]} input "
-                              "(export it with --dynamic-hw for other sizes)")
+            raise ConfigError(f"{path}: received {'tile' if tile is not None else 'crop'} {side}; this model takes a "
+                              f"fixed {fixed[0]}x{fixed[1]} input (export it with --dynamic-hw for other sizes)")
         try:
             det = cls(backend, preprocess=pre, threshold=threshold, batch_size=batch_size, workers=workers,
-                      max_pixels=max_pixels)
+                      max_pixels=max_pixels, tile=tile, tile_stride=tile_stride, aggregate=aggregate, topk=topk)
         except BaseException:
             backend.close()
             raise
@@ -145,7 +175,7 @@ class Detector:
         if not math.isfinite(logit):
             # NaN/inf is a model (or weights) failure, never a verdict: no label, no prob_fake
             return Result(name, error=f"model {self.model_name} produced a non-finite logit ({logit}) for this image")
-        p = sigmoid(logit)
+        p = sigmoid(float(self.scaling.apply(logit)))  # the raw logit stays the model's; prob_fake is calibrated
         return Result(name, float(logit), p, "fake" if p > self.threshold else "real")
 
     def predict_iter(self, inputs: Iterable[ImageInput]) -> Iterator[tuple[Result, np.ndarray | None]]:
@@ -202,17 +232,22 @@ class Detector:
         run them when ``submit`` returns)."""
         decoded = [f.result() for f in futures]
         batch = _Batch(self, names, decoded)
-        groups: dict[tuple[int, ...], list[int]] = {}
+        groups: dict[tuple[int, ...], list[tuple[int, np.ndarray]]] = {}  # shape -> (image index, array) rows
         for i, img in enumerate(decoded):
             if isinstance(img, FerretError):
                 batch.out[i] = (Result(names[i], error=str(img)), None)
+            elif self.tile is not None:
+                for t in tiling.make_tiles(img, self.tile, self.tile_stride):
+                    groups.setdefault(t.shape, []).append((i, t))
             else:
-                groups.setdefault(img.shape, []).append(i)
-        for idx in groups.values():
-            step = self.backend.max_batch or len(idx)
-            for j in range(0, len(idx), step):
-                part = idx[j : j + step]
-                batch.parts.append((part, self._submit(np.stack([decoded[i] for i in part]), running, batch)))
+                groups.setdefault(img.shape, []).append((i, img))
+        for rows in groups.values():
+            step = self.backend.max_batch or len(rows)
+            if self.tile is not None:  # tiles multiply the rows: at most batch_size of them per submit
+                step = min(step, self.batch_size)
+            for j in range(0, len(rows), step):
+                part = rows[j : j + step]
+                batch.parts.append(([i for i, _ in part], self._submit(np.stack([a for _, a in part]), running, batch)))
         return batch
 
     def _submit(self, u8: np.ndarray, running: deque["_Batch"], current: "_Batch") -> Pending:

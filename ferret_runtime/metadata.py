@@ -90,6 +90,7 @@ def decode(props: dict[str, str], source: str) -> dict[str, Any]:
         if typ is dict and not isinstance(out[key], dict):
             raise ConfigError(f"{source}: metadata {PREFIX + key}={raw!r} is not a valid JSON object")
     _check_values(out, source)
+    scaling_of(out, source)  # a calibration that would reverse the ranking is refused on load
     out["preprocess"] = preprocess_from(out["preprocess"], source, f"metadata {PREFIX}preprocess")
     return out
 
@@ -157,3 +158,79 @@ def check_arch_size(arch: str, weights: int, source: str) -> None:
         abs(weights - ARCHS[nearest].params) <= ARCH_SIZE_TOLERANCE * ARCHS[nearest].params else ""
     raise ConfigError(f"{source}: metadata {PREFIX}arch says {arch} ({want:,} parameters); the graph's weights "
                       f"hold {weights:,} values{like}; expected metadata that matches the weights")
+
+
+# ------------------------------------------------------------------------------------ calibration
+# ``ferret calibrate`` records what it fitted in the model's provenance, under this key:
+#   {"scaling": {"method": "temperature", "temperature": T} | {"method": "platt", "a": A, "b": B}
+#               | {"method": "none"},
+#    "threshold": t, "rule": "fpr"|"accuracy"|"eer", "target_fpr": q, "threshold_ci": [lo, hi],
+#    "data": {"path", "n_real", "n_fake", "sha256"}, ...}
+# The runtime reports prob_fake = sigmoid(scaled logit) and labels "fake" when prob_fake > threshold
+# (the model's ferret.threshold, equal to the record's); the raw logit stays the model's. It lives in
+# the provenance because every backend already carries that dict into ModelInfo.extra.
+CALIBRATION_KEY = "calibration"
+SCALING_METHODS: tuple[str, ...] = ("none", "temperature", "platt")
+
+
+@dataclass(frozen=True)
+class Scaling:
+    """A monotone map of the model's logit before the sigmoid: T > 0 (temperature) or a > 0 (Platt)."""
+
+    method: str = "none"
+    temperature: float = 1.0
+    a: float = 1.0
+    b: float = 0.0
+
+    def apply(self, logit: Any) -> Any:
+        """The calibrated logit (float or ndarray): logit / T, or a * logit + b."""
+        if self.method == "temperature":
+            return logit / self.temperature
+        if self.method == "platt":
+            return self.a * logit + self.b
+        return logit
+
+    def to_dict(self) -> dict[str, Any]:
+        if self.method == "temperature":
+            return {"method": "temperature", "temperature": self.temperature}
+        if self.method == "platt":
+            return {"method": "platt", "a": self.a, "b": self.b}
+        return {"method": "none"}
+
+    @classmethod
+    def from_dict(cls, d: Any, source: str) -> "Scaling":
+        """Checked: a scaling no ``ferret calibrate`` writes (T <= 0, a <= 0: a reversed or flat ranking) is refused."""
+        where = f"{source}: metadata {PREFIX}provenance.{CALIBRATION_KEY}.scaling"
+        if not isinstance(d, dict) or d.get("method") not in SCALING_METHODS:
+            raise ConfigError(f"{where}: received {d!r}; expected an object whose method is one of "
+                              f"{', '.join(SCALING_METHODS)}")
+        params = {"temperature": ("temperature",), "platt": ("a", "b"), "none": ()}[d["method"]]
+        values = {}
+        for p in params:
+            v = d.get(p)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+                raise ConfigError(f"{where}: received {p} {v!r}; expected a finite number")
+            values[p] = float(v)
+        for p in ("temperature", "a"):
+            if p in values and values[p] <= 0:
+                raise ConfigError(f"{where}: received {p} {values[p]!r}; expected > 0 (a monotone increasing map)")
+        return cls(d["method"], **values)
+
+
+def calibration_record(extra: dict[str, Any]) -> dict[str, Any] | None:
+    """The calibration record in ``ModelInfo.extra`` (its provenance), or None for an uncalibrated model."""
+    prov = extra.get("provenance")
+    rec = prov.get(CALIBRATION_KEY) if isinstance(prov, dict) else None
+    return rec if isinstance(rec, dict) else None
+
+
+def scaling_of(extra: dict[str, Any], source: str) -> Scaling:
+    """The logit scaling a model's ``ModelInfo.extra`` carries; identity when it was never calibrated."""
+    rec = calibration_record(extra)
+    if rec is None:
+        prov = extra.get("provenance")
+        if isinstance(prov, dict) and CALIBRATION_KEY in prov:
+            raise ConfigError(f"{source}: received metadata {PREFIX}provenance.{CALIBRATION_KEY}="
+                              f"{prov[CALIBRATION_KEY]!r}; expected a calibration object")
+        return Scaling()
+    return Scaling.from_dict(rec.get("scaling"), source)

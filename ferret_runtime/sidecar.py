@@ -105,6 +105,21 @@ def write(engine: str | Path, props: dict[str, str], inputs: Sequence[dict[str, 
     return out
 
 
+def rewrite(engine: str | Path, out_engine: str | Path, updates: dict[str, str]) -> Path:
+    """Write ``OUT.engine.json``: the sidecar of ``engine`` with the ``ferret.*`` props in ``updates``
+    replaced (e.g. by ``ferret calibrate``), everything else (I/O, profiles, build record) kept; checked
+    by reading it back. The engine itself must already be at ``out_engine``."""
+    bad = [k for k in updates if not k.startswith(PREFIX) or k == ENGINE_KEY]
+    if bad:
+        raise ConfigError(f"Received sidecar updates {bad}; expected {PREFIX}* metadata keys other than {ENGINE_KEY}")
+    read(engine)  # the source must be valid before a copy is made of it
+    data = _load(path(engine), MISSING)
+    data.update(updates)
+    out = atomic_write(path(out_engine), (json.dumps(data, indent=2) + "\n").encode("utf-8"))
+    read(out_engine, "written just now")
+    return out
+
+
 MISSING = "expected it beside the engine, as 'ferret export tensorrt' writes it"
 
 

@@ -12,6 +12,7 @@ from pathlib import Path
 
 from ..errors import ConfigError, FerretError
 from ..preprocess import DEFAULT_MAX_PIXELS, parse_crop
+from ..tiling import add_tile_arguments, tile_options
 from ..video import VIDEO_SUFFIXES, is_video
 
 HELP = "classify images (files or folders, recursively) as real or AI-generated"
@@ -44,6 +45,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--device", default="auto", help="auto (GPU when available), cpu, cuda or cuda:N")
     p.add_argument("--workers", type=int, default=4, metavar="N", help="image decoding threads")
     add_streams_argument(p)
+    add_tile_arguments(p)
     p.add_argument("--max-pixels", default=str(DEFAULT_MAX_PIXELS), metavar="N|none",
                    help=f"refuse images of more than N pixels (width x height; {DEFAULT_MAX_PIXELS / 1e6:g} Mpx by "
                         "default) from their header, before decoding; 'none' leaves only Pillow's "
@@ -123,7 +125,7 @@ def run(args: argparse.Namespace) -> int:
     explainer = None
     with Detector.open(model_path, device=args.device, crop=crop, threshold=args.threshold,
                        batch_size=args.batch_size, workers=args.workers, max_pixels=max_pixels,
-                       streams=args.streams, **options) as det:
+                       streams=args.streams, **tile_options(args), **options) as det:
         if args.explain:
             make = getattr(det.backend, "explainer", None)
             if make is None:

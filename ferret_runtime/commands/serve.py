@@ -10,6 +10,7 @@ from ferret_runtime.commands import HelpFormatter, add_streams_argument
 
 from ..errors import ConfigError
 from ..preprocess import DEFAULT_MAX_PIXELS, parse_crop
+from ..tiling import add_tile_arguments, tile_options
 
 HELP = "serve a model over HTTP (POST /v1/detect) with dynamic batching, health checks and Prometheus metrics"
 
@@ -62,6 +63,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--ssl-keyfile", metavar="PEM", default=None, help="the certificate's private key")
     p.add_argument("--workers", type=int, default=4, help="image decoding threads")
     add_streams_argument(p)
+    add_tile_arguments(p)
     p.add_argument("--threshold", type=float, default=None, help="label 'fake' above this probability (default: the model's)")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     p.set_defaults(func=run)
@@ -93,7 +95,7 @@ def run(args: argparse.Namespace) -> int:
     crop = "model" if args.crop == "model" else parse_crop(args.crop)
     det = Detector.open(args.model or args.weights, device=args.device, crop=crop, threshold=args.threshold,
                         batch_size=args.max_batch, workers=args.workers, max_pixels=args.max_pixels,
-                        streams=args.streams)
+                        streams=args.streams, **tile_options(args))
     scheme = "https" if args.ssl_certfile else "http"
     print(f"[serve] {args.model or args.weights} on {det.backend.name}, {scheme}://{args.host}:{args.port}/v1/detect"
           f"{' (bearer token required)' if keys else ''}", file=sys.stderr)
