@@ -36,8 +36,12 @@ class TorchBackend(Backend):
         self.loaded = load_checkpoint(path, lpd_func=lpd_func, window_size=window_size, lpd_impl=lpd_impl)
         self.model = self.loaded.model.to(self.device)
         cfg = self.loaded.config
+        cal = self.loaded.calibration  # the threshold and logit scaling 'ferret calibrate' fitted
+        extra: dict[str, Any] = {"source_format": self.loaded.source_format, "lpd_source": self.loaded.lpd_source}
+        if cal is not None:
+            extra["provenance"] = {"calibration": cal}  # where ONNX models carry it too
         self.info = ModelInfo(cfg.arch, cfg.lpd_func, cfg.window_size, self.loaded.preprocess,
-                              extra={"source_format": self.loaded.source_format, "lpd_source": self.loaded.lpd_source})
+                              threshold=float(cal["threshold"]) if cal is not None else 0.5, extra=extra)
 
     def run_impl(self, batch: np.ndarray) -> np.ndarray:
         with self._torch.inference_mode():

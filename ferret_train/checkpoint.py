@@ -20,7 +20,7 @@ from ferret_runtime import __version__
 from ferret_runtime.errors import CheckpointError, ConfigError
 from ferret_runtime.fileio import atomic_write
 from ferret_runtime.lpd_spec import LPD_FUNCS, WINDOW_SIZES, check_window
-from ferret_runtime.metadata import ARCHS, preprocess_from
+from ferret_runtime.metadata import ARCHS, CALIBRATION_KEY, PREFIX, Scaling, preprocess_from
 from ferret_runtime.preprocess import Preprocess
 
 from .models import FerretConfig, FerretNet, from_config
@@ -47,6 +47,7 @@ class Loaded:
     lpd_source: str  # where the LPD setting came from: "checkpoint", "file name", "argument", "default"
     train_config: dict[str, Any] = field(default_factory=dict)
     meta: dict[str, Any] = field(default_factory=dict)
+    calibration: dict[str, Any] | None = None  # what 'ferret calibrate' fitted: scaling, threshold, data
 
 
 def read_checkpoint(path: Path) -> dict[str, Any]:
@@ -234,7 +235,24 @@ def load_checkpoint(path: str | os.PathLike, *, lpd_func: str | None = None, win
     model = from_config(cfg, lpd_impl=lpd_impl)
     model.load_state_dict(state, strict=True)
     model.eval()
-    return Loaded(model, cfg, pre, source, lpd_source, dict(ckpt.get("train_config", {})), dict(ckpt.get("meta", {})))
+    return Loaded(model, cfg, pre, source, lpd_source, dict(ckpt.get("train_config", {})), dict(ckpt.get("meta", {})),
+                  check_calibration(ckpt.get(CALIBRATION_KEY), path))
+
+
+def check_calibration(record: Any, path: Path) -> dict[str, Any] | None:
+    """A checkpoint's calibration record (None when absent): its scaling and threshold checked."""
+    if record is None:
+        return None
+    if not isinstance(record, dict):
+        raise CheckpointError(f"{path}: received {CALIBRATION_KEY} of type {type(record).__name__}; expected a dict")
+    try:
+        Scaling.from_dict(record.get("scaling"), str(path))
+    except ConfigError as e:  # its message names the ONNX key; here it is the checkpoint's
+        raise CheckpointError(str(e).replace(f"metadata {PREFIX}provenance.", "")) from None
+    t = record.get("threshold")
+    if isinstance(t, bool) or not isinstance(t, (int, float)) or not 0.0 <= t <= 1.0:
+        raise CheckpointError(f"{path}: received {CALIBRATION_KEY}.threshold {t!r}; expected a probability in [0, 1]")
+    return record
 
 
 def save_checkpoint(path: str | os.PathLike, model: FerretNet, *, preprocess: Preprocess | None = None,
