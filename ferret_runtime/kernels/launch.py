@@ -143,20 +143,20 @@ def _launch_config(kernel: str, shape: tuple[int, ...], name: str, arch: int, k:
         (n, c, h, w), planes, channels = shape, shape[0] * shape[1], 1
     if min(shape) < 1 or max(shape) > MAX_INT:
         raise ConfigError(f"Received shape {shape}; expected sizes from 1 to {MAX_INT} (callers skip empty tensors)")
-    if h * w * channels > MAX_INT:  # the kernels index within a plane (an image) in 32 bits
-        raise ConfigError(f"Received shape {shape}; expected at most {MAX_INT} values per plane (height x width"
-                          f"{' x 3' if channels == 3 else ''})")
     k = check_window(k)
     if kernel != "lpd_generic" and k != 3:
         raise ConfigError(f"Received k={k} for {kernel}; expected 3 (other windows run in lpd_generic)")
     suffix = DTYPE_SUFFIX[name]
+    tile_w, tile_h = tile_shape(kernel, k)
+    if math.ceil(h / tile_h) > MAX_GRID_YZ and kernel != "normalize":
+        raise ConfigError(f"Received height {h}; expected at most {MAX_GRID_YZ * tile_h}")
+    if h * w * channels > MAX_INT:  # the kernels index within a plane (an image) in 32 bits
+        raise ConfigError(f"Received shape {shape}; expected at most {MAX_INT} values per plane (height x width"
+                          f"{' x 3' if channels == 3 else ''})")
     if kernel == "normalize":
         grid = (math.ceil(h * w / (NORM_THREADS * NORM_PIXELS)), 1, min(planes, MAX_GRID_YZ))
         return LaunchConfig(f"{kernel}_{suffix}", arch, grid, (NORM_THREADS, 1, 1), 0)
-    tile_w, tile_h = tile_shape(kernel, k)
     grid = (math.ceil(w / tile_w), math.ceil(h / tile_h), min(planes, MAX_GRID_YZ))
-    if grid[1] > MAX_GRID_YZ:
-        raise ConfigError(f"Received height {h}; expected at most {MAX_GRID_YZ * tile_h}")
     if kernel != "lpd_generic":  # static shared memory, a compile-time block
         return LaunchConfig(f"{kernel}_{suffix}", arch, grid, BLOCK_3X3, 0)
     r = k // 2
