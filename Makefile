@@ -5,13 +5,13 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test bench clean
+.PHONY: demo test bench gpu-check clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -e '.[train,export,serve,video,dev]'
+	$(PY) -m pip install -q -e '.[train,export,serve,video,ray,dev]'
 	touch $(STAMP)
 
 demo: $(STAMP)
@@ -22,6 +22,10 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) -m pytest benchmarks --benchmark-enable --benchmark-columns=min,median,iqr,ops -q
+
+# The whole GPU story on a bare GPU machine: the Python on PATH (or PYTHON=...), no install, no network.
+gpu-check:
+	$(PYTHON) -m benchmarks.gpu_check
 
 clean:
 	rm -rf $(VENV) demo_out .pytest_cache .benchmarks

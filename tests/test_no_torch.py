@@ -94,7 +94,7 @@ def test_onnx_runtime_detects_without_torch(tmp_path):
 # Top-level names of pyproject.toml's optional extras (train, export, trt, gpu, serve, video, triton, dev).
 EXTRAS = ("torch", "torchvision", "matplotlib", "sklearn", "tensorboard", "onnx", "onnxruntime", "tensorrt", "cuda",
           "nvidia", "starlette", "uvicorn", "multipart", "python_multipart", "prometheus_client", "av", "tritonclient",
-          "httpx", "hypothesis", "cryptography", "pytest")
+          "httpx", "hypothesis", "cryptography", "pytest", "ray", "pyarrow")
 
 IMPORT_ONE = textwrap.dedent("""
     import importlib, json, sys
