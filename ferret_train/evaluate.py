@@ -1,10 +1,11 @@
-"""Evaluation as the original SynTester: per subset ACC at 0.5, AP, real ACC, fake ACC (in %), and the mean."""
+"""Evaluation as the original SynTester: per subset ACC at 0.5, AP, real ACC, fake ACC (in %), and the
+mean; with TPR at FPR 1%, and the same under degradations (``sweep``) and by file format."""
 
 from __future__ import annotations
 
 import json
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -14,22 +15,27 @@ from ferret_runtime.errors import ImageError
 
 from .data import Sample
 
-METRICS = ("acc", "ap", "r_acc", "f_acc")
+METRICS = ("acc", "ap", "r_acc", "f_acc", "tpr1")  # tpr1: TPR (%) at FPR <= 1%
 
 
-def compute_metrics(y_true: np.ndarray, y_prob: np.ndarray) -> dict[str, float]:
-    """The original's numbers (float32 probabilities, threshold > 0.5); NaN where a class is absent."""
+def compute_metrics(y_true: np.ndarray, y_prob: np.ndarray, y_score: np.ndarray | None = None,
+                    threshold: float = 0.5) -> dict[str, float]:
+    """The original's numbers (float32 probabilities, fake when > ``threshold``: 0.5 as the paper) and TPR at FPR 1%, ranked by
+    ``y_score`` (the logits: probabilities tie at 1.0 in float32) or else ``y_prob``; NaN where a class is absent."""
     from sklearn.metrics import accuracy_score, average_precision_score
+
+    from .calibration import tpr_at_fpr
 
     y_true = np.asarray(y_true, dtype=np.float32)
     y_prob = np.asarray(y_prob, dtype=np.float32)
     real, fake = y_true == 0, y_true == 1
     both = bool(real.any() and fake.any())
     return {
-        "acc": 100.0 * accuracy_score(y_true, y_prob > 0.5),
+        "acc": 100.0 * accuracy_score(y_true, y_prob > threshold),
         "ap": 100.0 * average_precision_score(y_true, y_prob) if both else math.nan,
-        "r_acc": 100.0 * accuracy_score(y_true[real], y_prob[real] > 0.5) if real.any() else math.nan,
-        "f_acc": 100.0 * accuracy_score(y_true[fake], y_prob[fake] > 0.5) if fake.any() else math.nan,
+        "r_acc": 100.0 * accuracy_score(y_true[real], y_prob[real] > threshold) if real.any() else math.nan,
+        "f_acc": 100.0 * accuracy_score(y_true[fake], y_prob[fake] > threshold) if fake.any() else math.nan,
+        "tpr1": 100.0 * tpr_at_fpr(y_true, y_prob if y_score is None else y_score, 0.01) if both else math.nan,
         "n": int(len(y_true)),
     }
 
@@ -40,28 +46,42 @@ def summarize(per_subset: dict[str, dict[str, float]]) -> dict[str, float]:
         {"n": sum(r["n"] for r in per_subset.values())}
 
 
-def evaluate_with_detector(detector, subsets: dict[str, list[Sample]], progress: Callable[[int], None] | None = None
-                           ) -> tuple[dict[str, dict[str, float]], dict[str, dict[str, np.ndarray]]]:
+def evaluate_with_detector(detector, subsets: dict[str, list[Sample]], progress: Callable[[int], None] | None = None,
+                           threshold: float = 0.5) -> tuple[dict[str, dict[str, float]], dict[str, dict[str, np.ndarray]]]:
     """Metrics and raw predictions per subset with any runtime backend; an unreadable image is an error."""
+    return evaluate_pairs(detector, {name: [(str(s.path), s.path) for s in samples] for name, samples in subsets.items()},
+                          {name: [s.label for s in samples] for name, samples in subsets.items()}, progress, threshold)
+
+
+def evaluate_pairs(detector, pairs: dict[str, Iterable[tuple[str, Any]]], labels: dict[str, list[int]],
+                   progress: Callable[[int], None] | None = None, threshold: float = 0.5) -> tuple[dict[str, dict[str, float]], dict[str, dict[str, np.ndarray]]]:
+    """As ``evaluate_with_detector`` for (name, input) pairs per subset: paths, or decoded arrays."""
     metrics, preds = {}, {}
-    for name, samples in subsets.items():
-        probs = []
-        for r, _ in detector.predict_iter([s.path for s in samples]):
-            if r.error is not None:
-                raise ImageError(r.error)
-            probs.append(r.prob_fake)
-            progress and progress(1)
-        y_true = np.array([s.label for s in samples], np.float32)
-        y_prob = np.array(probs, np.float32)
-        metrics[name] = compute_metrics(y_true, y_prob)
-        preds[name] = {"y_true": y_true, "y_prob": y_prob}
+    for name, items in pairs.items():
+        results = predict_all(detector, items, progress)
+        y_true = np.array(labels[name], np.float32)
+        y_prob = np.array([r.prob_fake for r in results], np.float32)
+        y_logit = np.array([r.logit for r in results], np.float64)
+        metrics[name] = compute_metrics(y_true, y_prob, y_logit, threshold)
+        preds[name] = {"y_true": y_true, "y_prob": y_prob, "y_logit": y_logit}
     return metrics, preds
+
+
+def predict_all(detector, pairs: Iterable[tuple[str, Any]], progress: Callable[[int], None] | None = None) -> list:
+    """The Detector's Results for (name, input) pairs, in order; an unreadable image is an error, not a row."""
+    out = []
+    for r, _ in detector.predict_named(pairs):
+        if r.error is not None:
+            raise ImageError(r.error)
+        out.append(r)
+        progress and progress(1)
+    return out
 
 
 def format_table(per_subset: dict[str, dict[str, float]]) -> str:
     """A terminal table, one row per subset and the mean."""
     width = max([len(k) for k in per_subset] + [6])
-    lines = [f"{'subset':<{width}}  {'images':>6}  {'ACC':>7}  {'AP':>7}  {'R_ACC':>7}  {'F_ACC':>7}"]
+    lines = [f"{'subset':<{width}}  {'images':>6}  {'ACC':>7}  {'AP':>7}  {'R_ACC':>7}  {'F_ACC':>7}  {'TPR@1%':>7}"]
     rows = list(per_subset.items()) + [("mean", summarize(per_subset))]
     for name, r in rows:
         if name == "mean":
