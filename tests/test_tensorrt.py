@@ -1441,3 +1441,17 @@ def test_detector_pipelines_batches_through_the_slots(fake_trt, graphs, tmp_path
     for k in range(4):
         want_k = [want[i + (i >= 7)].logit for i in range(k, 23, 4)]
         np.testing.assert_allclose([r.logit for r in results[k]], want_k, rtol=1e-5, atol=1e-5)
+
+
+def test_engine_with_plugin_ptx_newer_than_the_driver_is_refused_by_name():
+    from ferret_runtime.backends.tensorrt import check_plugin_ptx
+
+    plugin = {"id": "ferret::lpd", "implementation": "aot", "ptx_nvrtc": "13.5"}
+    with pytest.raises(ConfigError, match=r"s\.engine: its ferret::lpd plugin: Received NVRTC 13\.5 PTX for a driver "
+                                          r"of CUDA 13\.0; expected a driver for CUDA 13\.5 or newer"):
+        check_plugin_ptx(plugin, (13, 0), "s.engine")
+    check_plugin_ptx(plugin, (13, 5), "s.engine")  # the same version, or a newer driver, loads
+    check_plugin_ptx(plugin, (14, 0), "s.engine")
+    check_plugin_ptx({"implementation": "aot"}, (12, 0), "s.engine")  # older sidecars: nothing recorded, nothing checked
+    with pytest.raises(ConfigError, match=r"received plugin ptx_nvrtc 'x\.y'"):
+        check_plugin_ptx({"ptx_nvrtc": "x.y"}, (13, 0), "s.engine")

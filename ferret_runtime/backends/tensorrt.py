@@ -29,7 +29,7 @@ from ..metadata import check_logit_output
 from .base import ModelInfo
 from .slots import Pending, Slot, SlotBackend
 
-__all__ = ["Pending", "TrtBackend", "check_engine_compat"]
+__all__ = ["Pending", "TrtBackend", "check_engine_compat", "check_plugin_ptx"]
 
 HARDWARE_COMPAT_MIN_CC = (8, 0)  # HardwareCompatibilityLevel.AMPERE_PLUS
 AOT_IMPLEMENTATION = "aot"
@@ -84,6 +84,24 @@ def check_engine_compat(engine: Mapping[str, Any], trt_version: str, gpu_name: s
                           f"is {gpu_name} (compute capability {have[0]}.{have[1]}); expected the same GPU model (engines "
                           "are tuned for one GPU): rebuild it here, or build with --hardware-compat for any Ampere or "
                           "newer GPU")
+
+
+def check_plugin_ptx(plugin: Mapping[str, Any], driver: tuple[int, int], source: str = "engine") -> None:
+    """Refuse an engine whose plugin PTX came from an NVRTC newer than this driver: the driver's JIT
+    would reject it inside TensorRT with an opaque error at the first run."""
+    from ..kernels import launch
+
+    raw = plugin.get("ptx_nvrtc")
+    if not raw:
+        return  # built before the sidecar recorded it: TensorRT's own error will have to do
+    try:
+        nvrtc = tuple(int(v) for v in str(raw).split("."))[:2]
+    except ValueError:
+        raise ConfigError(f"{source}: received plugin ptx_nvrtc {raw!r}; expected 'MAJOR.MINOR'") from None
+    try:
+        launch.check_nvrtc_driver("ptx", nvrtc, driver)  # type: ignore[arg-type]
+    except launch.CudaError as e:
+        raise ConfigError(f"{source}: its ferret::lpd plugin: {e}; or rebuild the engine with that NVRTC") from None
 
 
 def _import_tensorrt() -> Any:
@@ -153,6 +171,10 @@ class TrtBackend(SlotBackend):
         except cuda.CudaError as e:
             raise ConfigError(f"TensorRT engines need a CUDA GPU and driver: {e}") from None
         check_engine_compat(build, trt.__version__, gpu.name, gpu.compute_capability, str(self.path))
+        if plugin:
+            from ..kernels import launch
+
+            check_plugin_ptx(plugin, launch.driver_version(), str(self.path))
         self.info = self._model_info(side)
         self.device = f"cuda:{index}"
         if gpu_preprocess and self.info.preprocess.dtype != "uint8":
