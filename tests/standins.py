@@ -13,7 +13,17 @@ import numpy as np
 from ferret_runtime import cuda
 from ferret_runtime.kernels import host, launch
 
-GPU = cuda.DeviceInfo(0, "NVIDIA H100 80GB HBM3", (9, 0), 80 << 30, 13000)
+def _driver_for_local_nvrtc() -> int:
+    """A driver as new as the NVRTC installed here, as a working deployment has (the engine refuses
+    plugin PTX from a newer NVRTC: tested on its own with an explicit older driver)."""
+    try:
+        major, minor = launch.nvrtc_version()
+    except launch.CudaError:
+        return 13000
+    return major * 1000 + minor * 10
+
+
+GPU = cuda.DeviceInfo(0, "NVIDIA H100 80GB HBM3", (9, 0), 80 << 30, _driver_for_local_nvrtc())
 
 
 class HostMemory:

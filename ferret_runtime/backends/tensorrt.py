@@ -172,9 +172,8 @@ class TrtBackend(SlotBackend):
             raise ConfigError(f"TensorRT engines need a CUDA GPU and driver: {e}") from None
         check_engine_compat(build, trt.__version__, gpu.name, gpu.compute_capability, str(self.path))
         if plugin:
-            from ..kernels import launch
-
-            check_plugin_ptx(plugin, launch.driver_version(), str(self.path))
+            v = gpu.driver_version  # e.g. 13000 for CUDA 13.0
+            check_plugin_ptx(plugin, (v // 1000, v % 1000 // 10), str(self.path))
         self.info = self._model_info(side)
         self.device = f"cuda:{index}"
         if gpu_preprocess and self.info.preprocess.dtype != "uint8":
