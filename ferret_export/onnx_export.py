@@ -35,8 +35,10 @@ class ExportResult:
     comparisons: list[Comparison]
 
 
-def _metadata(loaded, opts: GraphOptions, pre: Preprocess, weights: Path, threshold: float) -> dict[str, str]:
+def _metadata(loaded, opts: GraphOptions, pre: Preprocess, weights: Path, threshold: float | None) -> dict[str, str]:
     cfg = loaded.config
+    if threshold is None:  # the checkpoint's calibrated threshold, else the paper's 0.5
+        threshold = float(loaded.calibration["threshold"]) if loaded.calibration else 0.5
     return encode({
         "arch": cfg.arch, "lpd_func": cfg.lpd_func, "window_size": cfg.window_size,
         "lpd_mode": "none" if cfg.lpd_func == "origin" else opts.lpd,
@@ -44,7 +46,9 @@ def _metadata(loaded, opts: GraphOptions, pre: Preprocess, weights: Path, thresh
         "toolkit_version": __version__,
         "provenance": {"checkpoint": weights.name, "checkpoint_sha256": sha256(weights),
                        "source_format": loaded.source_format, "lpd_source": loaded.lpd_source,
-                       "train_config": loaded.train_config, "opset": opts.opset},
+                       "train_config": loaded.train_config, "opset": opts.opset,
+                       # a calibrated checkpoint's scaling and threshold travel with the export
+                       **({"calibration": loaded.calibration} if loaded.calibration else {})},
     })
 
 
@@ -101,7 +105,7 @@ def verify(model_proto: onnx.ModelProto, loaded, opts: GraphOptions, pre: Prepro
 
 def export_onnx(weights: str | Path, out: str | Path, opts: GraphOptions = GraphOptions(), *,
                 lpd_func: str | None = None, window_size: int | None = None, verify_images: list | None = None,
-                check: bool = True, run_verify: bool = True, simplify: bool = False, threshold: float = 0.5,
+                check: bool = True, run_verify: bool = True, simplify: bool = False, threshold: float | None = None,
                 log: Callable[[str], None] = print) -> ExportResult:
     """Export a checkpoint; the file is written only after the checks pass."""
     from ferret_train.checkpoint import load_checkpoint

@@ -60,6 +60,20 @@ def preprocess(img: np.ndarray, pre: dict = PREPROCESS) -> np.ndarray:
     return np.ascontiguousarray(x.astype(pre["dtype"]))
 
 
+def logit_scaling(params: dict) -> tuple[float, float]:
+    """(a, b) of the model's calibration (``ferret calibrate``: prob_fake = sigmoid(a * logit + b));
+    (1, 0) for an uncalibrated model. Read from the ferret.provenance parameter."""
+    try:
+        scaling = json.loads(params.get("ferret.provenance") or "{}").get("calibration", {}).get("scaling") or {}
+    except (ValueError, AttributeError):
+        return 1.0, 0.0
+    if scaling.get("method") == "temperature":
+        return 1.0 / float(scaling["temperature"]), 0.0
+    if scaling.get("method") == "platt":
+        return float(scaling["a"]), float(scaling["b"])
+    return 1.0, 0.0
+
+
 def served_model(client, model: str) -> tuple[dict, float, str, str, int]:
     """(preprocess, threshold, input name, output name, max_batch_size) from the server's config.
 
@@ -72,6 +86,7 @@ def served_model(client, model: str) -> tuple[dict, float, str, str, int]:
     out = next((t for t in cfg["output"] if t.get("data_type") in ("TYPE_FP32", "TYPE_FP16")), cfg["output"][0])
     pre["dtype"] = CONFIG_DTYPES.get(inp.get("data_type"), pre["dtype"])  # e.g. a float16 engine input
     threshold = float(params.get("ferret.threshold") or THRESHOLD)
+    pre["scaling"] = logit_scaling(params)
     return pre, threshold, inp["name"], out["name"], int(cfg.get("max_batch_size", 0))
 
 
@@ -98,8 +113,10 @@ def main(argv: list[str] | None = None) -> int:
         inp = httpclient.InferInput(in_name, list(x.shape), TRITON_DTYPES[str(x.dtype)])
         inp.set_data_from_numpy(x, binary_data=True)
         res = client.infer(args.model, [inp], outputs=[httpclient.InferRequestedOutput(out_name, binary_data=True)])
+        a, b = pre["scaling"]
         for (path, _), logit in zip(pending, res.as_numpy(out_name).reshape(len(pending), -1)[:, 0]):
-            prob = 1.0 / (1.0 + math.exp(-float(logit))) if logit >= 0 else math.exp(float(logit)) / (1.0 + math.exp(float(logit)))
+            z = a * float(logit) + b  # the calibrated logit; "logit" stays the model's
+            prob = 1.0 / (1.0 + math.exp(-z)) if z >= 0 else math.exp(z) / (1.0 + math.exp(z))
             print(json.dumps({"path": path, "logit": float(logit), "prob_fake": prob,
                               "label": "fake" if prob > threshold else "real"}))
         pending.clear()

@@ -266,3 +266,31 @@ def test_bad_input_is_one_line_and_exit_2(proxy, quick, tmp_path, case):
     assert proc.returncode == 2, proc.stderr
     assert msg in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
     assert not (tmp_path / "o.pt").exists()
+
+
+def test_a_calibrated_checkpoint_exports_with_its_calibration_and_the_triton_client_applies_it(proxy, quick,
+                                                                                                  tmp_path):
+    from ferret_export.triton_client import logit_scaling
+    from ferret_runtime import Detector
+
+    cal = tmp_path / "q-cal.pt"
+    _ok(run_ferret("calibrate", "-w", str(quick), "--data", str(proxy / "val"), "--rule", "accuracy", "-o", str(cal),
+                   "--bootstrap", "0", "--device", "cpu"))
+    rec = json.loads((tmp_path / "q-cal.pt.calibration.json").read_text())["calibration"]
+    onnx_path = tmp_path / "q-cal.onnx"
+    _ok(run_ferret("export", "onnx", "-w", str(cal), "--out", str(onnx_path), "--input-size", "64", "--no-verify"))
+    paths = sorted((proxy / "test").rglob("*.png"))[:16]
+    with Detector.open(cal, device="cpu") as a, Detector.open(onnx_path, device="cpu") as b:
+        assert b.threshold == rec["threshold"]  # not the paper's 0.5: the export kept the fitted one
+        pt, ox = a.predict(paths), b.predict(paths)
+    assert [r.prob_fake for r in ox] == pytest.approx([r.prob_fake for r in pt], abs=1e-5)
+    assert [r.label for r in ox] == [r.label for r in pt]
+    # the client that ferret export triton writes reads the same scaling from the config parameters
+    import onnx
+
+    props = {p.key: p.value for p in onnx.load(str(onnx_path)).metadata_props}
+    scale, shift = logit_scaling(props)
+    assert (scale, shift) == (pytest.approx(1 / rec["scaling"]["temperature"]), 0.0)
+    for r in ox:
+        assert r.prob_fake == pytest.approx(float(_sig(scale * r.logit + shift)), abs=1e-9)
+    assert logit_scaling({}) == (1.0, 0.0)

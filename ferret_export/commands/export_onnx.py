@@ -45,7 +45,9 @@ def add_parser(formats: argparse._SubParsersAction) -> argparse.ArgumentParser:
                    help="compare ONNX Runtime (CPU) with PyTorch before writing")
     o.add_argument("--verify-images", nargs="+", metavar="PATH", default=None,
                    help="image files/folders for verification (default: generated samples)")
-    o.add_argument("--threshold", type=float, default=0.5, help="decision threshold stored in the metadata")
+    o.add_argument("--threshold", type=float, default=None,
+                   help="decision threshold stored in the metadata (default: the checkpoint's calibrated one, "
+                        "from 'ferret calibrate', else 0.5)")
     add_int8_arguments(o, "post-training static quantisation: int8 per-channel weights and calibrated per-tensor "
                           "activations; the LPD, the residual and the first --int8-float-layers convolutions stay "
                           "float32. Needs --calib-data")
