@@ -41,6 +41,9 @@ def test_bad_image_reported_others_processed_exit_1(tiny_ckpt, images, tmp_path)
     assert "no such file" in errors["missing.jpg"]
     assert sum("label" in r for r in rows) == 3
     assert "2 of 5 inputs could not be read" in proc.stderr
+    # the table names each failed input once, not "x: x: no such file"
+    table = run_ferret("detect", str(tmp_path / "missing.jpg"), "--weights", str(tiny_ckpt)).stdout.splitlines()
+    assert table[1].split() == ["ERROR", f"{tmp_path / 'missing.jpg'}:", "no", "such", "file"], table
 
 
 def test_table_output_and_batching_of_mixed_sizes(tiny_ckpt, images):

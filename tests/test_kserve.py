@@ -258,3 +258,13 @@ def test_bytes_codec_round_trip_and_truncation():
     assert [data for _, data in req.items] == elements
     with pytest.raises(kserve.ProtocolError, match="binary_data_size 99"):
         kserve.parse_infer_request(head.replace(str(len(blob)).encode(), b"99") + blob, str(len(head)), max_images=8)
+
+
+def test_model_name_flag_names_the_v2_routes(model, images, detected):
+    with server("-m", str(model), "--device", "cpu", "--model-name", "detector") as srv:
+        assert httpx.get(srv.url + "/v2/models/detector").json()["name"] == "detector"
+        assert httpx.get(srv.url + f"/v2/models/{model.stem}").status_code == 404  # the default name is replaced
+        inp = httpclient.InferInput("images", [1], "BYTES")
+        inp.set_data_from_numpy(np.array([images[0].read_bytes()], dtype=np.object_))
+        res = _client(srv).infer("detector", [inp])
+        _same(float(res.as_numpy("logits")[0]), res.as_numpy("labels")[0], detected[str(images[0])])

@@ -65,7 +65,9 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def _table_row(r) -> str:
     if r.error is not None:
-        return _printable(f"{'ERROR':<6} {'':>9} {'':>9}  {r.path}: {r.error}")
+        # errors already name their input ("x.png: no such file"): print it once
+        text = r.error if r.error.startswith(f"{r.path}:") else f"{r.path}: {r.error}"
+        return _printable(f"{'ERROR':<6} {'':>9} {'':>9}  {text}")
     return _printable(f"{r.label:<6} {r.prob_fake:9.4f} {r.logit:9.4f}  {r.path}")
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 import sys
 
@@ -31,6 +32,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--model", "-m", metavar="M", help="model file (.onnx, .engine, or a .pth/.pt checkpoint)")
     src.add_argument("--weights", "-w", metavar="W", help="PyTorch checkpoint (same as --model W.pth)")
+    p.add_argument("--model-name", default=None, metavar="NAME",
+                   help="the model's name in the KServe v2 routes (/v2/models/NAME/infer); default: the model "
+                        "file's name without its suffix")
     p.add_argument("--host", default="127.0.0.1", help="interface to listen on (0.0.0.0 for every interface)")
     p.add_argument("--port", type=int, default=8000, help="TCP port")
     p.add_argument("--device", default="auto", help="auto (GPU when available), cpu, cuda or cuda:N")
@@ -97,11 +101,14 @@ def run(args: argparse.Namespace) -> int:
                         batch_size=args.max_batch, workers=args.workers, max_pixels=args.max_pixels,
                         streams=args.streams, **tile_options(args))
     scheme = "https" if args.ssl_certfile else "http"
-    print(f"[serve] {args.model or args.weights} on {det.backend.name}, {scheme}://{args.host}:{args.port}/v1/detect"
-          f"{' (bearer token required)' if keys else ''}", file=sys.stderr)
+    name = args.model_name or Path(args.model or args.weights).stem
+    base = f"{scheme}://{args.host}:{args.port}"
+    print(f"[serve] {args.model or args.weights} on {det.backend.name}: {base}/v1/detect and "
+          f"{base}/v2/models/{name}/infer{' (bearer token required)' if keys else ''}", file=sys.stderr)
     config = ServeConfig(args.max_batch, args.max_delay_ms, args.max_queue, args.max_body_mb,
                          max_inflight_mb=args.max_inflight_mb, max_parts=args.max_parts,
-                         read_timeout=args.read_timeout, api_keys=keys, metrics_public=args.metrics_public)
+                         read_timeout=args.read_timeout, api_keys=keys, metrics_public=args.metrics_public,
+                         model_name=name)
     limits = ServerLimits(args.max_connections, args.keep_alive_timeout, args.shutdown_timeout,
                           args.ssl_certfile, args.ssl_keyfile)
     serve(det, args.host, args.port, config, log_level=args.log_level, limits=limits)
