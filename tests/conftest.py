@@ -68,3 +68,18 @@ def run_ferret(*args: str, env: dict | None = None, cwd: Path | None = None) -> 
     """Run the real CLI in a subprocess (the installed console script's module)."""
     return subprocess.run([sys.executable, "-m", "ferret_runtime.cli", *args], capture_output=True, text=True,
                           env=env, cwd=cwd, timeout=600)
+
+
+def small_onnx(tmp: Path, name: str = "s.onnx", size: int = 64) -> Path:
+    """A small real ONNX export: FerretNet-S with seeded random weights, fixed input ``size``."""
+    import torch
+
+    from ferret_export.onnx_export import export_onnx
+    from ferret_export.onnx_graph import GraphOptions
+    from ferret_train import create_model
+    from ferret_train.checkpoint import save_checkpoint
+
+    torch.manual_seed(0)
+    ckpt = save_checkpoint(tmp / "s.pth", create_model("ferretnet-s").eval())
+    export_onnx(ckpt, tmp / name, GraphOptions(input_size=size), run_verify=False, log=lambda *_: None)
+    return tmp / name

@@ -17,7 +17,7 @@ from ferret_runtime import kserve
 from ferret_runtime.preprocess import load_image
 from ferret_runtime.samples import natural_image
 
-from .conftest import run_ferret
+from .conftest import run_ferret, small_onnx
 
 httpx = pytest.importorskip("httpx", reason="the tests' HTTP client is httpx (the 'dev' extra)")
 pytest.importorskip("starlette", reason="ferret serve needs the 'serve' extra")
@@ -34,18 +34,7 @@ SIZES = [(64, 64), (64, 64), (64, 64), (64, 64), (72, 80), (50, 40)]  # (H, W): 
 @pytest.fixture(scope="module")
 def model(tmp_path_factory) -> Path:
     """A small real ONNX export (FerretNet-S, random weights, crop 64)."""
-    import torch
-
-    from ferret_export.onnx_export import export_onnx
-    from ferret_export.onnx_graph import GraphOptions
-    from ferret_train import create_model
-    from ferret_train.checkpoint import save_checkpoint
-
-    tmp = tmp_path_factory.mktemp("kserve_model")
-    torch.manual_seed(0)
-    ckpt = save_checkpoint(tmp / "s.pth", create_model("ferretnet-s").eval())
-    export_onnx(ckpt, tmp / "ferret-s.onnx", GraphOptions(input_size=64), run_verify=False, log=lambda *_: None)
-    return tmp / "ferret-s.onnx"
+    return small_onnx(tmp_path_factory.mktemp("kserve_model"), "ferret-s.onnx")
 
 
 @pytest.fixture(scope="module")

@@ -4,7 +4,6 @@ result (each path exactly once); sources and parts; the same Scorer on a local R
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -17,7 +16,7 @@ from PIL import Image
 
 from ferret_runtime.samples import natural_image
 
-from .conftest import run_ferret
+from .conftest import run_ferret, small_onnx
 
 pa = pytest.importorskip("pyarrow", reason="ferret scan writes Parquet with pyarrow (the 'scan' extra)")
 import pyarrow.parquet as pq  # noqa: E402
@@ -31,18 +30,7 @@ N_IMAGES = 240
 @pytest.fixture(scope="module")
 def model(tmp_path_factory) -> Path:
     """A small real ONNX export (FerretNet-S, random weights, crop 64)."""
-    import torch
-
-    from ferret_export.onnx_export import export_onnx
-    from ferret_export.onnx_graph import GraphOptions
-    from ferret_train import create_model
-    from ferret_train.checkpoint import save_checkpoint
-
-    tmp = tmp_path_factory.mktemp("scan_model")
-    torch.manual_seed(0)
-    ckpt = save_checkpoint(tmp / "s.pth", create_model("ferretnet-s").eval())
-    export_onnx(ckpt, tmp / "s.onnx", GraphOptions(input_size=64), run_verify=False, log=lambda *_: None)
-    return tmp / "s.onnx"
+    return small_onnx(tmp_path_factory.mktemp("scan_model"), "s.onnx")
 
 
 @pytest.fixture(scope="module")
