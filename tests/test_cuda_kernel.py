@@ -301,6 +301,40 @@ def test_sliding_median_equals_the_network(data):
     np.testing.assert_array_equal(got, torch_residual(x, "median", 3))
 
 
+@pytest.mark.parametrize("shape", [(1, 2, 200, 300), (2, 1, 131, 200), (1, 1, 140, 301)], ids=lambda s: "x".join(map(str, s)))
+def test_emulated_residual_interior_and_edge_tiles(shape):
+    # interior tiles (vector staging, no bounds checks) and border tiles side by side: the same residual;
+    # an odd width (301) sends every tile down the edge path
+    x = np.random.default_rng(5).standard_normal(shape).astype(np.float32)
+    x[..., ::2, ::3] = np.round(x[..., ::2, ::3])  # ties
+    cfg = launch.launch_config("lpd_residual", shape, "float32", 90)
+    got = host.emulate_lpd(x, cfg)
+    interior = host.emulated_interior_blocks()
+    np.testing.assert_array_equal(got, host.lpd_residual_host(x))
+    np.testing.assert_array_equal(got, torch_residual(x, "median", 3))
+    assert (interior > 0) == (shape[-1] % 4 == 0), interior
+    assert interior < math.prod(cfg.grid[:2])  # border tiles always take the edge path
+
+
+@pytest.mark.parametrize("shape", [(2, 200, 300, 3), (1, 131, 200, 3), (1, 140, 301, 3)], ids=lambda s: "x".join(map(str, s)))
+def test_emulated_preprocess_interior_and_edge_tiles(shape):
+    images = np.random.default_rng(6).integers(0, 256, shape, dtype=np.uint8)
+    cfg = launch.launch_config("preprocess_lpd", shape, "float32", 90)
+    got = host.emulate_preprocess_lpd(images, cfg)
+    interior = host.emulated_interior_blocks()
+    np.testing.assert_array_equal(got, host.preprocess_lpd_host(images))
+    np.testing.assert_array_equal(got, torch_residual(normalize(images), "median", 3))
+    assert (interior > 0) == (shape[2] % 4 == 0), interior
+
+
+@pytest.mark.parametrize("shape", [(1, 40, 70, 3), (3, 64, 48, 3), (2, 1, 4, 3)], ids=lambda s: "x".join(map(str, s)))
+def test_emulated_normalize_fast_path(shape):
+    # H*W % 4 == 0: three 32-bit words per 4 pixels, one vector store per channel
+    images = np.random.default_rng(4).integers(0, 256, shape, dtype=np.uint8)
+    cfg = launch.launch_config("normalize", shape, "float32", 90)
+    np.testing.assert_array_equal(host.emulate_normalize(images, cfg), normalize(images))
+
+
 def test_launch_constants_and_arguments_match_the_source():
     defines = dict(re.findall(r"#define (FERRET_\w+) (\d+)", SOURCE))
     assert int(defines["FERRET_ROWS_PER_THREAD"]) == launch.ROWS_PER_THREAD

@@ -83,7 +83,14 @@ def load_host_library() -> ctypes.CDLL:
     for name, argtypes in signatures.items():
         fn = getattr(lib, name)
         fn.argtypes, fn.restype = argtypes, ctypes.c_int
+    lib.ferret_emulated_interior_blocks.argtypes, lib.ferret_emulated_interior_blocks.restype = [], i64
     return lib
+
+
+def emulated_interior_blocks() -> int:
+    """Blocks of the last emulated lpd_residual/preprocess_lpd launch that took the interior path
+    (no bounds checks); the others took the edge path."""
+    return int(load_host_library().ferret_emulated_interior_blocks())
 
 
 def _check(code: int, call: str) -> None:

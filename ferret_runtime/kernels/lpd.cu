@@ -310,9 +310,71 @@ __host__ __device__ __forceinline__ float ferret_median_rows(const FerretSorted3
     return ferret_med3(lo, ferret_med3(up.mid, centre.mid, down.mid), hi);
 }
 
-// Phase 1: tile[ly][lx] = plane[y0 - 1 + ly][x0 - 1 + lx], 0 outside; 2D loops with compile-time
-// trip counts (no division), one unsigned compare per coordinate, 32-bit offsets within a plane
-// (launch.py refuses planes of 2^31 pixels or more).
+// The residual kernel's tile: rows y0-1 .. y0+64 and columns x0-4 .. x0+35 (FERRET_RES_TS = 40 floats
+// a row, so a row is ten aligned 4-element vectors; the outputs read columns x0-1 .. x0+32 of it).
+// preprocess_lpd keeps its three 34-wide tiles (columns x0-1 .. x0+32).
+#define FERRET_RES_TS 40
+#define FERRET_RES_VECS (FERRET_RES_TS / 4 * FERRET_RES_TH)
+
+// Four consecutive elements as one load (16 bytes of float, 8 of float16) and one 16-byte shared store.
+__host__ __device__ __forceinline__ void ferret_load4(const float* p, float* v) {
+#ifdef __CUDACC__
+    const float4 q = *(const float4*)p;
+    v[0] = q.x, v[1] = q.y, v[2] = q.z, v[3] = q.w;
+#else
+    FERRET_UNROLL
+    for (int i = 0; i < 4; ++i) v[i] = p[i];
+#endif
+}
+#ifdef __CUDACC__
+__device__ __forceinline__ void ferret_load4(const unsigned short* p, float* v) {
+    const uint2 q = *(const uint2*)p;
+    const unsigned short h[4] = {(unsigned short)q.x, (unsigned short)(q.x >> 16), (unsigned short)q.y,
+                                 (unsigned short)(q.y >> 16)};
+    FERRET_UNROLL
+    for (int i = 0; i < 4; ++i) asm("cvt.f32.f16 %0, %1;" : "=f"(v[i]) : "h"(h[i]));
+}
+#endif
+__host__ __device__ __forceinline__ void ferret_store4(float* p, const float* v) {
+#ifdef __CUDACC__
+    *(float4*)p = make_float4(v[0], v[1], v[2], v[3]);
+#else
+    FERRET_UNROLL
+    for (int i = 0; i < 4; ++i) p[i] = v[i];
+#endif
+}
+
+// An interior tile: its whole 40 x 66 tile lies inside the image and every row of it starts on a
+// vector boundary (W % 4 == 0, the base aligned to 4 elements), so it is staged by aligned vectors
+// and written with no bounds check. The others (the image's border tiles, odd widths) take the edge
+// path: element by element, 0 outside, each output checked. Hoisted out of the plane loop.
+template <class T>
+__host__ __device__ __forceinline__ bool ferret_res_interior(const T* x, int H, int W, int x0, int y0) {
+    return x0 >= 4 && x0 + (FERRET_RES_TS - 4) <= W && y0 >= 1 && y0 + (FERRET_RES_TH - 1) <= H && W % 4 == 0 &&
+           ((unsigned long long)x & (4 * sizeof(T) - 1)) == 0;
+}
+
+// Phase 1, interior: thread `tid` copies vectors tid, tid + 256, ... (660 of them) of the tile.
+template <class T>
+__host__ __device__ __forceinline__ void ferret_res_stage_interior(const T* plane, int W, int x0, int y0, float* tile,
+                                                                   int tid) {
+    const T* origin = plane + (y0 - 1) * W + (x0 - 4);
+    const int nthreads = FERRET_RES_BX * FERRET_RES_BY;
+    FERRET_UNROLL
+    for (int k = 0; k < (FERRET_RES_VECS + nthreads - 1) / nthreads; ++k) {
+        const int q = tid + k * nthreads;
+        if ((k + 1) * nthreads <= FERRET_RES_VECS || q < FERRET_RES_VECS) {
+            const int row = q / (FERRET_RES_TS / 4), col = q - row * (FERRET_RES_TS / 4);
+            float v[4];
+            ferret_load4(origin + row * W + col * 4, v);
+            ferret_store4(tile + q * 4, v);
+        }
+    }
+}
+
+// Phase 1, edge: tile columns 3 .. 36 (image columns x0-1 .. x0+32) element by element, 0 outside;
+// 2D loops with compile-time trip counts, one unsigned compare per coordinate, 32-bit offsets within
+// a plane (launch.py refuses planes of 2^31 pixels or more).
 template <class T>
 __host__ __device__ __forceinline__ void ferret_res_stage(const T* plane, int H, int W, int x0, int y0, float* tile,
                                                           int tx, int ty) {
@@ -328,34 +390,41 @@ __host__ __device__ __forceinline__ void ferret_res_stage(const T* plane, int H,
             const int lx = tx + i * FERRET_RES_BX;
             if (lx >= FERRET_RES_TW) break;
             const int gx = x0 - 1 + lx;
-            tile[ly * FERRET_RES_TW + lx] = row_in && (unsigned)gx < (unsigned)W ? ferret_load(row + gx) : 0.0f;
+            tile[ly * FERRET_RES_TS + 3 + lx] = row_in && (unsigned)gx < (unsigned)W ? ferret_load(row + gx) : 0.0f;
         }
     }
 }
 
-// Phase 2: thread (tx, ty) writes rows ty*ROWS .. ty*ROWS + ROWS-1 of column tx: x - median.
-template <class T>
-__host__ __device__ __forceinline__ void ferret_res_outputs(const float* tile, T* out_plane, int H, int W, int x0,
-                                                            int y0, int tx, int ty) {
-    const int ly0 = ty * FERRET_RES_ROWS, gx = x0 + tx;
-    const float* t = tile + ly0 * FERRET_RES_TW + tx;
+// Phase 2: the thread of column gx writes rows gy0 .. gy0 + ROWS-1: x - median. `t` points at the
+// tile element above-left of its first output (stride TS); EDGE checks each output against the image.
+template <int TS, bool EDGE, class T>
+__host__ __device__ __forceinline__ void ferret_res_column(const float* t, T* out_plane, int H, int W, int gx,
+                                                           int gy0) {
     FerretSorted3 up, up_masked, centre, centre_masked, down, down_masked;
     ferret_sort_row(t[0], t[1], t[2], up, up_masked);
-    t += FERRET_RES_TW;
+    t += TS;
     float x = t[1];
     ferret_sort_row(t[0], x, t[2], centre, centre_masked);
+    T* o = out_plane + gy0 * W + gx;
     FERRET_UNROLL
     for (int j = 0; j < FERRET_RES_ROWS; ++j) {
-        t += FERRET_RES_TW;
+        t += TS;
         const float x_down = t[1];
         ferret_sort_row(t[0], x_down, t[2], down, down_masked);
-        const int gy = y0 + ly0 + j;
-        if (gy < H && gx < W) ferret_store(out_plane + gy * W + gx, x - ferret_median_rows(up, centre_masked, down));
+        if (!EDGE || (gy0 + j < H && gx < W)) ferret_store(o + j * W, x - ferret_median_rows(up, centre_masked, down));
         up = centre;
         centre = down;
         centre_masked = down_masked;
         x = x_down;
     }
+}
+
+// Phase 2 of the residual kernel for thread (tx, ty): rows ty*ROWS .. of column tx of the tile.
+template <bool EDGE, class T>
+__host__ __device__ __forceinline__ void ferret_res_outputs(const float* tile, T* out_plane, int H, int W, int x0,
+                                                            int y0, int tx, int ty) {
+    ferret_res_column<FERRET_RES_TS, EDGE>(tile + ty * FERRET_RES_ROWS * FERRET_RES_TS + 3 + tx, out_plane, H, W,
+                                           x0 + tx, y0 + ty * FERRET_RES_ROWS);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -365,11 +434,16 @@ __host__ __device__ __forceinline__ void ferret_res_outputs(const float* tile, T
 
 __host__ __device__ __forceinline__ void ferret_build_table(float* table, const float* mean, const float* std, int tid,
                                                             int nthreads) {
-    for (int i = tid; i < 3 * 256; i += nthreads) table[i] = ferret_normalize((unsigned char)(i & 255), mean[i >> 8], std[i >> 8]);
+    for (int i = tid; i < 3 * 256; i += nthreads) {  // compile-time indices only: mean/std stay in registers
+        const int c = i >> 8;
+        table[i] = ferret_normalize((unsigned char)(i & 255), c == 0 ? mean[0] : c == 1 ? mean[1] : mean[2],
+                                    c == 0 ? std[0] : c == 1 ? std[1] : std[2]);
+    }
 }
 
-// preprocess_lpd's phase 1: three normalised channel tiles (34 x 66 each), 0 outside the image in
-// normalised space, as the LPD pads the normalised image.
+// preprocess_lpd's phase 1: three normalised channel tiles laid out as the residual kernel's (40 x 66,
+// image column x0-4 at tile column 0), 0 outside the image in normalised space, as the LPD pads the
+// normalised image. The edge path stages tile columns 3 .. 36 pixel by pixel, each checked.
 __host__ __device__ __forceinline__ void ferret_res_stage_rgb(const unsigned char* image, int H, int W, int x0, int y0,
                                                               const float* table, float* tile, int tx, int ty) {
     FERRET_UNROLL
@@ -383,38 +457,114 @@ __host__ __device__ __forceinline__ void ferret_res_stage_rgb(const unsigned cha
         for (int i = 0; i < (FERRET_RES_TW + FERRET_RES_BX - 1) / FERRET_RES_BX; ++i) {
             const int lx = tx + i * FERRET_RES_BX;
             if (lx >= FERRET_RES_TW) break;
-            const int gx = x0 - 1 + lx, at = ly * FERRET_RES_TW + lx;
+            const int gx = x0 - 1 + lx, at = ly * FERRET_RES_TS + 3 + lx;
             const bool inside = row_in && (unsigned)gx < (unsigned)W;
             FERRET_UNROLL
             for (int c = 0; c < 3; ++c)
-                tile[c * FERRET_RES_TW * FERRET_RES_TH + at] = inside ? table[c * 256 + row[gx * 3 + c]] : 0.0f;
+                tile[c * FERRET_RES_TS * FERRET_RES_TH + at] = inside ? table[c * 256 + row[gx * 3 + c]] : 0.0f;
         }
     }
 }
 
 // normalize: thread `tid` of the block handles FERRET_NORM_PIXELS consecutive pixels of the image
-// (flat index over H*W), reading their 12 bytes as three 32-bit words when the image is 4-byte
-// aligned (`aligned`: H*W % 4 == 0 and an aligned base, checked by the caller) and bytes otherwise.
+// (flat index over H*W). The fast path (ferret_normalize_fast: H*W % 4 == 0, the image 4-byte and the
+// output 4-element aligned) reads their 12 bytes as three 32-bit words, picks each byte out (PRMT),
+// looks it up in the table and writes each channel's four values as one vector; the other inputs go
+// pixel by pixel (ferret_normalize_pixels). The choice is made once per launch, outside the loop.
 template <class T>
-__host__ __device__ __forceinline__ void ferret_normalize_pixels(const unsigned char* image, T* out, int HW,
-                                                                 long long first, const float* table, bool aligned) {
-    if (first >= HW) return;
-    const int p0 = (int)first;
-    unsigned char v[3 * FERRET_NORM_PIXELS];
-    if (aligned && p0 + FERRET_NORM_PIXELS <= HW) {
-        const unsigned int* words = (const unsigned int*)(image + p0 * 3);
+__host__ __device__ __forceinline__ bool ferret_normalize_fast(const unsigned char* image, const T* out, int HW) {
+    return HW % 4 == 0 && ((unsigned long long)image & 3) == 0 && ((unsigned long long)out & (4 * sizeof(T) - 1)) == 0;
+}
+
+// Byte k (0 = least significant) of w, zero-extended.
+__host__ __device__ __forceinline__ unsigned int ferret_byte(unsigned int w, int k) {
+#ifdef __CUDACC__
+    return __byte_perm(w, 0u, 0x4440u + k);
+#else
+    return (w >> (8 * k)) & 255u;
+#endif
+}
+
+// Four values to global memory as one vector store (16 bytes of float, 8 of float16; the caller
+// checked the alignment). Written in PTX: NVVM splits some of these stores into four otherwise.
+__host__ __device__ __forceinline__ void ferret_store4_global(float* p, const float* v) {
+#ifdef __CUDACC__
+    asm("st.global.v4.f32 [%0], {%1, %2, %3, %4};" ::"l"(p), "f"(v[0]), "f"(v[1]), "f"(v[2]), "f"(v[3]));
+#else
+    FERRET_UNROLL
+    for (int i = 0; i < 4; ++i) p[i] = v[i];
+#endif
+}
+#ifdef __CUDACC__
+__device__ __forceinline__ void ferret_store4_global(unsigned short* p, const float* v) {
+    unsigned int lo, hi;
+    asm("cvt.rn.f16x2.f32 %0, %1, %2;" : "=r"(lo) : "f"(v[1]), "f"(v[0]));
+    asm("cvt.rn.f16x2.f32 %0, %1, %2;" : "=r"(hi) : "f"(v[3]), "f"(v[2]));
+    asm("st.global.v2.u32 [%0], {%1, %2};" ::"l"(p), "r"(lo), "r"(hi));
+}
+#endif
+
+template <class T>
+__host__ __device__ __forceinline__ void ferret_normalize_quad(const unsigned char* image, T* out, int HW, int p0,
+                                                               const float* table) {
+    const unsigned int* words = (const unsigned int*)(image + p0 * 3);
+    unsigned int w[3];
+    FERRET_UNROLL
+    for (int i = 0; i < 3; ++i) w[i] = words[i];  // little-endian: byte i of the 12 is byte i % 4 of word i / 4
+    FERRET_UNROLL
+    for (int c = 0; c < 3; ++c) {
+        float v[FERRET_NORM_PIXELS];
         FERRET_UNROLL
-        for (int w = 0; w < 3; ++w) {
-            const unsigned int word = words[w];
-            FERRET_UNROLL
-            for (int b = 0; b < 4; ++b) v[w * 4 + b] = (unsigned char)(word >> (8 * b));  // little-endian
-        }
-        FERRET_UNROLL
-        for (int c = 0; c < 3; ++c)
-            FERRET_UNROLL
-            for (int q = 0; q < FERRET_NORM_PIXELS; ++q) ferret_store(out + (long long)c * HW + p0 + q, table[c * 256 + v[q * 3 + c]]);
-        return;
+        for (int q = 0; q < FERRET_NORM_PIXELS; ++q) v[q] = table[c * 256 + (int)ferret_byte(w[(3 * q + c) / 4], (3 * q + c) % 4)];
+        ferret_store4_global(out + c * HW + p0, v);
     }
+}
+
+// preprocess_lpd's phase 1 for an interior tile (ferret_rgb_interior): the 40 x 66 pixels of the tile
+// as 660 runs of 4 pixels, each read as three aligned 32-bit words, normalised through the table and
+// written as one 16-byte vector per channel tile: normalize's fast path into shared memory.
+__host__ __device__ __forceinline__ bool ferret_rgb_interior(const unsigned char* image, int H, int W, int x0, int y0) {
+    return x0 >= 4 && x0 + (FERRET_RES_TS - 4) <= W && y0 >= 1 && y0 + (FERRET_RES_TH - 1) <= H && W % 4 == 0 &&
+           ((unsigned long long)image & 3) == 0;
+}
+
+__host__ __device__ __forceinline__ void ferret_rgb_stage_interior(const unsigned char* image, int W, int x0, int y0,
+                                                                   const float* table, float* tile, int tid) {
+    const unsigned char* origin = image + ((y0 - 1) * W + (x0 - 4)) * 3;
+    const int nthreads = FERRET_RES_BX * FERRET_RES_BY;
+    FERRET_UNROLL
+    for (int k = 0; k < (FERRET_RES_VECS + nthreads - 1) / nthreads; ++k) {
+        const int q = tid + k * nthreads;
+        if ((k + 1) * nthreads <= FERRET_RES_VECS || q < FERRET_RES_VECS) {
+            const int row = q / (FERRET_RES_TS / 4), col = q - row * (FERRET_RES_TS / 4);
+            const unsigned int* words = (const unsigned int*)(origin + (row * W + col * 4) * 3);
+            unsigned int w[3];
+            FERRET_UNROLL
+            for (int i = 0; i < 3; ++i) w[i] = words[i];
+            FERRET_UNROLL
+            for (int c = 0; c < 3; ++c) {
+                float v[4];
+                FERRET_UNROLL
+                for (int p = 0; p < 4; ++p) v[p] = table[c * 256 + (int)ferret_byte(w[(3 * p + c) / 4], (3 * p + c) % 4)];
+                ferret_store4(tile + c * FERRET_RES_TS * FERRET_RES_TH + q * 4, v);
+            }
+        }
+    }
+}
+
+// One image of preprocess_lpd's phase 2 for thread (tx, ty): its column in each channel tile.
+template <bool EDGE, class T>
+__host__ __device__ __forceinline__ void ferret_rgb_outputs(const float* tile, T* out_image, long long plane_size,
+                                                            int H, int W, int x0, int y0, int tx, int ty) {
+    FERRET_UNROLL
+    for (int c = 0; c < 3; ++c)
+        ferret_res_outputs<EDGE>(tile + c * FERRET_RES_TS * FERRET_RES_TH, out_image + c * plane_size, H, W, x0, y0,
+                                 tx, ty);
+}
+
+template <class T>
+__host__ __device__ __forceinline__ void ferret_normalize_pixels(const unsigned char* image, T* out, int HW, int p0,
+                                                                 const float* table) {
     for (int q = 0; q < FERRET_NORM_PIXELS && p0 + q < HW; ++q)
         for (int c = 0; c < 3; ++c) ferret_store(out + (long long)c * HW + p0 + q, table[c * 256 + image[(p0 + q) * 3 + c]]);
 }
@@ -446,41 +596,60 @@ __device__ __forceinline__ void ferret_lpd_kernel(const T* __restrict__ x, T* __
 
 // The paper's LPD (median, 3x3, residual): a compile-time block, rows sliding down each column.
 // 256 threads and at most 40 registers (__launch_bounds__(256, 6)): 6 blocks, 48 warps, 75% occupancy.
+// Interior tiles run the first loop (vector staging, no bounds checks), border tiles the second.
 template <class T>
 __device__ __forceinline__ void ferret_median_residual_kernel(const T* __restrict__ x, T* __restrict__ out, int N,
                                                               int C, int H, int W) {
-    __shared__ float tile[FERRET_RES_TW * FERRET_RES_TH];
+    __shared__ __align__(16) float tile[FERRET_RES_TS * FERRET_RES_TH];
     const int x0 = blockIdx.x * FERRET_RES_BX, y0 = blockIdx.y * (FERRET_RES_BY * FERRET_RES_ROWS);
+    const int tid = threadIdx.y * FERRET_RES_BX + threadIdx.x;
     const long long planes = (long long)N * C, plane_size = (long long)H * W;
+    if (ferret_res_interior(x, H, W, x0, y0)) {
+        for (long long p = blockIdx.z; p < planes; p += gridDim.z) {
+            ferret_res_stage_interior(x + p * plane_size, W, x0, y0, tile, tid);
+            __syncthreads();
+            ferret_res_outputs<false>(tile, out + p * plane_size, H, W, x0, y0, threadIdx.x, threadIdx.y);
+            __syncthreads();  // the next plane overwrites the tile
+        }
+        return;
+    }
     for (long long p = blockIdx.z; p < planes; p += gridDim.z) {
         ferret_res_stage(x + p * plane_size, H, W, x0, y0, tile, threadIdx.x, threadIdx.y);
         __syncthreads();
-        ferret_res_outputs(tile, out + p * plane_size, H, W, x0, y0, threadIdx.x, threadIdx.y);
-        __syncthreads();  // the next plane overwrites the tile
+        ferret_res_outputs<true>(tile, out + p * plane_size, H, W, x0, y0, threadIdx.x, threadIdx.y);
+        __syncthreads();
     }
 }
 
 // One block per (image, column tile, row tile) does all three channels: the uint8 pixels are read
-// once, normalised through the block's table into three shared tiles.
+// once, normalised through the block's table into three shared tiles. Interior tiles (the 40 x 66
+// pixels inside the image, aligned rows) run the first loop, with no bounds checks.
 template <class T>
 __device__ __forceinline__ void ferret_preprocess_kernel(const unsigned char* __restrict__ image, T* __restrict__ out,
                                                          int N, int H, int W, float m0, float m1, float m2, float s0,
                                                          float s1, float s2) {
     __shared__ float table[3 * 256];
-    __shared__ float tile[3 * FERRET_RES_TW * FERRET_RES_TH];
+    __shared__ __align__(16) float tile[3 * FERRET_RES_TS * FERRET_RES_TH];
     const float mean[3] = {m0, m1, m2}, std[3] = {s0, s1, s2};
     const int tid = threadIdx.y * FERRET_RES_BX + threadIdx.x;
     ferret_build_table(table, mean, std, tid, FERRET_RES_BX * FERRET_RES_BY);
     const int x0 = blockIdx.x * FERRET_RES_BX, y0 = blockIdx.y * (FERRET_RES_BY * FERRET_RES_ROWS);
     const long long plane_size = (long long)H * W;
     __syncthreads();
+    if (ferret_rgb_interior(image, H, W, x0, y0)) {
+        for (long long n = blockIdx.z; n < N; n += gridDim.z) {
+            ferret_rgb_stage_interior(image + n * plane_size * 3, W, x0, y0, table, tile, tid);
+            __syncthreads();
+            ferret_rgb_outputs<false>(tile, out + n * 3 * plane_size, plane_size, H, W, x0, y0, threadIdx.x,
+                                      threadIdx.y);
+            __syncthreads();
+        }
+        return;
+    }
     for (long long n = blockIdx.z; n < N; n += gridDim.z) {
         ferret_res_stage_rgb(image + n * plane_size * 3, H, W, x0, y0, table, tile, threadIdx.x, threadIdx.y);
         __syncthreads();
-        FERRET_UNROLL
-        for (int c = 0; c < 3; ++c)
-            ferret_res_outputs(tile + c * FERRET_RES_TW * FERRET_RES_TH, out + (n * 3 + c) * plane_size, H, W, x0, y0,
-                               threadIdx.x, threadIdx.y);
+        ferret_rgb_outputs<true>(tile, out + n * 3 * plane_size, plane_size, H, W, x0, y0, threadIdx.x, threadIdx.y);
         __syncthreads();
     }
 }
@@ -497,14 +666,22 @@ __device__ __forceinline__ void ferret_normalize_kernel(const unsigned char* __r
     ferret_build_table(table, mean, std, threadIdx.x, blockDim.x);
     const int HW = H * W;
     const long long first = ((long long)blockIdx.x * blockDim.x + threadIdx.x) * FERRET_NORM_PIXELS;
-    const bool aligned = HW % 4 == 0 && ((unsigned long long)image & 3) == 0;
     __syncthreads();
+    if (first >= HW) return;  // after the barrier: every thread helped build the table
+    const int p0 = (int)first;
+    if (ferret_normalize_fast(image, out, HW)) {
+        for (long long n = blockIdx.z; n < N; n += gridDim.z)
+            ferret_normalize_quad(image + n * HW * 3, out + n * 3 * HW, HW, p0, table);
+        return;
+    }
     for (long long n = blockIdx.z; n < N; n += gridDim.z)
-        ferret_normalize_pixels(image + n * HW * 3, out + n * 3 * HW, HW, first, table, aligned);
+        ferret_normalize_pixels(image + n * HW * 3, out + n * 3 * HW, HW, p0, table);
 }
 
 #define FERRET_KERNEL extern "C" __global__ void __launch_bounds__(FERRET_MAX_THREADS)
 #define FERRET_KERNEL_3X3 extern "C" __global__ void __launch_bounds__(FERRET_RES_BX * FERRET_RES_BY, 6)
+// normalize: up to 40 registers (6 blocks of 256 threads), where ptxas 13.0 would take 32 and spill
+#define FERRET_KERNEL_NORM extern "C" __global__ void __launch_bounds__(FERRET_MAX_THREADS, 6)
 
 #if !defined(FERRET_ONLY) || defined(FERRET_WANT_lpd_residual_f32)
 FERRET_KERNEL_3X3 lpd_residual_f32(const float* x, float* out, int N, int C, int H, int W) {
@@ -542,13 +719,13 @@ FERRET_KERNEL_3X3 preprocess_lpd_f16(const unsigned char* image, unsigned short*
 #endif
 
 #if !defined(FERRET_ONLY) || defined(FERRET_WANT_normalize_f32)
-FERRET_KERNEL normalize_f32(const unsigned char* image, float* out, int N, int H, int W, float m0, float m1, float m2,
+FERRET_KERNEL_NORM normalize_f32(const unsigned char* image, float* out, int N, int H, int W, float m0, float m1, float m2,
                             float s0, float s1, float s2) {
     ferret_normalize_kernel(image, out, N, H, W, m0, m1, m2, s0, s1, s2);
 }
 #endif
 #if !defined(FERRET_ONLY) || defined(FERRET_WANT_normalize_f16)
-FERRET_KERNEL normalize_f16(const unsigned char* image, unsigned short* out, int N, int H, int W, float m0, float m1,
+FERRET_KERNEL_NORM normalize_f16(const unsigned char* image, unsigned short* out, int N, int H, int W, float m0, float m1,
                             float m2, float s0, float s1, float s2) {
     ferret_normalize_kernel(image, out, N, H, W, m0, m1, m2, s0, s1, s2);
 }
@@ -690,23 +867,38 @@ static int ferret_check_block_3x3(const int* grid, const int* block) {
     return block[0] == FERRET_RES_BX && block[1] == FERRET_RES_BY ? FERRET_OK : FERRET_EBLOCK;
 }
 
+// How many blocks of the last emulated launch took the interior path (tests check both paths ran).
+static long long ferret_interior_blocks = 0;
+extern "C" long long ferret_emulated_interior_blocks(void) { return ferret_interior_blocks; }
+
 extern "C" int lpd_residual_emulate(const float* x, float* out, int N, int C, int H, int W, const int* grid,
                                     const int* block, long long smem_bytes) {
     const int err = ferret_check_block_3x3(grid, block);
     if (err) return err;
-    static float tile[FERRET_RES_TW * FERRET_RES_TH];
+    ferret_interior_blocks = 0;
+    static float tile[FERRET_RES_TS * FERRET_RES_TH];
     const long long planes = (long long)N * C, plane_size = (long long)H * W;
     for (int gz = 0; gz < grid[2]; ++gz)
         for (int gy = 0; gy < grid[1]; ++gy)
             for (int gx = 0; gx < grid[0]; ++gx) {
                 const int x0 = gx * FERRET_RES_BX, y0 = gy * FERRET_RES_BY * FERRET_RES_ROWS;
+                const bool interior = ferret_res_interior(x, H, W, x0, y0);
+                ferret_interior_blocks += interior;
                 for (long long p = gz; p < planes; p += grid[2]) {
                     for (int ty = 0; ty < FERRET_RES_BY; ++ty)
-                        for (int tx = 0; tx < FERRET_RES_BX; ++tx)
-                            ferret_res_stage(x + p * plane_size, H, W, x0, y0, tile, tx, ty);
+                        for (int tx = 0; tx < FERRET_RES_BX; ++tx) {
+                            if (interior)
+                                ferret_res_stage_interior(x + p * plane_size, W, x0, y0, tile, ty * FERRET_RES_BX + tx);
+                            else
+                                ferret_res_stage(x + p * plane_size, H, W, x0, y0, tile, tx, ty);
+                        }
                     for (int ty = 0; ty < FERRET_RES_BY; ++ty)
-                        for (int tx = 0; tx < FERRET_RES_BX; ++tx)
-                            ferret_res_outputs(tile, out + p * plane_size, H, W, x0, y0, tx, ty);
+                        for (int tx = 0; tx < FERRET_RES_BX; ++tx) {
+                            if (interior)
+                                ferret_res_outputs<false>(tile, out + p * plane_size, H, W, x0, y0, tx, ty);
+                            else
+                                ferret_res_outputs<true>(tile, out + p * plane_size, H, W, x0, y0, tx, ty);
+                        }
                 }
             }
     return FERRET_OK;
@@ -716,7 +908,8 @@ extern "C" int preprocess_lpd_emulate(const unsigned char* image, float* out, in
                                       const float* std, const int* grid, const int* block, long long smem_bytes) {
     const int err = ferret_check_block_3x3(grid, block);
     if (err) return err;
-    static float table[3 * 256], tile[3 * FERRET_RES_TW * FERRET_RES_TH];
+    ferret_interior_blocks = 0;
+    static float table[3 * 256], tile[3 * FERRET_RES_TS * FERRET_RES_TH];
     const int nthreads = FERRET_RES_BX * FERRET_RES_BY;
     const long long plane_size = (long long)H * W;
     for (int tid = 0; tid < nthreads; ++tid) ferret_build_table(table, mean, std, tid, nthreads);
@@ -724,15 +917,24 @@ extern "C" int preprocess_lpd_emulate(const unsigned char* image, float* out, in
         for (int gy = 0; gy < grid[1]; ++gy)
             for (int gx = 0; gx < grid[0]; ++gx) {
                 const int x0 = gx * FERRET_RES_BX, y0 = gy * FERRET_RES_BY * FERRET_RES_ROWS;
+                const bool interior = ferret_rgb_interior(image, H, W, x0, y0);
+                ferret_interior_blocks += interior;
                 for (long long n = gz; n < N; n += grid[2]) {
                     for (int ty = 0; ty < FERRET_RES_BY; ++ty)
-                        for (int tx = 0; tx < FERRET_RES_BX; ++tx)
-                            ferret_res_stage_rgb(image + n * plane_size * 3, H, W, x0, y0, table, tile, tx, ty);
-                    for (int c = 0; c < 3; ++c)
-                        for (int ty = 0; ty < FERRET_RES_BY; ++ty)
-                            for (int tx = 0; tx < FERRET_RES_BX; ++tx)
-                                ferret_res_outputs(tile + c * FERRET_RES_TW * FERRET_RES_TH,
-                                                   out + (n * 3 + c) * plane_size, H, W, x0, y0, tx, ty);
+                        for (int tx = 0; tx < FERRET_RES_BX; ++tx) {
+                            if (interior)
+                                ferret_rgb_stage_interior(image + n * plane_size * 3, W, x0, y0, table, tile,
+                                                          ty * FERRET_RES_BX + tx);
+                            else
+                                ferret_res_stage_rgb(image + n * plane_size * 3, H, W, x0, y0, table, tile, tx, ty);
+                        }
+                    for (int ty = 0; ty < FERRET_RES_BY; ++ty)
+                        for (int tx = 0; tx < FERRET_RES_BX; ++tx) {
+                            if (interior)
+                                ferret_rgb_outputs<false>(tile, out + n * 3 * plane_size, plane_size, H, W, x0, y0, tx, ty);
+                            else
+                                ferret_rgb_outputs<true>(tile, out + n * 3 * plane_size, plane_size, H, W, x0, y0, tx, ty);
+                        }
                 }
             }
     return FERRET_OK;
@@ -746,13 +948,18 @@ extern "C" int normalize_emulate(const unsigned char* image, float* out, int N, 
     float table[3 * 256];
     for (int tid = 0; tid < block[0]; ++tid) ferret_build_table(table, mean, std, tid, block[0]);
     const int HW = H * W;
-    const bool aligned = HW % 4 == 0 && ((unsigned long long)image & 3) == 0;
+    const bool fast = ferret_normalize_fast(image, out, HW);
     for (int gz = 0; gz < grid[2]; ++gz)
         for (int gx = 0; gx < grid[0]; ++gx)
             for (long long n = gz; n < N; n += grid[2])
-                for (int tx = 0; tx < block[0]; ++tx)
-                    ferret_normalize_pixels(image + n * HW * 3, out + n * 3 * HW, HW,
-                                            ((long long)gx * block[0] + tx) * FERRET_NORM_PIXELS, table, aligned);
+                for (int tx = 0; tx < block[0]; ++tx) {
+                    const long long first = ((long long)gx * block[0] + tx) * FERRET_NORM_PIXELS;
+                    if (first >= HW) continue;
+                    if (fast)
+                        ferret_normalize_quad(image + n * HW * 3, out + n * 3 * HW, HW, (int)first, table);
+                    else
+                        ferret_normalize_pixels(image + n * HW * 3, out + n * 3 * HW, HW, (int)first, table);
+                }
     return FERRET_OK;
 }
 
