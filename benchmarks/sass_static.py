@@ -1,15 +1,24 @@
 """Static figures of lpd.cu's kernels, read from the sm_90 CUBIN the runtime loads (no GPU needed).
 
 For each kernel: registers, stack and spill (local memory) bytes, occupancy on sm_90 for the launch
-``launch_config`` makes, and instructions per output read from the SASS:
+``launch_config`` makes, and instructions per output read from the SASS control flow:
 
-- the hot loop is the kernel's outermost loop (the grid-stride loop over planes or images); its
-  body is counted instruction by instruction (static count, every path: an edge-only branch counts
-  as if it always ran, so the figure is an upper bound for interior tiles);
-- an inner loop inside it (a run-time staging loop) is weighted by how often it runs per plane:
-  the tile elements each thread stages divided by the shared-memory stores in one pass of the loop;
+- the SASS is split into basic blocks (leaders: the entry, branch targets, the instruction after a
+  branch or EXIT); a branch to an earlier (or the same) address is a backward branch, and its loop is
+  the natural loop of its target: the head plus every block that reaches the branch without passing
+  through the head. The outermost loops that write outputs (global stores) are the per-plane (or
+  per-image) grid-stride loops: the kernels hoist the interior/edge choice out of them, so interior
+  tiles run one loop with no bounds checks and border tiles (or unaligned inputs) another;
+- hot loop = the one of those with the fewest instructions along its longest path from the head to
+  the backward branch (predicated instructions count as executed; an edge-only branch inside it
+  counts in full, so the figure is what an interior tile executes per pass, at most);
+- an inner, run-time loop (a staging loop) weighs the tile elements each thread stages divided by
+  the shared-memory stores in one pass of it (the compile-time loops are unrolled: no inner loop);
 - divided by the outputs one thread writes per pass of the hot loop: output values for the LPD
-  kernels, RGB pixels (three output values) for ``normalize`` and ``preprocess_lpd``.
+  kernels, RGB pixels (three output values) for ``normalize`` and ``preprocess_lpd``;
+- beside it, nothing hidden: ``static_per_output`` is every instruction of the kernel (prologue,
+  edge loops, all paths) counted once over the same outputs, and ``loops`` lists each outermost loop
+  with its longest path and its whole body (the table's ``edge/out``: the slowest other loop).
 
 ``python -m benchmarks.sass_static`` writes ``benchmarks/results/static/sm90.json`` and ``table.txt``
 and prints the table; ``--check`` compares a fresh build with the recorded file. Needs NVRTC
@@ -54,10 +63,12 @@ class KernelFigures:
     block_threads: int
     shared_bytes: int
     occupancy: float  # resident warps / 64 on sm_90
-    loop_instructions: float  # the hot loop's body, inner loops weighted
+    loop_instructions: float  # the hot loop's longest path (interior tiles), inner loops weighted
     outputs_per_pass: int  # outputs (RGB pixels for NHWC kernels) one thread writes per pass of the hot loop
-    instructions_per_output: float
-    total_instructions: int
+    instructions_per_output: float  # loop_instructions / outputs_per_pass: the issue's figure
+    total_instructions: int  # every instruction of the kernel (all paths, prologue, edge loops), once
+    static_per_output: float  # total_instructions / outputs_per_pass: nothing left out
+    loops: list  # every outermost loop (LoopFigures as dicts): the edge loops' figures beside the hot one
 
 
 def find_tool(name: str) -> str:
@@ -123,6 +134,74 @@ def parse_resources(text: str) -> dict[str, dict[str, int]]:
     return out
 
 
+def _branch(text: str) -> tuple[int | None, bool, bool]:
+    """(target, conditional, ends the block) of one instruction: a branch (BRA/JMP), an EXIT (no
+    target), or neither (None, False, False)."""
+    conditional = text.startswith("@") and not text.startswith("@PT ")
+    if m := BRANCH.match(text):
+        return int(m.group(1), 16), conditional, True
+    if re.match(r"^(?:@!?U?P\w+\s+)?EXIT\b", text):
+        return None, conditional, True
+    return None, False, False
+
+
+@dataclass
+class Block:
+    """A basic block: instructions [start, end) of the function, its successors (block indices)."""
+
+    start: int
+    end: int
+    succs: list[int]
+
+
+def basic_blocks(code: list[tuple[int, str]]) -> list[Block]:
+    """The control-flow graph: leaders are the entry, branch targets and the instruction after a
+    branch or EXIT; a conditional branch or EXIT falls through, an unconditional one does not."""
+    index = {a: i for i, (a, _) in enumerate(code)}
+    leaders = {0}
+    for i, (a, t) in enumerate(code):
+        target, _, ends = _branch(t)
+        if ends and i + 1 < len(code):
+            leaders.add(i + 1)
+        if target is not None and target in index:
+            leaders.add(index[target])
+    starts = sorted(leaders)
+    block_of = {s: n for n, s in enumerate(starts)}
+    blocks = []
+    for n, s in enumerate(starts):
+        end = starts[n + 1] if n + 1 < len(starts) else len(code)
+        target, conditional, ends = _branch(code[end - 1][1])
+        succs = []
+        if target is not None and target in index and target != code[end - 1][0]:  # not the `BRA .` padding
+            succs.append(block_of[index[target]])
+        if (not ends or conditional) and end < len(code):
+            succs.append(n + 1)
+        blocks.append(Block(s, end, succs))
+    return blocks
+
+
+def natural_loops(blocks: list[Block], code: list[tuple[int, str]]) -> dict[int, set[int]]:
+    """{head block: its body (blocks)}: an edge to a block at an earlier or the same address is a
+    backward branch, and the loop is its head plus every block that reaches the branch without
+    passing through the head (back edges to one head are one loop)."""
+    preds: dict[int, list[int]] = {n: [] for n in range(len(blocks))}
+    for n, b in enumerate(blocks):
+        for s in b.succs:
+            preds[s].append(n)
+    found: dict[int, set[int]] = {}
+    for n, b in enumerate(blocks):
+        for h in b.succs:
+            if code[blocks[h].start][0] <= code[b.end - 1][0]:
+                body = found.setdefault(h, {h})
+                stack = [n]
+                while stack:
+                    m = stack.pop()
+                    if m not in body:
+                        body.add(m)
+                        stack.extend(preds[m])
+    return found
+
+
 def loops(code: list[tuple[int, str]]) -> list[tuple[int, int]]:
     """(head, back-branch) address pairs: a branch to an earlier address closes a loop."""
     found = []
@@ -133,33 +212,97 @@ def loops(code: list[tuple[int, str]]) -> list[tuple[int, int]]:
     return found
 
 
-def hot_loop_count(code: list[tuple[int, str]], staged_per_thread: float) -> tuple[float, int]:
-    """(weighted instruction count of the outermost loop's body, its plain count); without a loop, the
-    whole function up to its last EXIT (a kernel whose grid-stride loop was proven to run once)."""
-    body = [(a, t) for a, t in code if not t.startswith("NOP")]
-    found = loops(code)
-    if not found:
-        last_exit = max(a for a, t in body if t.endswith("EXIT"))
-        body = [(a, t) for a, t in body if a <= last_exit]
-        return float(len(body)), len(body)
-    outer = max(found, key=lambda hb: hb[1] - hb[0])
-    inner = [hb for hb in found if hb != outer and outer[0] <= hb[0] and hb[1] <= outer[1]]
-    total = 0.0
-    plain = 0
-    weights = {}
-    for head, back in inner:
-        stores = sum(1 for a, t in body if head <= a <= back and t.split()[0].lstrip("@!P0123456789T ").startswith("STS"))
-        weights[(head, back)] = staged_per_thread / stores if stores else 1.0
-    for addr, _ in body:
-        if not outer[0] <= addr <= outer[1]:
+@dataclass(frozen=True)
+class LoopFigures:
+    """One loop of a kernel: its head and last address, the instructions along its longest path from
+    the head to a backward branch (inner loops weighted), and every instruction of its body."""
+
+    head: int
+    last: int
+    path_instructions: float
+    body_instructions: int
+    writes_outputs: bool
+
+
+def _counted(text: str) -> bool:
+    return not text.startswith("NOP")
+
+
+def _opcode(text: str) -> str:
+    return next(t for t in text.split() if not t.startswith("@"))
+
+
+def loop_figures(code: list[tuple[int, str]], staged_per_thread: float) -> list[LoopFigures]:
+    """The outermost loops of a function (those inside no other loop), each measured along its longest
+    path (an instruction inside an inner, run-time loop weighs the tile elements each thread stages
+    divided by the shared-memory stores in one pass of that loop)."""
+    blocks = basic_blocks(code)
+    nat = natural_loops(blocks, code)
+
+    def instrs(n: int) -> list[str]:
+        return [t for _, t in code[blocks[n].start:blocks[n].end]]
+
+    outer = [h for h, body in nat.items() if not any(h2 != h and body <= b2 for h2, b2 in nat.items())]
+    out = []
+    for h in sorted(outer, key=lambda h: blocks[h].start):
+        body = nat[h]
+        weight = {n: 1.0 for n in body}
+        for h2, inner in nat.items():
+            if h2 != h and inner <= body:
+                stores = sum(1 for n in inner for t in instrs(n) if _opcode(t).startswith("STS"))
+                for n in inner:
+                    weight[n] *= staged_per_thread / stores if stores else 1.0
+        cost = {n: weight[n] * sum(map(_counted, instrs(n))) for n in body}
+        best = _longest(blocks, body, {h2 for h2 in nat if h2 in body}, nat, h, cost)
+        latches = [n for n in body if h in blocks[n].succs]
+        out.append(LoopFigures(
+            code[blocks[h].start][0], max(code[blocks[n].end - 1][0] for n in body),
+            round(max(best.get(n, 0.0) for n in latches), 1), sum(_counted(t) for n in body for t in instrs(n)),
+            any(_opcode(t).startswith(("STG", "ST.")) for n in body for t in instrs(n))))
+    return out
+
+
+def _longest(blocks: list[Block], body: set[int], heads: set[int], nat: dict[int, set[int]], h: int,
+             cost: dict[int, float]) -> dict[int, float]:
+    """Longest weighted path from ``h`` to each block of ``body``, over edges that stay in the body and
+    are not back edges (an edge into a loop head from that loop's body)."""
+    succ = {n: [s for s in blocks[n].succs if s in body and not (s in heads and n in nat[s])] for n in body}
+    indeg = {n: 0 for n in body}
+    for n in body:
+        for s in succ[n]:
+            indeg[s] += 1
+    ready = [n for n in body if indeg[n] == 0]
+    order = []
+    while ready:
+        n = ready.pop()
+        order.append(n)
+        for s in succ[n]:
+            indeg[s] -= 1
+            if indeg[s] == 0:
+                ready.append(s)
+    best: dict[int, float] = {h: cost[h]}
+    for n in order:
+        if n not in best:
             continue
-        w = 1.0
-        for (head, back), lw in weights.items():
-            if head <= addr <= back:
-                w *= lw
-        total += w
-        plain += 1
-    return total, plain
+        for s in succ[n]:
+            best[s] = max(best.get(s, float("-inf")), best[n] + cost[s])
+    return best
+
+
+def hot_loop_count(code: list[tuple[int, str]], staged_per_thread: float) -> tuple[float, int]:
+    """(instructions along the hot loop's longest path, inner loops weighted; every instruction of its
+    body). The hot loop is, of the outermost loops that write outputs (global stores), the one with the
+    shortest path: interior tiles run a loop with no bounds checks where border tiles run another. A
+    kernel with no loop (its grid-stride loop proven to run once): the function up to its last EXIT."""
+    found = loop_figures(code, staged_per_thread)
+    candidates = [f for f in found if f.writes_outputs] or found
+    if not candidates:
+        body = [(a, t) for a, t in code if _counted(t)]
+        last_exit = max(a for a, t in body if t.endswith("EXIT"))
+        n = len([1 for a, _ in body if a <= last_exit])
+        return float(n), n
+    hot = min(candidates, key=lambda f: f.path_instructions)
+    return hot.path_instructions, hot.body_instructions
 
 
 def occupancy(registers: int, threads: int, shared: int) -> float:
@@ -190,6 +333,11 @@ def kernel_model(name: str) -> tuple[int, int, float, int]:
     return threads, cfg.shared_mem_bytes, staged, outputs
 
 
+def _function_body(code: list[tuple[int, str]]) -> list[tuple[int, str]]:
+    """The instructions of a function, without NOPs and the `BRA .` padding after its last EXIT."""
+    return [(a, t) for a, t in code if _counted(t) and not (BRANCH.match(t) and int(BRANCH.match(t).group(1), 16) == a)]
+
+
 def analyse(cubin: bytes, label: str | None = None) -> list[KernelFigures]:
     """Figures of the kernels in ``cubin`` (``label`` names a build holding one kernel)."""
     sass = parse_sass(_cuobjdump(cubin, "-sass"))
@@ -198,11 +346,13 @@ def analyse(cubin: bytes, label: str | None = None) -> list[KernelFigures]:
     for name in sorted(sass):
         threads, shared, staged, outputs = kernel_model(label or name)
         r = res[name]
-        weighted, plain = hot_loop_count(sass[name], staged)
+        weighted, _ = hot_loop_count(sass[name], staged)
+        total = len(_function_body(sass[name]))
         figures.append(KernelFigures(
             label or name, r["REG"], r["STACK"], r["LOCAL"], threads, shared + r["SHARED"],
             round(occupancy(r["REG"], threads, shared + r["SHARED"]), 3), round(weighted, 1), outputs,
-            round(weighted / outputs, 1), len([1 for _, t in sass[name] if not t.startswith("NOP")])))
+            round(weighted / outputs, 1), total, round(total / outputs, 1),
+            [asdict(f) for f in loop_figures(sass[name], staged)]))
     return figures
 
 
@@ -225,11 +375,16 @@ def goals_met(figures: list[KernelFigures]) -> dict[str, dict[str, bool]]:
 
 def table(figures: list[KernelFigures]) -> str:
     met = goals_met(figures)
-    lines = [f"{'kernel':22s} {'regs':>4s} {'spill':>5s} {'occup':>6s} {'instr/out':>9s} {'loop':>7s} {'out/pass':>8s}  goals"]
+    lines = [f"{'kernel':22s} {'regs':>4s} {'spill':>5s} {'occup':>6s} {'hot/out':>7s} {'loop':>7s} {'out/pass':>8s} "
+             f"{'static/out':>10s} {'edge/out':>8s}  goals"]
     for f in figures:
         goals = ", ".join(f"{k} {'met' if v else 'MISSED'}" for k, v in met[f.name].items())
+        others = [lp["path_instructions"] for lp in f.loops if lp["writes_outputs"]
+                  and lp["path_instructions"] != f.loop_instructions]
+        edge = f"{max(others) / f.outputs_per_pass:8.1f}" if others else f"{'-':>8s}"
         lines.append(f"{f.name:22s} {f.registers:4d} {f.stack_bytes + f.local_bytes:5d} {f.occupancy:6.0%} "
-                     f"{f.instructions_per_output:9.1f} {f.loop_instructions:7.1f} {f.outputs_per_pass:8d}  {goals}")
+                     f"{f.instructions_per_output:7.1f} {f.loop_instructions:7.1f} {f.outputs_per_pass:8d} "
+                     f"{f.static_per_output:10.1f} {edge}  {goals}")
     return "\n".join(lines)
 
 
