@@ -706,3 +706,27 @@ def test_plugin_node_ptx_is_small(nvrtc_ok, tmp_path, kernel, window):
 def test_launch_configs_are_cached_per_shape():
     a = launch.launch_config("lpd_residual", (8, 3, 224, 224), "float32", 90)
     assert launch.launch_config("lpd_residual", (8, 3, 224, 224), np.float32, "sm_90") is a
+
+
+def test_launch_argument_arrays_are_built_once_per_argument_set():
+    # no driver needed: a module whose driver records cuLaunchKernel's kernel-parameter pointer
+    import contextlib
+    import types
+
+    calls = []
+    drv = types.SimpleNamespace(CUstream=int, cuLaunchKernel=lambda *a: (calls.append(a), (0,))[1])
+    module = object.__new__(launch.LpdModule)
+    module.arch, module._drv, module._params = 90, drv, {}
+    module.function = lambda name, window=0: name
+    module.current = contextlib.nullcontext
+    cfg = launch.launch_config("lpd_residual", (1, 3, 64, 64), "float32", 90)
+    for _ in range(3):
+        module.launch(cfg, (0x1000, 0x2000, 1, 3, 64, 64))
+    module.launch(cfg, (0x3000, 0x2000, 1, 3, 64, 64))
+    assert [c[0] for c in calls] == ["lpd_residual_f32"] * 4 and len({c[-2] for c in calls[:3]}) == 1
+    assert calls[3][-2] != calls[0][-2] and len(module._params) == 2
+    import ctypes
+    ptrs = (ctypes.c_void_p * 6).from_address(calls[0][-2])
+    assert ctypes.c_int.from_address(ptrs[4]).value == 64 and ctypes.c_void_p.from_address(ptrs[0]).value == 0x1000
+    with pytest.raises(ConfigError, match="Received 5 arguments for lpd_residual_f32; expected 6"):
+        module.launch(cfg, (0x1000, 0x2000, 1, 3, 64))

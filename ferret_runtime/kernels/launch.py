@@ -331,6 +331,9 @@ class LpdModule:
         self._ctx = _call("cuDevicePrimaryCtxRetain", drv.cuDevicePrimaryCtxRetain, self._dev)
         self._modules: dict[tuple[str, int], Any] = {}
         self._functions: dict[tuple[str, int], Any] = {}
+        self._params: dict[tuple[str, tuple[Any, ...]], tuple[int, Any, list[Any]]] = {}
+
+    PARAMS_CACHE = 256  # argument arrays kept per module (a serving loop reuses a few pointer sets)
 
     @contextmanager
     def current(self) -> Iterator[None]:
@@ -366,15 +369,22 @@ class LpdModule:
         if cfg.arch != self.arch:
             raise ConfigError(f"Received a launch config for sm_{cfg.arch}; expected sm_{self.arch} "
                               f"(device {self.device})")
-        types = KERNEL_ARGS[cfg.name.rsplit("_", 1)[0]]
-        if len(args) != len(types):
-            raise ConfigError(f"Received {len(args)} arguments for {cfg.name}; expected {len(types)} ({', '.join(types)})")
-        values = [_CTYPES[t](a) for t, a in zip(types, args)]
-        params = (ctypes.c_void_p * len(values))(*(ctypes.addressof(v) for v in values))
+        key = (cfg.name, args)
+        params = self._params.get(key)
+        if params is None:  # the ctypes argument array, built once per kernel and argument set (pointers, sizes)
+            types = KERNEL_ARGS[cfg.name.rsplit("_", 1)[0]]
+            if len(args) != len(types):
+                raise ConfigError(f"Received {len(args)} arguments for {cfg.name}; expected {len(types)} "
+                                  f"({', '.join(types)})")
+            values = [_CTYPES[t](a) for t, a in zip(types, args)]
+            array = (ctypes.c_void_p * len(values))(*(ctypes.addressof(v) for v in values))
+            if len(self._params) >= self.PARAMS_CACHE:
+                self._params.pop(next(iter(self._params)))  # the oldest
+            self._params[key] = params = (ctypes.addressof(array), array, values)  # the array keeps its values alive
         fn = self.function(cfg.name, cfg.window)
         with self.current():
             _call("cuLaunchKernel", self._drv.cuLaunchKernel, fn, *cfg.grid, *cfg.block, cfg.shared_mem_bytes,
-                  self._drv.CUstream(stream), ctypes.addressof(params), 0)
+                  self._drv.CUstream(stream), params[0], 0)
 
     def close(self) -> None:
         """Unload the modules and release the primary context (errors are raised, not swallowed)."""
