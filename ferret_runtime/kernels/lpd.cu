@@ -486,10 +486,12 @@ __host__ __device__ __forceinline__ unsigned int ferret_byte(unsigned int w, int
 }
 
 // Four values to global memory as one vector store (16 bytes of float, 8 of float16; the caller
-// checked the alignment). Written in PTX: NVVM splits some of these stores into four otherwise.
+// checked the alignment; `p` is a generic pointer to global memory, converted). Written in PTX: NVVM
+// splits some of these stores into four otherwise.
 __host__ __device__ __forceinline__ void ferret_store4_global(float* p, const float* v) {
 #ifdef __CUDACC__
-    asm("st.global.v4.f32 [%0], {%1, %2, %3, %4};" ::"l"(p), "f"(v[0]), "f"(v[1]), "f"(v[2]), "f"(v[3]));
+    asm("{ .reg .u64 g; cvta.to.global.u64 g, %0; st.global.v4.f32 [g], {%1, %2, %3, %4}; }" ::"l"(p), "f"(v[0]),
+        "f"(v[1]), "f"(v[2]), "f"(v[3]));
 #else
     FERRET_UNROLL
     for (int i = 0; i < 4; ++i) p[i] = v[i];
@@ -500,7 +502,7 @@ __device__ __forceinline__ void ferret_store4_global(unsigned short* p, const fl
     unsigned int lo, hi;
     asm("cvt.rn.f16x2.f32 %0, %1, %2;" : "=r"(lo) : "f"(v[1]), "f"(v[0]));
     asm("cvt.rn.f16x2.f32 %0, %1, %2;" : "=r"(hi) : "f"(v[3]), "f"(v[2]));
-    asm("st.global.v2.u32 [%0], {%1, %2};" ::"l"(p), "r"(lo), "r"(hi));
+    asm("{ .reg .u64 g; cvta.to.global.u64 g, %0; st.global.v2.u32 [g], {%1, %2}; }" ::"l"(p), "r"(lo), "r"(hi));
 }
 #endif
 
