@@ -283,30 +283,56 @@ __host__ __device__ __forceinline__ void ferret_normalize_outputs(const unsigned
 // 22 min/max per output instead of the 30 of the median-of-9 network.
 // ---------------------------------------------------------------------------------------------
 
-struct FerretSorted3 {
-    float lo, mid, hi;
-};
+// The value types the row sorts run on: float (one output), FerretPair (two outputs, the host's
+// emulation of the packed path: float min/max lane by lane) and, on the device, FerretHalf2 (two
+// outputs packed as one __half2, min/max by min.f16x2/max.f16x2). Lane 0 is the upper output row.
+__host__ __device__ __forceinline__ float ferret_min(float a, float b) { return fminf(a, b); }
+__host__ __device__ __forceinline__ float ferret_max(float a, float b) { return fmaxf(a, b); }
+__host__ __device__ __forceinline__ void ferret_set_zero(float& v) { v = 0.0f; }
 
-__host__ __device__ __forceinline__ float ferret_med3(float a, float b, float c) {
-    return fmaxf(fminf(a, b), fminf(fmaxf(a, b), c));
+template <class V>
+struct FerretSorted {
+    V lo, mid, hi;
+};
+typedef FerretSorted<float> FerretSorted3;
+
+template <class V>
+__host__ __device__ __forceinline__ V ferret_med3(V a, V b, V c) {
+    return ferret_max(ferret_min(a, b), ferret_min(ferret_max(a, b), c));
 }
 
-// (a, b, c) sorted as (lo, mid, hi), and (a, 0, c) sorted, from one shared compare of a and c.
+// (a, b, c) sorted as (lo, mid, hi).
+template <class V>
+__host__ __device__ __forceinline__ void ferret_sort_full(V a, V b, V c, FerretSorted<V>& full) {
+    const V lo = ferret_min(a, c), hi = ferret_max(a, c);
+    full.lo = ferret_min(lo, b);
+    full.hi = ferret_max(hi, b);
+    full.mid = ferret_max(lo, ferret_min(b, hi));
+}
+
+// (a, 0, c) sorted: the masked centre is 0, the pad value (ferret_centre_value, median).
+template <class V>
+__host__ __device__ __forceinline__ void ferret_sort_masked(V a, V c, FerretSorted<V>& masked) {
+    V zero;
+    ferret_set_zero(zero);
+    const V lo = ferret_min(a, c), hi = ferret_max(a, c);
+    masked.lo = ferret_min(lo, zero);
+    masked.hi = ferret_max(hi, zero);
+    masked.mid = ferret_max(lo, ferret_min(zero, hi));
+}
+
+// Both sorts of one row from one shared compare of a and c (the compiler merges the two min/max of a, c).
 __host__ __device__ __forceinline__ void ferret_sort_row(float a, float b, float c, FerretSorted3& full,
                                                          FerretSorted3& masked) {
-    const float lo = fminf(a, c), hi = fmaxf(a, c);
-    full.lo = fminf(lo, b);
-    full.hi = fmaxf(hi, b);
-    full.mid = fmaxf(lo, fminf(b, hi));
-    masked.lo = fminf(lo, 0.0f);  // the masked centre: 0, the pad value (ferret_centre_value, median)
-    masked.hi = fmaxf(hi, 0.0f);
-    masked.mid = fmaxf(lo, fminf(0.0f, hi));
+    ferret_sort_full(a, b, c, full);
+    ferret_sort_masked(a, c, masked);
 }
 
-__host__ __device__ __forceinline__ float ferret_median_rows(const FerretSorted3& up, const FerretSorted3& centre,
-                                                             const FerretSorted3& down) {
-    const float lo = fmaxf(fmaxf(up.lo, centre.lo), down.lo);
-    const float hi = fminf(fminf(up.hi, centre.hi), down.hi);
+template <class V>
+__host__ __device__ __forceinline__ V ferret_median_rows(const FerretSorted<V>& up, const FerretSorted<V>& centre,
+                                                         const FerretSorted<V>& down) {
+    const V lo = ferret_max(ferret_max(up.lo, centre.lo), down.lo);
+    const V hi = ferret_min(ferret_min(up.hi, centre.hi), down.hi);
     return ferret_med3(lo, ferret_med3(up.mid, centre.mid, down.mid), hi);
 }
 
