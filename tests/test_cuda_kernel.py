@@ -316,6 +316,38 @@ def test_emulated_residual_interior_and_edge_tiles(shape):
     assert interior < math.prod(cfg.grid[:2])  # border tiles always take the edge path
 
 
+def _float16_values(data: str, shape: tuple[int, ...], seed: int) -> np.ndarray:
+    """float32 arrays of float16 values: what lpd_residual_f16 holds in its tile."""
+    rng = np.random.default_rng(seed)
+    if data == "float16":  # every finite magnitude, subnormals included, both signs
+        bits = rng.integers(0, 0x7C00, shape, dtype=np.uint16) | (rng.integers(0, 2, shape, dtype=np.uint16) << 15)
+        return bits.view(np.float16).astype(np.float32)
+    return {"zero-one": rng.integers(0, 2, shape).astype(np.float32), "ties": ties(shape, seed),
+            "signed-zeros": rng.choice(np.array([-0.0, 0.0, -1.0, 1.0], np.float32), shape)}[data]
+
+
+@pytest.mark.parametrize("data", ["zero-one", "ties", "signed-zeros", "float16"])
+@pytest.mark.parametrize("shape", [(2, 3, 200, 200), (1, 2, 131, 200), (1, 1, 140, 301)], ids=lambda s: "x".join(map(str, s)))
+def test_packed_pairs_equal_the_column_network(data, shape):
+    # lpd_residual_f16 on sm_80+ runs each min/max on two rows of a column packed in a __half2 (full sorts
+    # of row pairs shared down the column, the masked centres as their own pairs); the host runs that pairing
+    # with float min/max lane by lane: the float column's residual on interior and edge tiles (an odd
+    # height: a last pair half outside the image). Bit for bit but for the sign of a zero: on the host
+    # fminf(+0, -0) returns an operand by position and g++ may commute them (the device orders -0 < +0)
+    x = _float16_values(data, shape, 23)
+    cfg = launch.launch_config("lpd_residual", x.shape, "float32", 90)
+    got = host.emulate_lpd(x, cfg, packed_pairs=True)
+    interior = host.emulated_interior_blocks()
+    assert (interior > 0) == (shape[-1] % 4 == 0), interior
+    column = host.emulate_lpd(x, cfg)
+    np.testing.assert_array_equal(got, column)
+    nonzero = column != 0
+    np.testing.assert_array_equal(got.view(np.uint32)[nonzero], column.view(np.uint32)[nonzero])
+    np.testing.assert_array_equal(got, host.lpd_residual_host(x))
+    with np.errstate(over="ignore"):  # differences of float16 values near 65504 round to inf, on both sides
+        np.testing.assert_array_equal(got.astype(np.float16), torch_residual(x, "median", 3).astype(np.float16))
+
+
 @pytest.mark.parametrize("shape", [(2, 200, 300, 3), (1, 131, 200, 3), (1, 140, 301, 3)], ids=lambda s: "x".join(map(str, s)))
 def test_emulated_preprocess_interior_and_edge_tiles(shape):
     images = np.random.default_rng(6).integers(0, 256, shape, dtype=np.uint8)

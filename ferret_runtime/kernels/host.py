@@ -77,6 +77,7 @@ def load_host_library() -> ctypes.CDLL:
         "ferret_reduce_rows_host": [f32, f32, i64, i32, i32],
         "lpd_generic_emulate": [f32, f32, i32, i32, i32, i32, i32, i32, i32, ints, ints, i64],
         "lpd_residual_emulate": [f32, f32, i32, i32, i32, i32, ints, ints, i64],
+        "lpd_residual_pairs_emulate": [f32, f32, i32, i32, i32, i32, ints, ints, i64],
         "preprocess_lpd_emulate": [u8, f32, i32, i32, i32, f32, f32, ints, ints, i64],
         "normalize_emulate": [u8, f32, i32, i32, i32, f32, f32, ints, ints, i64],
     }
@@ -166,10 +167,13 @@ def _launch_arrays(cfg: LaunchConfig, expected: str) -> tuple[np.ndarray, np.nda
     return np.asarray(cfg.grid, dtype=np.int32), np.asarray(cfg.block, dtype=np.int32)
 
 
-def emulate_lpd(x: np.ndarray, cfg: LaunchConfig, func: str = "median", k: int = 3, residual: bool = True) -> np.ndarray:
+def emulate_lpd(x: np.ndarray, cfg: LaunchConfig, func: str = "median", k: int = 3, residual: bool = True,
+                packed_pairs: bool = False) -> np.ndarray:
     """Run lpd_residual_f32 or lpd_generic_f32 block by block on the CPU as ``cfg`` would launch it.
 
-    The output starts as NaN, so a pixel no block writes stays NaN.
+    The output starts as NaN, so a pixel no block writes stays NaN. ``packed_pairs`` runs the residual's
+    outputs as lpd_residual_f16 does on sm_80+: two rows of a column per min/max, packed (the device's
+    __half2 and min.f16x2, emulated here by float min/max lane by lane), on float32 data.
     """
     x = _nchw_f32(x)
     k, variant = check_window(k), variant_id(func)
@@ -180,8 +184,11 @@ def emulate_lpd(x: np.ndarray, cfg: LaunchConfig, func: str = "median", k: int =
             raise ConfigError(f"Received func={func!r}, k={k}, residual={residual} for lpd_residual_f32; "
                               "expected 'median', 3, True (other variants run in lpd_generic_f32)")
         grid, block = _launch_arrays(cfg, "lpd_residual_f32")
-        _check(lib.lpd_residual_emulate(x, out, *x.shape, grid, block, cfg.shared_mem_bytes), "lpd_residual_emulate")
+        call = "lpd_residual_pairs_emulate" if packed_pairs else "lpd_residual_emulate"
+        _check(getattr(lib, call)(x, out, *x.shape, grid, block, cfg.shared_mem_bytes), call)
     else:
+        if packed_pairs:
+            raise ConfigError("Received packed_pairs=True for lpd_generic; expected it for lpd_residual only")
         grid, block = _launch_arrays(cfg, "lpd_generic_f32")
         if cfg.window and cfg.window != k:  # the GPU build for another window would write nothing
             raise ConfigError(f"Received k={k} for an lpd_generic build specialised to k={cfg.window}; expected {cfg.window}")

@@ -290,6 +290,57 @@ __host__ __device__ __forceinline__ float ferret_min(float a, float b) { return 
 __host__ __device__ __forceinline__ float ferret_max(float a, float b) { return fmaxf(a, b); }
 __host__ __device__ __forceinline__ void ferret_set_zero(float& v) { v = 0.0f; }
 
+// FerretPair: two float lanes, each op lane by lane: what FerretHalf2 computes, on the host.
+struct FerretPair {
+    float v[2];
+};
+__host__ __device__ __forceinline__ FerretPair ferret_min(FerretPair a, FerretPair b) {
+    FerretPair r = {{fminf(a.v[0], b.v[0]), fminf(a.v[1], b.v[1])}};
+    return r;
+}
+__host__ __device__ __forceinline__ FerretPair ferret_max(FerretPair a, FerretPair b) {
+    FerretPair r = {{fmaxf(a.v[0], b.v[0]), fmaxf(a.v[1], b.v[1])}};
+    return r;
+}
+__host__ __device__ __forceinline__ void ferret_set_zero(FerretPair& p) { p.v[0] = p.v[1] = 0.0f; }
+__host__ __device__ __forceinline__ void ferret_pack(float lane0, float lane1, FerretPair& p) {
+    p.v[0] = lane0, p.v[1] = lane1;
+}
+__host__ __device__ __forceinline__ void ferret_unpack(FerretPair p, float& lane0, float& lane1) {
+    lane0 = p.v[0], lane1 = p.v[1];
+}
+
+// FerretHalf2: two float16 values in one 32-bit register (lane 0 in bits 0..15), as __half2 holds them;
+// min.f16x2/max.f16x2 (sm_80+, __hmin2/__hmax2) without cuda_fp16.h, which NVRTC cannot find.
+// Exact only for values float16 represents (the lpd_residual_f16 tile: float16 inputs and the 0 pad):
+// the pack (cvt.rn.f16x2.f32) then changes nothing, and min/max select one of their operands.
+// Zeros: min.f16x2 and FMNMX (fminf/fmaxf) both order -0 < +0, and both return the other operand when
+// one is NaN, so every selection picks the same value, sign of zero included, as the float network.
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+#define FERRET_HALF2 1
+struct FerretHalf2 {
+    unsigned int bits;
+};
+__device__ __forceinline__ FerretHalf2 ferret_min(FerretHalf2 a, FerretHalf2 b) {
+    FerretHalf2 r;
+    asm("min.f16x2 %0, %1, %2;" : "=r"(r.bits) : "r"(a.bits), "r"(b.bits));
+    return r;
+}
+__device__ __forceinline__ FerretHalf2 ferret_max(FerretHalf2 a, FerretHalf2 b) {
+    FerretHalf2 r;
+    asm("max.f16x2 %0, %1, %2;" : "=r"(r.bits) : "r"(a.bits), "r"(b.bits));
+    return r;
+}
+__device__ __forceinline__ void ferret_set_zero(FerretHalf2& p) { p.bits = 0u; }  // +0, +0
+__device__ __forceinline__ void ferret_pack(float lane0, float lane1, FerretHalf2& p) {
+    asm("cvt.rn.f16x2.f32 %0, %1, %2;" : "=r"(p.bits) : "f"(lane1), "f"(lane0));  // first operand: bits 16..31
+}
+__device__ __forceinline__ void ferret_unpack(FerretHalf2 p, float& lane0, float& lane1) {
+    asm("{ .reg .f16 l, h; mov.b32 {l, h}, %2; cvt.f32.f16 %0, l; cvt.f32.f16 %1, h; }"
+        : "=f"(lane0), "=f"(lane1) : "r"(p.bits));
+}
+#endif
+
 template <class V>
 struct FerretSorted {
     V lo, mid, hi;
@@ -445,12 +496,57 @@ __host__ __device__ __forceinline__ void ferret_res_column(const float* t, T* ou
     }
 }
 
+// ferret_res_column on pairs of outputs (rows 2i, 2i+1 of the column) packed in one P (FerretHalf2 on
+// the device, FerretPair in the host's emulation): every min/max serves two outputs. Full sorts of the
+// tile row pairs (0,1), (2,3), ... serve as `down` of one pair of outputs and `up` of the next; the
+// masked centres (1,2), (3,4), ... are their own pairs. Each median goes back to float for x - med,
+// in float32 and rounded once on store, as ferret_res_column.
+template <int TS, bool EDGE, class P, class T>
+__host__ __device__ __forceinline__ void ferret_res_column_pairs(const float* t, T* out_plane, int H, int W, int gx,
+                                                                 int gy0) {
+    static_assert(FERRET_RES_ROWS % 2 == 0, "outputs go in pairs");
+    FerretSorted<P> up, centre_masked, down;
+    P a, b, c;
+    ferret_pack(t[0], t[TS], a);
+    ferret_pack(t[1], t[TS + 1], b);
+    ferret_pack(t[2], t[TS + 2], c);
+    ferret_sort_full(a, b, c, up);  // tile rows 0, 1
+    float a_prev = t[TS], x = t[TS + 1], c_prev = t[TS + 2];  // tile row 1: the first output's row
+    T* o = out_plane + gy0 * W + gx;
+    FERRET_UNROLL
+    for (int j = 0; j < FERRET_RES_ROWS; j += 2) {
+        t += 2 * TS;  // tile rows j+2, j+3
+        const float a0 = t[0], x_next = t[1], c0 = t[2], a1 = t[TS], b1 = t[TS + 1], c1 = t[TS + 2];
+        ferret_pack(a0, a1, a);
+        ferret_pack(x_next, b1, b);
+        ferret_pack(c0, c1, c);
+        ferret_sort_full(a, b, c, down);  // tile rows j+2, j+3
+        ferret_pack(a_prev, a0, a);
+        ferret_pack(c_prev, c0, c);
+        ferret_sort_masked(a, c, centre_masked);  // tile rows j+1, j+2: the outputs' own rows
+        float med0, med1;
+        ferret_unpack(ferret_median_rows(up, centre_masked, down), med0, med1);
+        if (!EDGE || (gy0 + j < H && gx < W)) ferret_store(o + j * W, x - med0);
+        if (!EDGE || (gy0 + j + 1 < H && gx < W)) ferret_store(o + (j + 1) * W, x_next - med1);
+        up = down;
+        a_prev = a1, x = b1, c_prev = c1;
+    }
+}
+
 // Phase 2 of the residual kernel for thread (tx, ty): rows ty*ROWS .. of column tx of the tile.
 template <bool EDGE, class T>
 __host__ __device__ __forceinline__ void ferret_res_outputs(const float* tile, T* out_plane, int H, int W, int x0,
                                                             int y0, int tx, int ty) {
     ferret_res_column<FERRET_RES_TS, EDGE>(tile + ty * FERRET_RES_ROWS * FERRET_RES_TS + 3 + tx, out_plane, H, W,
                                            x0 + tx, y0 + ty * FERRET_RES_ROWS);
+}
+
+// The residual kernel's phase 2 on packed pairs (FerretPair: the host's emulation of the float16 kernel).
+template <bool EDGE, class P, class T>
+__host__ __device__ __forceinline__ void ferret_res_outputs_pairs(const float* tile, T* out_plane, int H, int W,
+                                                                  int x0, int y0, int tx, int ty) {
+    ferret_res_column_pairs<FERRET_RES_TS, EDGE, P>(tile + ty * FERRET_RES_ROWS * FERRET_RES_TS + 3 + tx, out_plane,
+                                                    H, W, x0 + tx, y0 + ty * FERRET_RES_ROWS);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -622,6 +718,24 @@ __device__ __forceinline__ void ferret_lpd_kernel(const T* __restrict__ x, T* __
     }
 }
 
+// lpd_residual's phase 2 by storage type: float32 on floats; float16 on packed __half2 pairs where the
+// device has min.f16x2 (sm_80+; FERRET_HALF2), on floats below. preprocess_lpd_f16 stays on floats: its
+// normalised values are not float16 values, and rounding them before the selection could change it.
+template <bool EDGE>
+__device__ __forceinline__ void ferret_residual_outputs(const float* tile, float* out_plane, int H, int W, int x0,
+                                                        int y0, int tx, int ty) {
+    ferret_res_outputs<EDGE>(tile, out_plane, H, W, x0, y0, tx, ty);
+}
+template <bool EDGE>
+__device__ __forceinline__ void ferret_residual_outputs(const float* tile, unsigned short* out_plane, int H, int W,
+                                                        int x0, int y0, int tx, int ty) {
+#ifdef FERRET_HALF2
+    ferret_res_outputs_pairs<EDGE, FerretHalf2>(tile, out_plane, H, W, x0, y0, tx, ty);
+#else
+    ferret_res_outputs<EDGE>(tile, out_plane, H, W, x0, y0, tx, ty);
+#endif
+}
+
 // The paper's LPD (median, 3x3, residual): a compile-time block, rows sliding down each column.
 // 256 threads and at most 40 registers (__launch_bounds__(256, 6)): 6 blocks, 48 warps, 75% occupancy.
 // Interior tiles run the first loop (vector staging, no bounds checks), border tiles the second.
@@ -636,7 +750,7 @@ __device__ __forceinline__ void ferret_median_residual_kernel(const T* __restric
         for (long long p = blockIdx.z; p < planes; p += gridDim.z) {
             ferret_res_stage_interior(x + p * plane_size, W, x0, y0, tile, tid);
             __syncthreads();
-            ferret_res_outputs<false>(tile, out + p * plane_size, H, W, x0, y0, threadIdx.x, threadIdx.y);
+            ferret_residual_outputs<false>(tile, out + p * plane_size, H, W, x0, y0, threadIdx.x, threadIdx.y);
             __syncthreads();  // the next plane overwrites the tile
         }
         return;
@@ -644,7 +758,7 @@ __device__ __forceinline__ void ferret_median_residual_kernel(const T* __restric
     for (long long p = blockIdx.z; p < planes; p += gridDim.z) {
         ferret_res_stage(x + p * plane_size, H, W, x0, y0, tile, threadIdx.x, threadIdx.y);
         __syncthreads();
-        ferret_res_outputs<true>(tile, out + p * plane_size, H, W, x0, y0, threadIdx.x, threadIdx.y);
+        ferret_residual_outputs<true>(tile, out + p * plane_size, H, W, x0, y0, threadIdx.x, threadIdx.y);
         __syncthreads();
     }
 }
@@ -899,8 +1013,10 @@ static int ferret_check_block_3x3(const int* grid, const int* block) {
 static long long ferret_interior_blocks = 0;
 extern "C" long long ferret_emulated_interior_blocks(void) { return ferret_interior_blocks; }
 
-extern "C" int lpd_residual_emulate(const float* x, float* out, int N, int C, int H, int W, const int* grid,
-                                    const int* block, long long smem_bytes) {
+// pairs: phase 2 as the float16 kernel runs it on the device, outputs in packed pairs (FerretPair: float
+// min/max lane by lane where the device uses min.f16x2), on float32 data.
+static int ferret_residual_emulate(const float* x, float* out, int N, int C, int H, int W, const int* grid,
+                                   const int* block, int pairs) {
     const int err = ferret_check_block_3x3(grid, block);
     if (err) return err;
     ferret_interior_blocks = 0;
@@ -922,14 +1038,28 @@ extern "C" int lpd_residual_emulate(const float* x, float* out, int N, int C, in
                         }
                     for (int ty = 0; ty < FERRET_RES_BY; ++ty)
                         for (int tx = 0; tx < FERRET_RES_BX; ++tx) {
-                            if (interior)
-                                ferret_res_outputs<false>(tile, out + p * plane_size, H, W, x0, y0, tx, ty);
+                            float* o = out + p * plane_size;
+                            if (pairs && interior)
+                                ferret_res_outputs_pairs<false, FerretPair>(tile, o, H, W, x0, y0, tx, ty);
+                            else if (pairs)
+                                ferret_res_outputs_pairs<true, FerretPair>(tile, o, H, W, x0, y0, tx, ty);
+                            else if (interior)
+                                ferret_res_outputs<false>(tile, o, H, W, x0, y0, tx, ty);
                             else
-                                ferret_res_outputs<true>(tile, out + p * plane_size, H, W, x0, y0, tx, ty);
+                                ferret_res_outputs<true>(tile, o, H, W, x0, y0, tx, ty);
                         }
                 }
             }
     return FERRET_OK;
+}
+
+extern "C" int lpd_residual_emulate(const float* x, float* out, int N, int C, int H, int W, const int* grid,
+                                    const int* block, long long smem_bytes) {
+    return ferret_residual_emulate(x, out, N, C, H, W, grid, block, 0);
+}
+extern "C" int lpd_residual_pairs_emulate(const float* x, float* out, int N, int C, int H, int W, const int* grid,
+                                          const int* block, long long smem_bytes) {
+    return ferret_residual_emulate(x, out, N, C, H, W, grid, block, 1);
 }
 
 extern "C" int preprocess_lpd_emulate(const unsigned char* image, float* out, int N, int H, int W, const float* mean,
