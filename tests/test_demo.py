@@ -24,7 +24,7 @@ ROOT = Path(__file__).resolve().parents[1]
 SUBSETS = ["bilinear", "nearest", "pixelshuffle", "tconv"]  # the README's table: the four decoders, sorted
 IMAGES_PER_SUBSET = 80  # 40 real + 40 fake per decoder (the README's table: 80 each, 320 in all)
 EPOCHS, STEPS = 2, 3
-ROW = re.compile(r"^(\S+)\s+(\d+)\s+(\d+\.\d\d)\s+(\d+\.\d\d)\s+(\d+\.\d\d)\s+(\d+\.\d\d)$")
+ROW = re.compile(r"^(\S+)\s+(\d+)\s+(\d+\.\d\d)\s+(\d+\.\d\d)\s+(\d+\.\d\d)\s+(\d+\.\d\d)\s+(\d+\.\d\d)$")
 
 
 def _make_rule(target: str) -> tuple[list[str], list[str], dict[str, str]]:
@@ -63,7 +63,7 @@ def _table(stdout: str) -> tuple[list[tuple], tuple]:
     """The evaluation table: the one whose rows are the decoders; (subset rows, mean row)."""
     lines = stdout.splitlines()
     for i, line in enumerate(lines):
-        if line.split() != ["subset", "images", "ACC", "AP", "R_ACC", "F_ACC"]:
+        if line.split() != ["subset", "images", "ACC", "AP", "R_ACC", "F_ACC", "TPR@1%"]:  # the README's columns
             continue
         rows, j = [], i + 1
         while j < len(lines) and ROW.match(lines[j]):
@@ -116,11 +116,11 @@ def test_demo_prints_the_evaluation_table(demo):
     assert [r[1] for r in rows] == [IMAGES_PER_SUBSET] * 4 and mean[1] == 4 * IMAGES_PER_SUBSET
     for r in (*rows, mean):
         assert all(0.0 <= v <= 100.0 for v in r[2:]), r
-    for col in range(2, 6):  # the mean row is the mean over subsets (each shown to 0.01: off by 0.01 at most)
+    for col in range(2, 7):  # the mean row is the mean over subsets (each shown to 0.01: off by 0.01 at most)
         assert abs(mean[col] - sum(r[col] for r in rows) / 4) <= 0.0101, (col, mean, rows)
     # the table and eval.json (written by the same evaluation) agree to the printed precision
     saved = json.loads((out / "eval.json").read_text())
     for name, n, *values in (*rows, mean):
         entry = saved["mean"] if name == "mean" else saved["subsets"][name]
         assert entry["n"] == n
-        assert [round(entry[k], 2) for k in ("acc", "ap", "r_acc", "f_acc")] == pytest.approx(values, abs=0.0051)
+        assert [round(entry[k], 2) for k in ("acc", "ap", "r_acc", "f_acc", "tpr1")] == pytest.approx(values, abs=0.0051)
