@@ -401,23 +401,91 @@ def check_models(result: Result, batches: tuple[int, ...] = BATCHES, budget_s: f
 
 # ------------------------------------------------------------------------------------- 7. backends
 def check_backends(result: Result) -> None:
+    """ONNX Runtime CUDA and TensorRT, where installed: build, parity with the reference logits, FPS."""
     import importlib.util
+    import tempfile
 
-    if importlib.util.find_spec("onnxruntime") is None:
-        result.add("backends", "onnxruntime-gpu", None, "not installed")
-    else:
+    have_ort = importlib.util.find_spec("onnxruntime") is not None
+    if have_ort:
         import onnxruntime as ort
 
-        has_cuda = "CUDAExecutionProvider" in ort.get_available_providers()
-        result.add("backends", "onnxruntime-gpu", None, f"{ort.__version__}, CUDA provider {'yes' if has_cuda else 'no'}",
-                   "run `ferret bench --backend onnxruntime` for its throughput rows")
-    if importlib.util.find_spec("tensorrt") is None:
-        result.add("backends", "tensorrt", None, "not installed")
+        have_ort = "CUDAExecutionProvider" in ort.get_available_providers()
+        result.add("backends", "onnxruntime-gpu", None, f"{ort.__version__}, CUDA provider {'yes' if have_ort else 'no'}")
     else:
-        import tensorrt
+        result.add("backends", "onnxruntime-gpu", None, "not installed")
+    have_trt = importlib.util.find_spec("tensorrt") is not None
+    result.add("backends", "tensorrt", None, __import__("tensorrt").__version__ if have_trt else "not installed")
+    if not (have_ort or have_trt):
+        return
+    if importlib.util.find_spec("onnx") is None:
+        result.add("backends", "export", None, "skipped", "exporting the model to ONNX needs the onnx package")
+        return
+    with tempfile.TemporaryDirectory(prefix="ferret-gpu-check-") as tmp:
+        weights = _backend_weights(Path(tmp))
+        authors = weights == REFERENCE / "ferretnet-s-median-3.pth"  # parity with the original logits only then
+        if have_ort:
+            from ferret_export.onnx_export import export_onnx
+            from ferret_export.onnx_graph import GraphOptions
 
-        result.add("backends", "tensorrt", None, tensorrt.__version__,
-                   "run `ferret bench --backend tensorrt` for its throughput rows")
+            onnx_path = Path(tmp) / "s.onnx"
+            export_onnx(weights, onnx_path, GraphOptions(input_size=256), run_verify=False, log=lambda *_: None)
+            _backend_rows(result, "onnxruntime-cuda", onnx_path, 1e-4, authors)
+        if have_trt:
+            from ferret_export.tensorrt import export_and_build
+
+            for precision, tol in (("fp32", 1e-3), ("fp16", 5e-2)):
+                engine = Path(tmp) / f"s-{precision}.engine"
+                t0 = time.perf_counter()
+                export_and_build(weights, engine, precision=precision, batch=(1, 32, 64), log=lambda *_: None)
+                result.add("backends", f"tensorrt {precision} build (verified)", True, f"{time.perf_counter() - t0:.0f} s")
+                _backend_rows(result, f"tensorrt-{precision}", engine, tol, authors)
+
+
+def _backend_weights(tmp: Path) -> Path:
+    """The authors' checkpoint when the reference material is here (parity is then checked), else
+    FerretNet-S with seeded random weights (speed only)."""
+    ckpt = REFERENCE / "ferretnet-s-median-3.pth"
+    if ckpt.is_file():
+        return ckpt
+    import torch
+
+    from ferret_train import create_model
+    from ferret_train.checkpoint import save_checkpoint
+
+    torch.manual_seed(0)
+    return save_checkpoint(tmp / "s.pth", create_model("ferretnet-s").eval())
+
+
+def _backend_rows(result: Result, name: str, model: Path, tol: float, authors: bool) -> None:
+    """Reference logits through the whole Detector (GPU preprocessing included), then images/s of
+    the backend alone with its slots kept busy."""
+    import numpy as np
+
+    from ferret_export.bench_runners import steady_state
+    from ferret_runtime import Detector
+
+    with Detector.open(model, device="cuda", crop=256) as det:
+        if authors:
+            ref = json.loads((REFERENCE / "reference_logits.json").read_text())["images"]
+            got = det.predict([REFERENCE / "images" / n for n in sorted(ref)])
+            worst = max(abs(r.logit - ref[n]["logit_center_crop_256"]) for n, r in zip(sorted(ref), got))
+            result.add("backends", f"{name} reference logits", worst <= tol, f"max |diff| {worst:.2e}", f"<= {tol:g}")
+        be, pre = det.backend, det.backend.info.preprocess
+        cells = []
+        for b in (1, 32, 64):
+            if be.max_batch is not None and b > be.max_batch:
+                continue
+            shape = (b, 256, 256, 3) if pre.layout == "NHWC" else (b, 3, 256, 256)
+            x = (np.random.default_rng(0).integers(0, 256, shape).astype(pre.dtype) if pre.dtype == "uint8"
+                 else np.random.default_rng(0).standard_normal(shape).astype(pre.dtype))
+            call, per_call = steady_state(be, x)
+            call()
+            t0, n = time.perf_counter(), 0
+            while time.perf_counter() - t0 < 2.0:
+                call()
+                n += per_call
+            cells.append(f"b{b} {n / (time.perf_counter() - t0):,.0f}/s")
+        result.add("backends", f"{name} throughput", None, ", ".join(cells), "images/s, host to logits, slots busy")
 
 
 # --------------------------------------------------------------------------------------- 8. pytest

@@ -58,3 +58,16 @@ def test_a_section_that_raises_is_a_failed_row():
 def test_every_section_is_listed_in_order():
     assert list(gpu_check.SECTIONS) == ["env", "kernels", "preprocess", "plugin", "torch", "speed", "backends", "pytest"]
     assert gpu_check.slug("NVIDIA H200") == "nvidia-h200"
+
+
+def test_backends_section_without_a_cuda_provider_or_tensorrt_only_reports(monkeypatch):
+    # CPU onnxruntime (no CUDA provider) and no TensorRT: two informative rows, nothing built, nothing failed
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "tensorrt" else real(name, *a))
+    result = gpu_check.Result()
+    gpu_check.check_backends(result)
+    rows = {r.name: r for r in result.rows}
+    assert set(rows) == {"onnxruntime-gpu", "tensorrt"} and not result.failed
+    assert rows["onnxruntime-gpu"].value.endswith("CUDA provider no") and rows["tensorrt"].value == "not installed"
