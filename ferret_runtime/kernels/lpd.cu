@@ -472,9 +472,29 @@ __host__ __device__ __forceinline__ void ferret_res_stage(const T* plane, int H,
     }
 }
 
+// Two outputs of one column, rows r and r + 1 (o[0] and o[W]), as two stores. float16 converts both with
+// one cvt.rn.f16x2.f32 (one F2FP.PACK_AB, each lane rounded to nearest even from float32: the bits
+// cvt.rn.f16.f32 gives, which is the same F2FP with RZ in the other lane) and stores each half as it is.
+__host__ __device__ __forceinline__ void ferret_store_rows2(float* o, int W, float v0, float v1) {
+    o[0] = v0;
+    o[W] = v1;
+}
+#ifdef __CUDACC__
+__device__ __forceinline__ void ferret_store_rows2(unsigned short* o, int W, float v0, float v1) {
+    unsigned short l, u;
+    asm("{ .reg .b32 h; cvt.rn.f16x2.f32 h, %3, %2; mov.b32 {%0, %1}, h; }" : "=h"(l), "=h"(u) : "f"(v0), "f"(v1));
+    o[0] = l;
+    o[W] = u;
+}
+#endif
+
 // Phase 2: the thread of column gx writes rows gy0 .. gy0 + ROWS-1: x - median. `t` points at the
 // tile element above-left of its first output (stride TS); EDGE checks each output against the image.
-template <int TS, bool EDGE, class T>
+// PAIRS (preprocess_lpd): interior tiles write their outputs two rows at a time (ferret_store_rows2), the
+// same values, so float16 converts each pair with one F2FP; edge tiles compute each residual before its
+// bounds check (ptxas schedules the fused kernel's loops better so). The residual kernel keeps to the
+// one-at-a-time form, whose code this leaves as it was.
+template <int TS, bool EDGE, bool PAIRS, class T>
 __host__ __device__ __forceinline__ void ferret_res_column(const float* t, T* out_plane, int H, int W, int gx,
                                                            int gy0) {
     FerretSorted3 up, up_masked, centre, centre_masked, down, down_masked;
@@ -483,12 +503,24 @@ __host__ __device__ __forceinline__ void ferret_res_column(const float* t, T* ou
     float x = t[1];
     ferret_sort_row(t[0], x, t[2], centre, centre_masked);
     T* o = out_plane + gy0 * W + gx;
+    float r_prev = 0.0f;
     FERRET_UNROLL
     for (int j = 0; j < FERRET_RES_ROWS; ++j) {
         t += TS;
         const float x_down = t[1];
         ferret_sort_row(t[0], x_down, t[2], down, down_masked);
-        if (!EDGE || (gy0 + j < H && gx < W)) ferret_store(o + j * W, x - ferret_median_rows(up, centre_masked, down));
+        if (!PAIRS) {
+            if (!EDGE || (gy0 + j < H && gx < W)) ferret_store(o + j * W, x - ferret_median_rows(up, centre_masked, down));
+        } else {
+            const float r = x - ferret_median_rows(up, centre_masked, down);
+            if (EDGE) {
+                if (gy0 + j < H && gx < W) ferret_store(o + j * W, r);
+            } else if (j % 2 == 0) {
+                r_prev = r;
+            } else {
+                ferret_store_rows2(o + (j - 1) * W, W, r_prev, r);
+            }
+        }
         up = centre;
         centre = down;
         centre_masked = down_masked;
@@ -534,11 +566,11 @@ __host__ __device__ __forceinline__ void ferret_res_column_pairs(const float* t,
 }
 
 // Phase 2 of the residual kernel for thread (tx, ty): rows ty*ROWS .. of column tx of the tile.
-template <bool EDGE, class T>
+template <bool EDGE, bool PAIRS = false, class T>
 __host__ __device__ __forceinline__ void ferret_res_outputs(const float* tile, T* out_plane, int H, int W, int x0,
                                                             int y0, int tx, int ty) {
-    ferret_res_column<FERRET_RES_TS, EDGE>(tile + ty * FERRET_RES_ROWS * FERRET_RES_TS + 3 + tx, out_plane, H, W,
-                                           x0 + tx, y0 + ty * FERRET_RES_ROWS);
+    ferret_res_column<FERRET_RES_TS, EDGE, PAIRS>(tile + ty * FERRET_RES_ROWS * FERRET_RES_TS + 3 + tx, out_plane, H,
+                                                  W, x0 + tx, y0 + ty * FERRET_RES_ROWS);
 }
 
 // The residual kernel's phase 2 on packed pairs (FerretPair: the host's emulation of the float16 kernel).
@@ -682,8 +714,8 @@ __host__ __device__ __forceinline__ void ferret_rgb_outputs(const float* tile, T
                                                             int H, int W, int x0, int y0, int tx, int ty) {
     FERRET_UNROLL
     for (int c = 0; c < 3; ++c)
-        ferret_res_outputs<EDGE>(tile + c * FERRET_RES_TS * FERRET_RES_TH, out_image + c * plane_size, H, W, x0, y0,
-                                 tx, ty);
+        ferret_res_outputs<EDGE, true>(tile + c * FERRET_RES_TS * FERRET_RES_TH, out_image + c * plane_size, H, W, x0,
+                                       y0, tx, ty);
 }
 
 template <class T>
