@@ -1045,43 +1045,54 @@ static int ferret_check_block_3x3(const int* grid, const int* block) {
 static long long ferret_interior_blocks = 0;
 extern "C" long long ferret_emulated_interior_blocks(void) { return ferret_interior_blocks; }
 
+// The 3x3 kernels' launch, run block by block on the CPU: for every block of the grid, whether it takes
+// the interior path, then for each of its planes (grid-stride over z) the block's two phases as every
+// thread runs them: stage(plane, x0, y0, interior, tx, ty), then outputs(...) after the barrier.
+template <typename Interior, typename Stage, typename Outputs>
+static void ferret_emulate_3x3(const int* grid, long long planes, Interior interior_of, Stage stage, Outputs outputs) {
+    ferret_interior_blocks = 0;
+    for (int gz = 0; gz < grid[2]; ++gz)
+        for (int gy = 0; gy < grid[1]; ++gy)
+            for (int gx = 0; gx < grid[0]; ++gx) {
+                const int x0 = gx * FERRET_RES_BX, y0 = gy * FERRET_RES_BY * FERRET_RES_ROWS;
+                const bool interior = interior_of(x0, y0);
+                ferret_interior_blocks += interior;
+                for (long long p = gz; p < planes; p += grid[2]) {
+                    for (int ty = 0; ty < FERRET_RES_BY; ++ty)
+                        for (int tx = 0; tx < FERRET_RES_BX; ++tx) stage(p, x0, y0, interior, tx, ty);
+                    for (int ty = 0; ty < FERRET_RES_BY; ++ty)
+                        for (int tx = 0; tx < FERRET_RES_BX; ++tx) outputs(p, x0, y0, interior, tx, ty);
+                }
+            }
+}
+
 // pairs: phase 2 as the float16 kernel runs it on the device, outputs in packed pairs (FerretPair: float
 // min/max lane by lane where the device uses min.f16x2), on float32 data.
 static int ferret_residual_emulate(const float* x, float* out, int N, int C, int H, int W, const int* grid,
                                    const int* block, int pairs) {
     const int err = ferret_check_block_3x3(grid, block);
     if (err) return err;
-    ferret_interior_blocks = 0;
     static float tile[FERRET_RES_TS * FERRET_RES_TH];
-    const long long planes = (long long)N * C, plane_size = (long long)H * W;
-    for (int gz = 0; gz < grid[2]; ++gz)
-        for (int gy = 0; gy < grid[1]; ++gy)
-            for (int gx = 0; gx < grid[0]; ++gx) {
-                const int x0 = gx * FERRET_RES_BX, y0 = gy * FERRET_RES_BY * FERRET_RES_ROWS;
-                const bool interior = ferret_res_interior(x, H, W, x0, y0);
-                ferret_interior_blocks += interior;
-                for (long long p = gz; p < planes; p += grid[2]) {
-                    for (int ty = 0; ty < FERRET_RES_BY; ++ty)
-                        for (int tx = 0; tx < FERRET_RES_BX; ++tx) {
-                            if (interior)
-                                ferret_res_stage_interior(x + p * plane_size, W, x0, y0, tile, ty * FERRET_RES_BX + tx);
-                            else
-                                ferret_res_stage(x + p * plane_size, H, W, x0, y0, tile, tx, ty);
-                        }
-                    for (int ty = 0; ty < FERRET_RES_BY; ++ty)
-                        for (int tx = 0; tx < FERRET_RES_BX; ++tx) {
-                            float* o = out + p * plane_size;
-                            if (pairs && interior)
-                                ferret_res_outputs_pairs<false, FerretPair>(tile, o, H, W, x0, y0, tx, ty);
-                            else if (pairs)
-                                ferret_res_outputs_pairs<true, FerretPair>(tile, o, H, W, x0, y0, tx, ty);
-                            else if (interior)
-                                ferret_res_outputs<false>(tile, o, H, W, x0, y0, tx, ty);
-                            else
-                                ferret_res_outputs<true>(tile, o, H, W, x0, y0, tx, ty);
-                        }
-                }
-            }
+    const long long plane_size = (long long)H * W;
+    ferret_emulate_3x3(
+        grid, (long long)N * C, [&](int x0, int y0) { return ferret_res_interior(x, H, W, x0, y0); },
+        [&](long long p, int x0, int y0, bool interior, int tx, int ty) {
+            if (interior)
+                ferret_res_stage_interior(x + p * plane_size, W, x0, y0, tile, ty * FERRET_RES_BX + tx);
+            else
+                ferret_res_stage(x + p * plane_size, H, W, x0, y0, tile, tx, ty);
+        },
+        [&](long long p, int x0, int y0, bool interior, int tx, int ty) {
+            float* o = out + p * plane_size;
+            if (pairs && interior)
+                ferret_res_outputs_pairs<false, FerretPair>(tile, o, H, W, x0, y0, tx, ty);
+            else if (pairs)
+                ferret_res_outputs_pairs<true, FerretPair>(tile, o, H, W, x0, y0, tx, ty);
+            else if (interior)
+                ferret_res_outputs<false>(tile, o, H, W, x0, y0, tx, ty);
+            else
+                ferret_res_outputs<true>(tile, o, H, W, x0, y0, tx, ty);
+        });
     return FERRET_OK;
 }
 
@@ -1098,35 +1109,24 @@ extern "C" int preprocess_lpd_emulate(const unsigned char* image, float* out, in
                                       const float* std, const int* grid, const int* block, long long smem_bytes) {
     const int err = ferret_check_block_3x3(grid, block);
     if (err) return err;
-    ferret_interior_blocks = 0;
     static float table[3 * 256], tile[3 * FERRET_RES_TS * FERRET_RES_TH];
     const int nthreads = FERRET_RES_BX * FERRET_RES_BY;
     const long long plane_size = (long long)H * W;
     for (int tid = 0; tid < nthreads; ++tid) ferret_build_table(table, mean, std, tid, nthreads);
-    for (int gz = 0; gz < grid[2]; ++gz)
-        for (int gy = 0; gy < grid[1]; ++gy)
-            for (int gx = 0; gx < grid[0]; ++gx) {
-                const int x0 = gx * FERRET_RES_BX, y0 = gy * FERRET_RES_BY * FERRET_RES_ROWS;
-                const bool interior = ferret_rgb_interior(image, H, W, x0, y0);
-                ferret_interior_blocks += interior;
-                for (long long n = gz; n < N; n += grid[2]) {
-                    for (int ty = 0; ty < FERRET_RES_BY; ++ty)
-                        for (int tx = 0; tx < FERRET_RES_BX; ++tx) {
-                            if (interior)
-                                ferret_rgb_stage_interior(image + n * plane_size * 3, W, x0, y0, table, tile,
-                                                          ty * FERRET_RES_BX + tx);
-                            else
-                                ferret_res_stage_rgb(image + n * plane_size * 3, H, W, x0, y0, table, tile, tx, ty);
-                        }
-                    for (int ty = 0; ty < FERRET_RES_BY; ++ty)
-                        for (int tx = 0; tx < FERRET_RES_BX; ++tx) {
-                            if (interior)
-                                ferret_rgb_outputs<false>(tile, out + n * 3 * plane_size, plane_size, H, W, x0, y0, tx, ty);
-                            else
-                                ferret_rgb_outputs<true>(tile, out + n * 3 * plane_size, plane_size, H, W, x0, y0, tx, ty);
-                        }
-                }
-            }
+    ferret_emulate_3x3(
+        grid, N, [&](int x0, int y0) { return ferret_rgb_interior(image, H, W, x0, y0); },
+        [&](long long n, int x0, int y0, bool interior, int tx, int ty) {
+            if (interior)
+                ferret_rgb_stage_interior(image + n * plane_size * 3, W, x0, y0, table, tile, ty * FERRET_RES_BX + tx);
+            else
+                ferret_res_stage_rgb(image + n * plane_size * 3, H, W, x0, y0, table, tile, tx, ty);
+        },
+        [&](long long n, int x0, int y0, bool interior, int tx, int ty) {
+            if (interior)
+                ferret_rgb_outputs<false>(tile, out + n * 3 * plane_size, plane_size, H, W, x0, y0, tx, ty);
+            else
+                ferret_rgb_outputs<true>(tile, out + n * 3 * plane_size, plane_size, H, W, x0, y0, tx, ty);
+        });
     return FERRET_OK;
 }
 
