@@ -13,6 +13,48 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 REFERENCE = Path(os.environ.get("FERRET_REFERENCE", ROOT.parent / "shared" / "reference"))
 
+# Logit parity between two float32 computations of the same network whose reductions may run in another
+# order (SIMD width: AVX2 8 lanes, AVX-512 16; thread count; oneDNN or MLAS kernel; batch size): the
+# README's bound, relative to the logit's magnitude. Each reordered sum moves its result by a few
+# roundings of float32 (unit eps = 2**-23); through FerretNet the largest move measured on the
+# reference images is 1.9 eps * |logit| on an AMD EPYC (AVX2) and 1.1 eps * |logit| on an Intel Xeon
+# (AVX-512, AMX). 16 eps * max(1, |ref|) (1.9e-6 relative; 1.9e-6 absolute below |ref| = 1) is a bound
+# no reordering of a correct computation reaches, and a wrong weight, layer or pixel far exceeds it.
+EPS32 = 2.0 ** -23
+PARITY_EPS = 16
+
+
+def logit_tolerance(ref: float) -> float:
+    """The README's parity bound for a logit whose reference value is ``ref``."""
+    return PARITY_EPS * EPS32 * max(1.0, abs(float(ref)))
+
+
+def lpd_tolerance(func: str, k: int, x) -> float:
+    """How far two correct float32 LPDs (or residuals x - lpd) of ``x`` may differ, for every machine.
+
+    Selections (median, excmed, retmed, min, max) pick one of the inputs: exact, 0. ``avg`` sums k*k values
+    in an order each implementation chooses: a float32 sum of n terms is within (n - 1) u sum|x_i| of the
+    exact sum (u = 2**-24), so two sums differ by at most 2 (n - 1) u n max|x|; divided by n, plus one
+    rounding of each quotient and of each residual (2 u max|x| and 4 u max|x|): (2n + 4) u max|x|."""
+    import numpy as np
+
+    from ferret_runtime.lpd_spec import LPD_SPECS
+
+    if LPD_SPECS[func].reduce != "mean":
+        return 0.0
+    return (2 * k * k + 4) * 2.0 ** -24 * float(np.abs(np.asarray(x, np.float32)).max())
+
+
+def assert_logits_close(got, want, what: str = "") -> None:
+    """Every logit within :func:`logit_tolerance` of its reference, reporting the worst in float32 eps."""
+    import numpy as np
+
+    got, want = np.asarray(got, np.float64).ravel(), np.asarray(want, np.float64).ravel()
+    assert got.shape == want.shape, (what, got.shape, want.shape)
+    scale = np.maximum(1.0, np.abs(want))
+    worst = float((np.abs(got - want) / (EPS32 * scale)).max()) if got.size else 0.0
+    assert worst <= PARITY_EPS, f"{what}: worst |logit - ref| is {worst:.2f} eps * max(1, |ref|); bound {PARITY_EPS}"
+
 
 def _cuda_available() -> bool:
     try:

@@ -1,7 +1,9 @@
 """The authors' checkpoint reproduces the original code's logits, via the API and the CLI.
 
-The README claims 2e-6 (measured: 1.24e-6 at the 256 crop, 7.3e-7 at full size, CPU float32), so
-that is the bar here: a looser one would let a real regression through.
+The README's bound is relative to the logit: |logit - ref| <= 16 eps * max(1, |ref|), eps = 2**-23 (the
+float32 unit, 1.9e-6 relative), derived in conftest.py from float32 reassociation, so it holds on every x86
+CPU (the original logits came from another machine's reduction order). Measured: at most 1.9 eps on an AMD
+EPYC (AVX2), 1.1 eps on an Intel Xeon (AVX-512). A one-ulp-wide absolute pin (2e-6 at |17.2|) failed there.
 """
 
 import json
@@ -10,9 +12,8 @@ import pytest
 
 from ferret_runtime import Detector
 
-from .conftest import run_ferret
+from .conftest import logit_tolerance, run_ferret
 
-PARITY = 2e-6  # the README's figure
 CASES = [("256", "logit_center_crop_256"), ("none", "logit_full")]
 
 
@@ -28,7 +29,8 @@ def test_python_api(authors_ckpt, reference, ref_logits, crop, key):
         results = det.predict([reference / "images" / n for n in names])
     for name, r in zip(names, results):
         assert r.error is None
-        assert abs(r.logit - ref_logits[name][key]) <= PARITY, (name, r.logit, ref_logits[name][key])
+        want = ref_logits[name][key]
+        assert abs(r.logit - want) <= logit_tolerance(want), (name, r.logit, want)
         assert r.label == ref_logits[name]["label"], name
 
 
@@ -38,7 +40,8 @@ def test_reference_lpd_impl_agrees(authors_ckpt, reference, ref_logits, impl):
     with Detector.open(authors_ckpt, crop=256, lpd_impl=impl) as det:
         results = det.predict([reference / "images" / n for n in names])
     for name, r in zip(names, results):
-        assert abs(r.logit - ref_logits[name]["logit_center_crop_256"]) <= PARITY
+        want = ref_logits[name]["logit_center_crop_256"]
+        assert abs(r.logit - want) <= logit_tolerance(want), (name, r.logit, want)
 
 
 @pytest.mark.parametrize("crop, key", CASES)
@@ -50,5 +53,5 @@ def test_cli_json(authors_ckpt, reference, ref_logits, crop, key):
     for row in rows:
         name = row["path"].rsplit("/", 1)[-1]
         assert set(row) == {"path", "logit", "prob_fake", "label"}
-        assert abs(row["logit"] - ref_logits[name][key]) <= PARITY
+        assert abs(row["logit"] - ref_logits[name][key]) <= logit_tolerance(ref_logits[name][key]), name
         assert row["label"] == ("fake" if row["prob_fake"] > 0.5 else "real")
