@@ -1,11 +1,12 @@
-"""The backend interface: one file per runtime behind this base, picked by file suffix."""
+"""The backend interface: one file per runtime behind this base, picked by file suffix (built-ins plus
+``ferret.backends`` entry points)."""
 
 from __future__ import annotations
 
 import threading
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
-from importlib.metadata import entry_points
+from importlib.metadata import EntryPoint, entry_points
 from pathlib import Path
 from typing import Any
 
@@ -139,20 +140,52 @@ class Backend(ABC):
         self.close()
 
 
+# The backends this package ships, by import path: registered here so that a plain checkout (not
+# pip-installed, so without entry points) has them, and imported only when a model is opened, so the
+# torch-free base never imports torch. Installed ``ferret.backends`` entry points add others.
+BUILTIN_BACKENDS: dict[str, str] = {
+    "torch": "ferret_train.backend:TorchBackend",
+    "onnxruntime": "ferret_runtime.backends.onnxruntime:OrtBackend",
+    "tensorrt": "ferret_runtime.backends.tensorrt:TrtBackend",
+}
+
+
 def available_backends() -> dict[str, type[Backend]]:
-    """Map file suffix -> backend class, from the ``ferret.backends`` entry points.
+    """Map file suffix -> backend class: the built-in backends, then the ``ferret.backends`` entry points.
 
     Backend modules defer their heavy imports (torch, onnxruntime, tensorrt) to load time, so
-    listing them is cheap. Two backends claiming one suffix is an error, not a silent override.
+    listing them is cheap. Two backends claiming one suffix is an error, not a silent override;
+    so is one name for two different classes.
     """
     table, _ = _load_backends()
     return table
 
 
+def _registered() -> list[EntryPoint]:
+    """The built-ins, then each installed entry point whose name is new. An installed entry point
+    may repeat a built-in (this package's own, when it is pip-installed) if it names the same class;
+    a name bound to two different classes is a ConfigError (torchvision's rule for its registry)."""
+    found = {name: EntryPoint(name, value, ENTRY_POINT_GROUP) for name, value in BUILTIN_BACKENDS.items()}
+    for ep in entry_points(group=ENTRY_POINT_GROUP):
+        first = found.setdefault(ep.name, ep)
+        if first is not ep and first.value != ep.value and not _same_object(first, ep):
+            raise ConfigError(f"Received backend {ep.name!r} twice: as {first.value} and as {ep.value} (an installed "
+                              f"{ENTRY_POINT_GROUP} entry point); expected one class per name")
+    return list(found.values())
+
+
+def _same_object(a: EntryPoint, b: EntryPoint) -> bool:
+    """Whether two import paths name one object (a re-export); False when either cannot be imported."""
+    try:
+        return a.load() is b.load()
+    except ImportError:
+        return False
+
+
 def _load_backends() -> tuple[dict[str, type[Backend]], dict[str, str]]:
     table: dict[str, type[Backend]] = {}
     unavailable: dict[str, str] = {}
-    for ep in entry_points(group=ENTRY_POINT_GROUP):
+    for ep in _registered():
         try:
             cls = ep.load()
         except ImportError as e:  # a backend whose optional extra is not installed
