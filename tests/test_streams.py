@@ -169,3 +169,13 @@ def test_streams_on_a_backend_without_them_is_one_clear_line(tmp_path):
     proc = run_ferret("detect", str(tmp_path / "a.png"), "-w", str(ckpt), "--streams", "2")
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert "received option(s) streams for the torch backend" in proc.stderr, proc.stderr
+
+
+@pytest.mark.parametrize("level, member", [("disable", "ORT_DISABLE_ALL"), ("basic", "ORT_ENABLE_BASIC"),
+                                           ("extended", "ORT_ENABLE_EXTENDED"), ("all", "ORT_ENABLE_ALL")])
+def test_optimization_levels_map_to_onnxruntime(onnx_model, level, member):
+    import onnxruntime as ort
+
+    with OrtBackend(onnx_model, device="cpu", streams=1, optimization=level) as be:
+        got = be.session.get_session_options().graph_optimization_level
+    assert got == getattr(ort.GraphOptimizationLevel, member)

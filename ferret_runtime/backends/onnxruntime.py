@@ -27,7 +27,10 @@ from ..onnx_weights import initializer_values
 from .base import Backend, ModelInfo, Pending, as_logits
 from .slots import Slot, SlotBackend
 
-_LEVELS = ("disable", "basic", "extended", "all")
+# --optimization -> the name of its onnxruntime.GraphOptimizationLevel member
+_LEVEL_NAMES = {"disable": "ORT_DISABLE_ALL", "basic": "ORT_ENABLE_BASIC", "extended": "ORT_ENABLE_EXTENDED",
+                "all": "ORT_ENABLE_ALL"}
+_LEVELS = tuple(_LEVEL_NAMES)
 _DTYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(uint8)": np.uint8}
 NO_SYNC = "disable_synchronize_execution_providers"  # run config key: return once the work is enqueued
 # CUDA provider defaults. use_tf32=0: TF32 convolutions keep 10 mantissa bits (~1e-3 relative error), which
@@ -97,7 +100,7 @@ class OrtBackend(SlotBackend):
         if isinstance(providers[0], tuple) and gpu_pipeline is not False:
             providers = self._open_gpu(providers, required=gpu_pipeline is True, slots=slots, max_batch=max_batch)
         so = ort.SessionOptions()
-        so.graph_optimization_level = getattr(ort.GraphOptimizationLevel, f"ORT_{'ENABLE_' if optimization != 'disable' else ''}{optimization.upper()}")
+        so.graph_optimization_level = getattr(ort.GraphOptimizationLevel, _LEVEL_NAMES[optimization])
         so.intra_op_num_threads = threads
         so.log_severity_level = 3
         for key, value in (session_options or {}).items():
