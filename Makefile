@@ -23,9 +23,10 @@ test: $(STAMP)
 bench: $(STAMP)
 	$(PY) -m pytest benchmarks --benchmark-enable --benchmark-columns=min,median,iqr,ops -q
 
-# The whole GPU story on a bare GPU machine: the Python on PATH (or PYTHON=...), no install, no network.
+# The whole GPU story on a bare GPU machine: the Python on PATH (or PYTHON=...), no install, no network,
+# within 6 minutes. OUT=DIR: where gpu-check.json and gpu-check.txt go; GPU_CHECK_ARGS: more options.
 gpu-check:
-	$(PYTHON) -m benchmarks.gpu_check
+	$(PYTHON) -m benchmarks.gpu_check $(if $(OUT),--out "$(OUT)") $(GPU_CHECK_ARGS)
 
 clean:
 	rm -rf $(VENV) demo_out .pytest_cache .benchmarks

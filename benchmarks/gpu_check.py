@@ -1,8 +1,8 @@
-"""``make gpu-check``: the whole GPU story in one command, on a bare GPU machine.
+"""``make gpu-check``: the whole GPU story in one command, on a bare GPU machine, in under 6 minutes.
 
-Needs numpy, Pillow, PyYAML, a CUDA PyTorch, cuda-python (with NVRTC) and g++; installs nothing and
-reaches no network. Sections, each a block of rows in the printed table and in
-``benchmarks/results/<gpu-name>/gpu-check.json``:
+Needs numpy, Pillow, PyYAML, a CUDA PyTorch, cuda-python (with NVRTC) and g++; installs nothing,
+reaches no network and runs from a plain checkout (not pip-installed). Sections, each a block of rows
+in the one printed table:
 
 1. env: GPU, driver and NVRTC versions, whether NVRTC is newer than the driver (PTX would not load);
 2. kernels: every lpd.cu kernel bit-exact with the host build (g++): all variants, k = 3, 5, 7,
@@ -13,24 +13,41 @@ reaches no network. Sections, each a block of rows in the printed table and in
    argument order, equal to the runtime kernels;
 5. torch: torch.ops.ferret.lpd on CUDA, and the authors' checkpoint through it: reference logits <= 1e-4;
 6. speed: each kernel's bandwidth as % of a device-to-device copy of the same bytes (timed behind a
-   queued delay, so launch overhead does not count); models in eager and torch.compile (CUDA graphs);
+   queued delay, so launch overhead does not count); then every model in eager mode, each batch a cell
+   with its own time budget; then, last and optional, torch.compile (CUDA graphs) with what time is
+   left: a model that cannot compile (no triton, say) says why in its row;
 7. backends: ONNX Runtime (CUDA) and TensorRT rows when installed;
-8. pytest: the ``gpu`` tests, when pytest is installed.
+8. pytest: the ``gpu`` tests, when pytest is installed; a test module whose optional package is
+   missing is skipped with that reason (``benchmarks/gpu_check_pytest.py``), not a collection error.
 
-Exit status: 0 all correct, 1 any correctness failure, 2 no GPU (one line says why).
+Time: the run has one budget (``--budget``, 330 s by default, so the whole run with its imports ends
+within 6 minutes on one H100). The correctness sections 1-5 always run; speed, backends and pytest
+take what is left, each up to its own share, and what the budget cut is named in the summary.
+
+Results: ``--out DIR`` gets ``gpu-check.json`` (environment, timings, every row) and ``gpu-check.txt``
+(the printed table). By default DIR is ``benchmarks/results/<gpu-name>/`` in the checkout, beside the
+other measured results; where that cannot be written (a read-only checkout), a folder in the system's
+temporary directory, said on the last line.
+
+Exit status: 0 all correct, 1 any correctness failure, 2 no GPU (one line says why) or a bad option.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import platform
 import re
+import signal
 import subprocess
 import sys
+import tempfile
 import time
 import traceback
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -41,6 +58,17 @@ REFERENCE = Path(os.environ.get("FERRET_REFERENCE", ROOT.parent / "shared" / "re
 FUNCS = ("median", "excmed", "retmed", "min", "max", "avg")
 BATCHES = (1, 8, 32, 64, 128, 256)
 MODELS = ("ferretnet-s", "ferretnet-b", "npr", "cnndetection", "freqnet", "safe")
+
+# Time. The whole run: 330 s, so that it ends within 6 minutes on one H100 with Python's start-up, the
+# imports and the writes. Sections 1-5 (correctness) always run, about 2 minutes; the three below
+# take at most their share of what is left, and keep RESERVE_S seconds for each later one that will run.
+RUN_BUDGET_S = 330.0
+SECTION_BUDGET_S = {"speed": 100.0, "backends": 150.0, "pytest": 150.0}
+RESERVE_S = {"backends": 60.0, "pytest": 90.0}
+EAGER_CELL_S = 8.0  # one batch of one model in eager mode: a cell expected to take longer is left out ("-")
+COMPILE_CELL_S = 60.0  # one torch.compile cell (the compile itself included)
+PYTEST_MIN_S = 20.0  # pytest is not started with less than this left
+TRT_BUILD_S = 60.0  # one TensorRT engine built and verified: not started with less than this left
 
 
 @dataclass
@@ -58,6 +86,9 @@ class Row:
 class Result:
     rows: list[Row] = field(default_factory=list)
     env: dict[str, Any] = field(default_factory=dict)
+    deadline: float = math.inf  # time.monotonic() at which the run's budget ends
+    section_end: float = math.inf  # ... and the running section's share of it
+    cut: list[str] = field(default_factory=list)  # what the budget left out, named in the summary
 
     def add(self, section: str, name: str, ok: bool | None, value: str = "", detail: str = "") -> None:
         self.rows.append(Row(section, name, ok, value, detail))
@@ -65,6 +96,10 @@ class Result:
     @property
     def failed(self) -> list[Row]:
         return [r for r in self.rows if r.ok is False]
+
+    def left(self) -> float:
+        """Seconds left to the running section: its share, within the run's budget."""
+        return min(self.deadline, self.section_end) - time.monotonic()
 
 
 # ---------------------------------------------------------------------------------------------- report
@@ -74,25 +109,38 @@ def slug(name: str) -> str:
 
 
 def format_table(result: Result) -> str:
-    """One table: section, check, PASS/FAIL/'' and the value."""
-    width = max([len(r.name) for r in result.rows] + [10])
+    """One table: section, check, PASS/FAIL/'' and the value; then the time and the correctness summary."""
+    width = max([len(r.name) for r in result.rows] + [11])
     lines = [f"{'section':10s} {'check':{width}s} {'result':6s} value"]
     for r in result.rows:
         mark = {True: "PASS", False: "FAIL", None: ""}[r.ok]
         lines.append(f"{r.section:10s} {r.name:{width}s} {mark:6s} {r.value}" + (f"  ({r.detail})" if r.detail else ""))
+    if "budget_s" in result.env:
+        spent = result.env.get("total_s", sum(result.env.get("seconds", {}).values()))
+        budget = f"{spent:.0f} s of the {result.env['budget_s']:.0f} s budget"
+        lines.append(f"{'summary':10s} {'time':{width}s} {'':6s} {budget}"
+                     + (f"; cut short: {'; '.join(result.cut)}" if result.cut else ""))
     failed = len(result.failed)
     lines.append(f"{'summary':10s} {'correctness':{width}s} {'FAIL' if failed else 'PASS':6s} "
                  f"{failed} failed of {sum(r.ok is not None for r in result.rows)} checks")
     return "\n".join(lines)
 
 
-def write_report(result: Result, root: Path = RESULTS) -> Path:
-    """``<root>/<gpu-name>/gpu-check.json``: the environment and every row."""
-    out = root / slug(result.env.get("gpu", "gpu")) / "gpu-check.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    data = {"env": result.env, "failed": len(result.failed), "rows": [asdict(r) for r in result.rows]}
-    out.write_text(json.dumps(data, indent=1) + "\n")
-    return out
+def default_out(gpu: str) -> Path:
+    """benchmarks/results/<gpu-name>/ in the checkout, beside the other measured results."""
+    return RESULTS / slug(gpu)
+
+
+def write_report(result: Result, out: Path) -> tuple[Path, Path]:
+    """``<out>/gpu-check.json`` (the environment, the timings, what the budget cut and every row) and
+    ``<out>/gpu-check.txt`` (the table as printed)."""
+    out.mkdir(parents=True, exist_ok=True)
+    data = {"env": result.env, "failed": len(result.failed), "checks": sum(r.ok is not None for r in result.rows),
+            "cut": result.cut, "rows": [asdict(r) for r in result.rows]}
+    json_path, table_path = out / "gpu-check.json", out / "gpu-check.txt"
+    json_path.write_text(json.dumps(data, indent=1) + "\n")
+    table_path.write_text(format_table(result) + "\n")
+    return json_path, table_path
 
 
 def no_gpu_reason() -> str | None:
@@ -106,16 +154,64 @@ def no_gpu_reason() -> str | None:
     return None if count > 0 else "gpu-check: no GPU: the CUDA driver sees 0 devices"
 
 
-def section(result: Result, name: str, fn: Callable[[Result], None]) -> None:
-    """Run one section; an exception is a failed row with its last line, not the end of the run."""
-    start = time.perf_counter()
+def reason(e: BaseException, limit: int = 160) -> str:
+    """'Type: first line' of the innermost cause (torch wraps a compiler's error, e.g. no triton, in its own)."""
+    seen = {id(e)}
+    while True:
+        inner = getattr(e, "inner_exception", None) or e.__cause__
+        if inner is None or id(inner) in seen:
+            break
+        seen.add(id(inner))
+        e = inner
+    line = next((ln.strip() for ln in str(e).splitlines() if ln.strip()), "")
+    text = f"{type(e).__name__}: {line}" if line else type(e).__name__
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
+def section(result: Result, name: str, fn: Callable[[Result], None], budget_s: float | None = None) -> None:
+    """Run one section within ``budget_s`` (None: no share of its own, only the run's deadline); an
+    exception is a failed row with its last line, not the end of the run."""
+    start = time.monotonic()
+    result.section_end = start + budget_s if budget_s is not None else math.inf
     try:
         fn(result)
     except Exception as e:
         tb = traceback.format_exc().strip().splitlines()
         result.add(name, "section raised", False, f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}",
                    tb[-3].strip() if len(tb) > 2 else "")
-    result.env.setdefault("seconds", {})[name] = round(time.perf_counter() - start, 1)
+    finally:
+        result.section_end = math.inf
+        result.env.setdefault("seconds", {})[name] = round(time.monotonic() - start, 1)
+
+
+def _installed(dist: str) -> bool:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        version(dist)
+    except PackageNotFoundError:
+        return False
+    return True
+
+
+def will_run(name: str) -> bool:
+    """Whether a budgeted section has work to do here (so a section before it keeps time for it)."""
+    import importlib.util
+
+    if name == "backends":
+        return importlib.util.find_spec("tensorrt") is not None or _installed("onnxruntime-gpu")
+    if name == "pytest":
+        return importlib.util.find_spec("pytest") is not None
+    return True
+
+
+def section_budget(name: str, later: list[str], result: Result) -> float | None:
+    """A budgeted section's share: at most SECTION_BUDGET_S, and the run's time left less what each
+    later section that will run keeps (RESERVE_S). None for a correctness section (always runs)."""
+    if name not in SECTION_BUDGET_S:
+        return None
+    keep = sum(RESERVE_S.get(n, 0.0) for n in later if n in RESERVE_S and will_run(n))
+    return max(0.0, min(SECTION_BUDGET_S[name], result.deadline - time.monotonic() - keep))
 
 
 # ------------------------------------------------------------------------------------------ 1. env
@@ -162,6 +258,18 @@ def _input(shape, seed: int):
     return x
 
 
+def _host_lpd(shape, func: str, k: int, residual: bool, half: bool):
+    """What the GPU must give for ``_input(shape, k)``: the host build on float32, or on the float16
+    values with the result rounded once."""
+    import numpy as np
+
+    from ferret_runtime.kernels import host
+
+    x = _input(shape, k)
+    fn = host.lpd_residual_host if residual else host.lpd_reconstruct_host
+    return fn(x.astype(np.float16).astype(np.float32), func, k).astype(np.float16) if half else fn(x, func, k)
+
+
 def check_kernels(result: Result) -> None:
     import numpy as np
     import torch
@@ -169,23 +277,24 @@ def check_kernels(result: Result) -> None:
     from ferret_runtime.kernels import host
 
     shapes = [(1, 1, 1, 1), (2, 3, 3, 5), (1, 3, 67, 129), (3, 3, 257, 511)]
-    for func in FUNCS:
-        for k in (3, 5, 7):
-            bad = []
-            for shape in shapes:
-                x = _input(shape, k)
-                for residual in (True, False):
-                    want = (host.lpd_residual_host if residual else host.lpd_reconstruct_host)(x, func, k)
-                    got = _lpd_gpu(torch.from_numpy(x).cuda(), func, k, residual).cpu().numpy()
-                    if not np.array_equal(got, want):
-                        bad.append(f"f32 {shape} residual={residual}")
-                    x16 = x.astype(np.float16)
-                    want16 = (host.lpd_residual_host if residual else host.lpd_reconstruct_host)(
-                        x16.astype(np.float32), func, k).astype(np.float16)
-                    got16 = _lpd_gpu(torch.from_numpy(x16).cuda(), func, k, residual).cpu().numpy()
-                    if not np.array_equal(got16, want16):
-                        bad.append(f"f16 {shape} residual={residual}")
-            result.add("kernels", f"{func} k={k}", not bad, f"{len(shapes) * 4} cases", "; ".join(bad[:3]))
+    host.load_host_library()  # built once here, before the threads below share it
+    # The host results are the slow part (about a minute on one core): computed on every core at once
+    # (ctypes lets go of the GIL), in the order the GPU side below asks for them.
+    cases = [(func, k, shape, residual, half) for func in FUNCS for k in (3, 5, 7) for shape in shapes
+             for residual in (True, False) for half in (False, True)]
+    with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
+        wants = [pool.submit(_host_lpd, shape, func, k, residual, half)
+                 for func, k, shape, residual, half in cases]
+        bad: dict[tuple[str, int], list[str]] = {}
+        for (func, k, shape, residual, half), want in zip(cases, wants):
+            x = _input(shape, k)
+            x = torch.from_numpy(x.astype(np.float16) if half else x).cuda()
+            got = _lpd_gpu(x, func, k, residual).cpu().numpy()
+            if not np.array_equal(got, want.result()):
+                bad.setdefault((func, k), []).append(f"{'f16' if half else 'f32'} {shape} residual={residual}")
+            if shape == shapes[-1] and residual is False and half:  # the last case of this (func, k)
+                errors = bad.get((func, k), [])
+                result.add("kernels", f"{func} k={k}", not errors, f"{len(shapes) * 4} cases", "; ".join(errors[:3]))
     # more planes than gridDim.z (65,535): the grid-stride loop
     x = _input((70000, 1, 5, 7), 1)
     for func, k in (("median", 3), ("excmed", 5)):
@@ -322,12 +431,13 @@ def check_torch(result: Result) -> None:
 
 
 # ---------------------------------------------------------------------------------------- 6. speed
-def _timed(fn: Callable[[], Any], iters: int = 20) -> float:
+def _timed(fn: Callable[[], Any], iters: int = 20, warmup: int = 1) -> float:
     """Milliseconds per call from CUDA events, the calls queued behind a GPU-side delay so the host's
     launch overhead overlaps the delay instead of being timed."""
     import torch
 
-    fn()
+    for _ in range(warmup):
+        fn()
     torch.cuda.synchronize()
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     torch.cuda._sleep(50_000_000)  # ~25 ms of GPU time: the launches below queue up meanwhile
@@ -339,7 +449,7 @@ def _timed(fn: Callable[[], Any], iters: int = 20) -> float:
     return start.elapsed_time(end) / iters
 
 
-def check_speed(result: Result) -> None:
+def check_speed(result: Result, compile: bool = True) -> None:
     import torch
 
     from ferret_runtime.kernels import launch
@@ -347,6 +457,9 @@ def check_speed(result: Result) -> None:
 
     module, stream = launch.get_module(0), torch.cuda.current_stream().cuda_stream
     for dtype in (torch.float32, torch.float16):
+        if result.left() < 5:
+            result.cut.append(f"speed: kernel bandwidth {str(dtype)[6:]}")
+            continue
         x = torch.randn((256, 3, 256, 256), device="cuda", dtype=dtype)
         out = torch.empty_like(x)
         copy_ms = _timed(lambda: out.copy_(x))
@@ -368,35 +481,107 @@ def check_speed(result: Result) -> None:
                        f"{moved / ms / 1e6:,.0f} GB/s, {copy_ms / ms:.0%} of a copy of {moved / 2 / 1e6:.0f} MB")
         del x, out, images, src, dst
     torch.cuda.empty_cache()
-    check_models(result)
+    check_models(result, compile=compile)
 
 
-def check_models(result: Result, batches: tuple[int, ...] = BATCHES, budget_s: float = 120.0) -> None:
+def measure_cells(result: Result, batches: tuple[int, ...], measure: Callable[[int], float], cell_s: float,
+                  oom: tuple[type[BaseException], ...] = (), scales: bool = True) -> tuple[list[str], str | None]:
+    """One row of cells, smallest batch first: ``measure(b)`` gives milliseconds per call of a batch of b.
+
+    A cell is left out ("b64 -") when the cell before it says it would take more than ``cell_s`` seconds
+    (its wall time times the batch ratio where ``scales``, else the same time) or more than the section
+    has left; the larger ones with it. Out of memory ends the row at that cell ("b256 OOM"); any other
+    exception ends it too ("b1 error") and is returned, for the row to say why.
+    """
+    cells: list[str] = []
+    last: tuple[int, float] | None = None  # (batch, wall seconds) of the cell before
+    for i, b in enumerate(batches):
+        expect = 0.0 if last is None else last[1] * (b / last[0] if scales else 1.0)
+        if result.left() <= 0 or expect > min(cell_s, result.left()):
+            return cells + [f"b{rest} -" for rest in batches[i:]], None
+        t0 = time.monotonic()
+        try:
+            ms = measure(b)
+        except oom:
+            return cells + [f"b{b} OOM"], None
+        except Exception as e:
+            return cells + [f"b{b} error"], reason(e)
+        last = (b, time.monotonic() - t0)
+        cells.append(f"b{b} {b / ms * 1e3:,.0f}/s")
+    return cells, None
+
+
+def _left_out(result: Result, what: str, cells: list[str]) -> None:
+    if any(c.endswith(" -") for c in cells):
+        result.cut.append(f"{what} {sum(c.endswith(' -') for c in cells)} of {len(cells)} cells")
+
+
+def check_models(result: Result, batches: tuple[int, ...] = BATCHES, compile: bool = True,
+                 models: tuple[str, ...] = MODELS, cell_s: float = EAGER_CELL_S,
+                 compile_cell_s: float = COMPILE_CELL_S, device: str = "cuda",
+                 timer: Callable[..., float] = _timed, size: int = 256) -> None:
+    """Images/s at size x size (256): every model in eager mode first (the paper's FPS column), a time budget per
+    cell; then torch.compile (CUDA graphs), last and optional, with what the section has left. An eager
+    cell that raises fails its row; a compile that raises (no triton, say) is its row's reason, and the
+    models after it are not compiled (they would fail the same way)."""
     import torch
 
     from ferret_train import create_model
 
-    start = time.perf_counter()
-    for arch in MODELS:
-        model = create_model(arch).eval().cuda()
-        for mode in ("eager", "compile"):
-            run = model if mode == "eager" else torch.compile(model, mode="reduce-overhead")  # CUDA graphs
-            cells = []
-            for b in batches:
-                if time.perf_counter() - start > budget_s:
-                    cells.append(f"b{b} -")
-                    continue
-                x = torch.randn((b, 3, 256, 256), device="cuda")
-                with torch.inference_mode():
-                    try:
-                        ms = _timed(lambda: run(x), iters=5)
-                        cells.append(f"b{b} {b / ms * 1e3:,.0f}/s")
-                    except torch.cuda.OutOfMemoryError:
-                        cells.append(f"b{b} OOM")
-                        torch.cuda.empty_cache()
-            result.add("models", f"{arch} {mode}", None, ", ".join(cells), "images/s at 256x256")
+    oom = (torch.cuda.OutOfMemoryError,)
+
+    def measure(run: Callable[[Any], Any], warmup: int) -> Callable[[int], float]:
+        def at(b: int) -> float:
+            x = torch.randn((b, 3, size, size), device=device)
+            with torch.inference_mode():
+                return timer(lambda: run(x), iters=5, warmup=warmup)
+        return at
+
+    def release() -> None:
+        if device == "cuda":
+            torch.cuda.empty_cache()
+
+    for arch in models:  # eager first, every model
+        model = create_model(arch).eval().to(device)
+        cells, error = measure_cells(result, batches, measure(model, warmup=1), cell_s, oom)
         del model
-        torch.cuda.empty_cache()
+        release()
+        _left_out(result, f"{arch} eager", cells)
+        result.add("models", f"{arch} eager", False if error else None, ", ".join(cells),
+                   error or f"images/s at {size}x{size}")
+    if not compile:
+        result.add("models", "torch.compile", None, "not run (--no-compile)")
+        return
+    failed: str | None = None  # the first model whose compile failed
+    for arch in models:  # then torch.compile, while the section has time for a whole compile
+        if failed:
+            result.add("models", f"{arch} compile", None, "not run", f"torch.compile failed on {failed}")
+            continue
+        if result.left() < compile_cell_s:
+            result.add("models", f"{arch} compile", None, "not run",
+                       f"{max(result.left(), 0):.0f} s left; a compile may take {compile_cell_s:.0f} s")
+            result.cut.append(f"{arch} compile")
+            continue
+        model = create_model(arch).eval().to(device)
+        try:
+            run = torch.compile(model, mode="reduce-overhead")  # CUDA graphs; compiles on the first call
+            cells, error = measure_cells(result, batches, measure(run, warmup=3), compile_cell_s, oom, scales=False)
+        except Exception as e:  # torch.compile itself refusing (an unsupported Python, say)
+            cells, error = [], reason(e)
+        finally:
+            del model
+            try:
+                torch._dynamo.reset()
+            except Exception:  # noqa: S110  resetting is best effort: the next model compiles anew either way
+                pass
+            release()
+        if error and not any(c.endswith("/s") for c in cells):
+            failed = arch
+            result.add("models", f"{arch} compile", None, "not run", f"torch.compile failed: {error}")
+            continue
+        _left_out(result, f"{arch} compile", cells)
+        result.add("models", f"{arch} compile", None, ", ".join(cells),
+                   error or f"images/s at {size}x{size}, CUDA graphs")
 
 
 # ------------------------------------------------------------------------------------- 7. backends
@@ -434,6 +619,11 @@ def check_backends(result: Result) -> None:
             from ferret_export.tensorrt import export_and_build
 
             for precision, tol in (("fp32", 1e-3), ("fp16", 5e-2)):
+                if result.left() < TRT_BUILD_S:
+                    result.add("backends", f"tensorrt {precision}", None, "not run",
+                               f"{max(result.left(), 0):.0f} s left; a build may take {TRT_BUILD_S:.0f} s")
+                    result.cut.append(f"tensorrt {precision}")
+                    continue
                 engine = Path(tmp) / f"s-{precision}.engine"
                 t0 = time.perf_counter()
                 export_and_build(weights, engine, precision=precision, batch=(1, 32, 64), log=lambda *_: None)
@@ -475,6 +665,10 @@ def _backend_rows(result: Result, name: str, model: Path, tol: float, authors: b
         for b in (1, 32, 64):
             if be.max_batch is not None and b > be.max_batch:
                 continue
+            if result.left() < 3:
+                cells.append(f"b{b} -")
+                result.cut.append(f"{name} b{b}")
+                continue
             shape = (b, 256, 256, 3) if pre.layout == "NHWC" else (b, 3, 256, 256)
             x = (np.random.default_rng(0).integers(0, 256, shape).astype(pre.dtype) if pre.dtype == "uint8"
                  else np.random.default_rng(0).standard_normal(shape).astype(pre.dtype))
@@ -489,16 +683,69 @@ def _backend_rows(result: Result, name: str, model: Path, tol: float, authors: b
 
 
 # --------------------------------------------------------------------------------------- 8. pytest
+# The gpu tests from the checkout: addopts replaced (pyproject's --benchmark-disable needs pytest-benchmark,
+# which a bare image lacks), a test module whose optional package is missing skipped with that reason.
+PYTEST_ARGS = ("-q", "-m", "gpu", "-p", "no:cacheprovider", "-p", "benchmarks.gpu_check_pytest", "-o", "addopts=-ra",
+               "tests")
+
+
+def pytest_row(output: str, returncode: int | None, timed_out: bool, timeout_s: float) -> tuple[bool | None, str, str]:
+    """(ok, value, detail) of the pytest row from pytest's -q -ra output: the closing counts, and the
+    failures' names or else the skip reasons. Stopped at the budget: the counts so far, FAIL only if one
+    failed by then (else neither PASS nor FAIL)."""
+    lines = output.strip().splitlines()
+    failures = [ln.split(" - ")[0].split(" ", 1)[1] for ln in lines if ln.startswith(("FAILED ", "ERROR "))]
+    skips: Counter[str] = Counter()
+    for ln in lines:
+        m = re.match(r"SKIPPED \[(\d+)\] [^:]+(?::\d+)?: (.*)$", ln)
+        if m:
+            skips[m.group(2).strip()] += int(m.group(1))
+    if timed_out:
+        marks = Counter("".join(ln.split("[")[0].strip() for ln in lines
+                                if re.fullmatch(r"[.sFExX]+\s*(\[\s*\d+%\])?", ln.strip())))
+        bad = marks["F"] + marks["E"]
+        so_far = f"{marks['.']} passed, {bad} failed, {marks['s']} skipped so far"
+        return False if bad else None, f"stopped at the {timeout_s:.0f} s budget: {so_far}", "; ".join(failures[:3])
+    closing = next((ln.strip("= ") for ln in reversed(lines) if re.search(r"\d+ (passed|failed|skipped|deselected|"
+                                                                           r"errors?)|no tests ran", ln)), "")
+    value = closing or (lines[-1].strip() if lines else f"exit status {returncode}")
+    if failures:
+        detail = "failed: " + ", ".join(failures[:3]) + (f" and {len(failures) - 3} more" if len(failures) > 3 else "")
+    else:
+        detail = "; ".join(f"{n} skipped: {why}" for why, n in skips.most_common(2))
+    return returncode in (0, 5), value, detail
+
+
+def run_pytest(args: tuple[str, ...] | list[str], cwd: Path, timeout: float) -> tuple[str, int | None, bool]:
+    """``python -m pytest *args`` in ``cwd``: (output, exit status, whether it was stopped at ``timeout``)."""
+    proc = subprocess.Popen([sys.executable, "-m", "pytest", *args], cwd=cwd, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True,
+                            env={**os.environ, "PYTHONDONTWRITEBYTECODE": "1", "PYTHONUNBUFFERED": "1"})
+    try:
+        output, _ = proc.communicate(timeout=timeout)
+        return output, proc.returncode, False
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)  # its own session: the CLI subprocesses some tests start go too
+        output, _ = proc.communicate()
+        return output, None, True
+
+
 def check_pytest(result: Result) -> None:
     import importlib.util
 
     if importlib.util.find_spec("pytest") is None:
         result.add("pytest", "gpu tests", None, "skipped", "pytest not installed")
         return
-    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-m", "gpu", "-p", "no:cacheprovider", "tests"],
-                          cwd=ROOT, capture_output=True, text=True, timeout=240)
-    tail = (proc.stdout.strip().splitlines() or [""])[-1]
-    result.add("pytest", "pytest -m gpu tests", proc.returncode in (0, 5), tail)
+    timeout = result.left()
+    if timeout < PYTEST_MIN_S:
+        result.add("pytest", "pytest -m gpu tests", None, "not run", f"{max(timeout, 0):.0f} s left in the budget")
+        result.cut.append("pytest")
+        return
+    output, returncode, timed_out = run_pytest(PYTEST_ARGS, ROOT, timeout)
+    if timed_out:
+        result.cut.append("pytest (stopped)")
+    ok, value, detail = pytest_row(output, returncode, timed_out, timeout)
+    result.add("pytest", "pytest -m gpu tests", ok, value, detail)
 
 
 SECTIONS: dict[str, Callable[[Result], None]] = {
@@ -506,22 +753,62 @@ SECTIONS: dict[str, Callable[[Result], None]] = {
     "torch": check_torch, "speed": check_speed, "backends": check_backends, "pytest": check_pytest}
 
 
+def writable(folder: Path) -> str | None:
+    """None when ``folder`` is, or could be made, a writable folder; else why not. Creates nothing."""
+    p = folder.absolute()
+    while not p.exists():
+        p = p.parent
+    if not p.is_dir():
+        return f"{p} is not a folder"
+    if not os.access(p, os.W_OK | os.X_OK):
+        return f"{p} is not writable"
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
+    start = time.monotonic()
     ap = argparse.ArgumentParser(description="FerretNet GPU check: correctness, then speed, in one run")
     ap.add_argument("--only", nargs="*", choices=list(SECTIONS), help="run only these sections")
-    ap.add_argument("--out", type=Path, default=RESULTS, help="results root (default benchmarks/results)")
+    ap.add_argument("--out", type=Path, default=None,
+                    help="folder for gpu-check.json and gpu-check.txt (default: benchmarks/results/<gpu-name>/, "
+                         "or a temporary folder where the checkout cannot be written)")
+    ap.add_argument("--budget", type=float, default=RUN_BUDGET_S, metavar="SECONDS",
+                    help=f"the whole run's time (default {RUN_BUDGET_S:.0f}): speed, backends and pytest take what "
+                         "the correctness sections leave")
+    ap.add_argument("--no-compile", action="store_true", help="leave torch.compile out of the speed section")
     args = ap.parse_args(argv)
-    reason = no_gpu_reason()
-    if reason:
-        print(reason)
+    if not args.budget > 0:
+        ap.error(f"--budget {args.budget:g}: expected a positive number of seconds")
+    if args.out is not None and (why := writable(args.out)):
+        ap.error(f"--out {args.out}: cannot write there ({why})")
+    reason_ = no_gpu_reason()
+    if reason_:
+        print(reason_)
         return 2
-    result = Result()
-    for name in args.only or SECTIONS:
-        section(result, name, SECTIONS[name])
+    result = Result(deadline=start + args.budget)
+    result.env["budget_s"] = args.budget
+    names = args.only or list(SECTIONS)
+    for i, name in enumerate(names):
+        fn = SECTIONS[name]
+        if name == "speed" and args.no_compile:
+            fn = lambda r: check_speed(r, compile=False)  # noqa: E731
+        section(result, name, fn, section_budget(name, names[i + 1:], result))
         if name == "env" and result.failed and result.env.get("gpu") is None:
             break
+    result.env["total_s"] = round(time.monotonic() - start, 1)
     print(format_table(result))
-    print(f"written: {write_report(result, args.out)}")
+    out, note = args.out, ""
+    if out is None:
+        out = default_out(result.env.get("gpu", "gpu"))
+        why = writable(out)
+        if why:
+            note = f" ({out} cannot be written: {why})"
+            out = Path(tempfile.gettempdir()) / f"ferret-gpu-check-{slug(result.env.get('gpu', 'gpu'))}"
+    try:
+        json_path, table_path = write_report(result, out)
+        print(f"written: {json_path} and {table_path.name}{note}")
+    except OSError as e:  # the results are in the table above; a write that fails is no correctness failure
+        print(f"not written: {out}: {e}")
     return 1 if result.failed else 0
 
 
