@@ -204,10 +204,14 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         if not isinstance(data, dict):
             raise ConfigError(f"{p}: received {type(data).__name__}; expected a mapping of config sections")
         cfg = _merge(cfg, data, "")
-    if overrides:
-        cfg = _merge(cfg, parse_overrides(overrides), "")
-    return cfg
+    return apply_overrides(cfg, overrides)
 
 
 def config_from_dict(d: dict[str, Any]) -> TrainConfig:
+    """A config from a nested mapping (e.g. the one a checkpoint stores), checked like a YAML file."""
     return _merge(TrainConfig(), d, "")
+
+
+def apply_overrides(cfg: TrainConfig, overrides: list[str] | None) -> TrainConfig:
+    """``cfg`` with command-line ``key=value`` overrides applied and type-checked (unchanged without any)."""
+    return _merge(cfg, parse_overrides(overrides), "") if overrides else cfg

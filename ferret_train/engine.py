@@ -356,10 +356,10 @@ def train(cfg: TrainConfig, *, resume: str | Path | None = None, log=print) -> P
 
 def resume_config(path: str | Path, overrides: list[str] | None = None) -> TrainConfig:
     """The training config stored in a checkpoint, with overrides (e.g. total_epochs=200)."""
-    from .config import _merge, parse_overrides
+    from .config import apply_overrides
 
     ckpt = read_checkpoint(Path(path))
     if not ckpt.get("train_config"):
         raise CheckpointError(f"{path}: records no training config (not written by ferret train); use --init to fine-tune")
     cfg = config_from_dict(ckpt["train_config"])
-    return _merge(cfg, parse_overrides(overrides), "") if overrides else cfg
+    return apply_overrides(cfg, overrides)

@@ -10,7 +10,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..registry import register_model
-from .peers import _check_options, _stage, _init_resnet
+from ..layers.resnet import init_resnet, resnet_stage
+from .peers import check_peer_options
 
 
 
@@ -87,13 +88,13 @@ class FreqNet(nn.Module):
         self.freq1 = FreqStage(3, 64, stride=1, channel_high_pass=True)
         self.freq2 = FreqStage(64, 64, stride=2, channel_high_pass=True)
         self.maxpool = nn.MaxPool2d(3, 2, padding=1)
-        self.layer1 = _stage(64, 64, 3, stride=1)
+        self.layer1 = resnet_stage(64, 64, 3, stride=1)
         self.freq3 = FreqStage(256, 256, stride=1, channel_high_pass=False)
         self.freq4 = FreqStage(256, 256, stride=2, channel_high_pass=False)
-        self.layer2 = _stage(256, 128, 4, stride=2)
+        self.layer2 = resnet_stage(256, 128, 4, stride=2)
         self.avgpool = nn.AdaptiveAvgPool2d(1)
         self.fc1 = nn.Linear(512, 1)
-        _init_resnet(self)
+        init_resnet(self)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.maxpool(self.freq2(self.freq1(x)))
@@ -105,5 +106,5 @@ class FreqNet(nn.Module):
 @register_model("freqnet")
 def freqnet(**kwargs: Any) -> FreqNet:
     """FreqNet (AAAI 2024), random weights."""
-    _check_options("freqnet", kwargs)
+    check_peer_options("freqnet", kwargs)
     return FreqNet()

@@ -52,6 +52,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from ferret_runtime.errors import ConfigError
 
+from ..layers.resnet import init_resnet, resnet_stage
 from ..registry import register_model
 
 FLOPS_PER_MAC: Final[int] = 2
@@ -80,7 +81,8 @@ PAPER_SKIPPED_MACS: Final[dict[str, int]] = {
 _FERRET_ONLY_OPTIONS: Final[frozenset[str]] = frozenset({"lpd_func", "window_size", "lpd_impl"})
 
 
-def _check_options(name: str, kwargs: dict[str, Any]) -> None:
+def check_peer_options(name: str, kwargs: dict[str, Any]) -> None:
+    """Peers take no options; FerretNet's own (LPD, window) are ignored, anything else is refused."""
     unknown = sorted(set(kwargs) - _FERRET_ONLY_OPTIONS)
     if unknown:
         raise ConfigError(
@@ -114,52 +116,6 @@ def count_flops(model: nn.Module, size: int = 256) -> int:
     return int(counter.get_total_flops())
 
 
-# ----------------------------------------------------------------------------------------------
-# The shared ResNet-50 pieces
-
-
-class Bottleneck(nn.Module):
-    """ResNet-50 bottleneck: 1x1 reduce, 3x3 (carries the stride), 1x1 expand x4, projected shortcut."""
-
-    expansion: Final[int] = 4
-
-    def __init__(self, cin: int, planes: int, stride: int = 1):
-        super().__init__()
-        cout = planes * self.expansion
-        self.conv1 = nn.Conv2d(cin, planes, 1, bias=False)
-        self.bn1 = nn.BatchNorm2d(planes)
-        self.conv2 = nn.Conv2d(planes, planes, 3, stride, padding=1, bias=False)
-        self.bn2 = nn.BatchNorm2d(planes)
-        self.conv3 = nn.Conv2d(planes, cout, 1, bias=False)
-        self.bn3 = nn.BatchNorm2d(cout)
-        self.relu = nn.ReLU(inplace=True)
-        self.downsample: nn.Module = nn.Identity()
-        if stride != 1 or cin != cout:
-            self.downsample = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.relu(self.bn1(self.conv1(x)))
-        out = self.relu(self.bn2(self.conv2(out)))
-        out = self.bn3(self.conv3(out))
-        return self.relu(out + self.downsample(x))
-
-
-def _stage(cin: int, planes: int, blocks: int, stride: int) -> nn.Sequential:
-    """One ResNet stage: the first block changes width/stride, the rest keep it."""
-    cout = planes * Bottleneck.expansion
-    return nn.Sequential(Bottleneck(cin, planes, stride), *[Bottleneck(cout, planes) for _ in range(blocks - 1)])
-
-
-def _init_resnet(model: nn.Module) -> None:
-    """torchvision's ResNet initialisation (He-normal convs, BN at identity)."""
-    for m in model.modules():
-        if isinstance(m, nn.Conv2d):
-            nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-        elif isinstance(m, nn.BatchNorm2d):
-            nn.init.ones_(m.weight)
-            nn.init.zeros_(m.bias)
-
-
 class TruncatedResNet50(nn.Module):
     """ResNet-50 through ``layer2`` with a 3x3 stride-2 stem: the backbone NPR and SAFE share.
 
@@ -173,11 +129,11 @@ class TruncatedResNet50(nn.Module):
         self.bn1 = nn.BatchNorm2d(64)
         self.relu = nn.ReLU(inplace=True)
         self.maxpool = nn.MaxPool2d(3, 2, padding=1)
-        self.layer1 = _stage(64, 64, 3, stride=1)
-        self.layer2 = _stage(256, 128, 4, stride=2)
+        self.layer1 = resnet_stage(64, 64, 3, stride=1)
+        self.layer2 = resnet_stage(256, 128, 4, stride=2)
         self.avgpool = nn.AdaptiveAvgPool2d(1)
         self.fc1 = nn.Linear(512, 1)
-        _init_resnet(self)
+        init_resnet(self)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
@@ -276,13 +232,13 @@ class CNNDetection(nn.Module):
         self.bn1 = nn.BatchNorm2d(64)
         self.relu = nn.ReLU(inplace=True)
         self.maxpool = nn.MaxPool2d(3, 2, padding=1)
-        self.layer1 = _stage(64, 64, 3, stride=1)
-        self.layer2 = _stage(256, 128, 4, stride=2)
-        self.layer3 = _stage(512, 256, 6, stride=2)
-        self.layer4 = _stage(1024, 512, 3, stride=2)
+        self.layer1 = resnet_stage(64, 64, 3, stride=1)
+        self.layer2 = resnet_stage(256, 128, 4, stride=2)
+        self.layer3 = resnet_stage(512, 256, 6, stride=2)
+        self.layer4 = resnet_stage(1024, 512, 3, stride=2)
         self.avgpool = nn.AdaptiveAvgPool2d(1)
         self.fc = nn.Linear(2048, 1)
-        _init_resnet(self)
+        init_resnet(self)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
@@ -297,19 +253,19 @@ class CNNDetection(nn.Module):
 @register_model("npr")
 def npr(**kwargs: Any) -> NPR:
     """NPR (CVPR 2024), random weights."""
-    _check_options("npr", kwargs)
+    check_peer_options("npr", kwargs)
     return NPR()
 
 
 @register_model("safe")
 def safe(**kwargs: Any) -> SAFE:
     """SAFE (KDD 2025), random weights."""
-    _check_options("safe", kwargs)
+    check_peer_options("safe", kwargs)
     return SAFE()
 
 
 @register_model("cnndetection")
 def cnndetection(**kwargs: Any) -> CNNDetection:
     """CNNDetection's ResNet-50 (CVPR 2020), random weights."""
-    _check_options("cnndetection", kwargs)
+    check_peer_options("cnndetection", kwargs)
     return CNNDetection()
