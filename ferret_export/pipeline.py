@@ -94,7 +94,7 @@ def quantize_verified(fp32: Path, out: Path, int8: Int8Options, verify_images: l
     """fp32 ONNX -> calibrated INT8 Q/DQ ONNX at ``out``, written only when int8 and fp32 labels agree
     on at least ``int8.min_agreement`` of the verification images (``verify_images``, else the
     calibration images). Returns the ``QuantResult``."""
-    from .int8_data import select_images, verify_int8
+    from .int8_data import verify_int8
     from .quantize import quantize_int8
     from .verify import ParityError
 
@@ -103,7 +103,7 @@ def quantize_verified(fp32: Path, out: Path, int8: Int8Options, verify_images: l
         q = Path(tmp) / "int8.onnx"
         res = quantize_int8(fp32, q, int8.calib_data, n_images=int8.calib_images, method=int8.calib_method,
                             float_layers=int8.float_layers, log=log)
-        images = verify_images or select_images(int8.calib_data, int8.calib_images)  # the same seeded draw
+        images = verify_images or res.images  # the calibration images, drawn and decoded once
         cmp = verify_int8(fp32, q, images, log=log)
         if cmp.agreement < int8.min_agreement:
             raise ParityError(f"{out}: not written: int8 and fp32 labels agree on {100 * cmp.agreement:.2f}% of "

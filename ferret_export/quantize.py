@@ -52,7 +52,7 @@ from ferret_runtime.fileio import atomic_write
 from ferret_runtime.metadata import PREFIX, decode
 from ferret_runtime.preprocess import Preprocess
 
-from .int8_data import Normalized, graph_input, image_batches, images_digest, select_images
+from .int8_data import DecodedImages, Normalized, decode_images, graph_input, images_digest, select_images
 from .int8_graph import (QDQ_OPS, WEIGHTED_OPS, QuantizationError, cnn_nodes, equalize, insert_residual_qdq,
                          quantized_inputs, residual_adds)
 from .onnx_graph import PLUGIN_DOMAIN
@@ -72,6 +72,7 @@ class QuantResult:
     images_sha256: str
     calib_seconds: float  # decoding, equalisation, calibration and quantisation
     quantized_nodes: list[str] = field(default_factory=list)  # the Conv/Gemm/Add nodes fed by DequantizeLinear
+    images: DecodedImages | None = field(default=None, repr=False)  # the calibration set, decoded once
 
 
 # --------------------------------------------------------------------------------------- checks
@@ -168,8 +169,8 @@ def quantize_int8(src_onnx: str | Path, out_onnx: str | Path, calib_images: Sequ
     batch_size = fixed_batch or (1 if pre.crop is None else batch_size)  # full-size images differ in size
     digest = images_digest(images)
     t0 = time.perf_counter()
-    raw = [u8 for _, u8 in image_batches(images, pre, batch_size)]  # decoded once, kept as uint8 (192 KB an image)
-    batches = Normalized(raw, pre)
+    decoded = decode_images(images, pre, batch_size)  # once, as uint8; verification reuses it
+    batches = Normalized(list(decoded.batches), pre)
     t_decode = time.perf_counter() - t0
 
     allowed = cnn_nodes(proto)
@@ -200,7 +201,7 @@ def quantize_int8(src_onnx: str | Path, out_onnx: str | Path, calib_images: Sequ
     atomic_write(out, qproto.SerializeToString())
     log(f"[int8] {seconds:.1f} s (decode {t_decode:.1f} s, calibration {t_calib:.1f} s); wrote {out} "
         f"({out.stat().st_size / 1e6:.2f} MB; fp32 {src.stat().st_size / 1e6:.2f} MB)")
-    return QuantResult(out, qproto, method, len(images), digest, seconds, quantized_inputs(qproto))
+    return QuantResult(out, qproto, method, len(images), digest, seconds, quantized_inputs(qproto), decoded)
 
 
 def _check_options(method: str, batch_size: int, float_layers: int) -> None:

@@ -315,3 +315,22 @@ def test_cli_int8_fails_below_the_agreement_floor_and_writes_nothing(authors_ckp
     assert rc == 2 and "not written" in err and "labels agree on" in err, err
     assert out.read_bytes() == b"previous model"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["old.onnx"]
+
+
+def test_quantize_verified_decodes_each_calibration_image_once(fp32_onnx, proxy, tmp_path, monkeypatch):
+    """Calibration and its verification read the same drawn images: one decode each, not two."""
+    import ferret_export.int8_data as int8_data
+    from ferret_export.pipeline import Int8Options, quantize_verified
+
+    decoded: list[Path] = []
+    real = int8_data.load_image
+
+    def counting(path, *args, **kwargs):
+        decoded.append(Path(path))
+        return real(path, *args, **kwargs)
+
+    monkeypatch.setattr(int8_data, "load_image", counting)
+    opts = Int8Options(calib_data=[proxy["train"]], calib_images=6, min_agreement=0.0)
+    res = quantize_verified(fp32_onnx, tmp_path / "q.onnx", opts, log=_quiet)
+    assert res.n_images == 6 and len(decoded) == 6 and len(set(decoded)) == 6, decoded
+    assert (tmp_path / "q.onnx").is_file()
