@@ -51,30 +51,57 @@ def sweep_table(record: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def plot(record: dict[str, Any], out_dir: Path) -> list[Path]:
-    """throughput.png (img/s vs batch) and latency.png (ms per batch vs batch), one panel per model."""
+def _log_axis(axis, values: list[float]) -> None:
+    """Label a log axis with plain numbers (1, 2, 5 x 10^k; the batch sizes themselves on x), no minor labels:
+    matplotlib's default labels minor ticks as '2x10^0' when the range spans less than a decade, and they collide."""
+    from matplotlib.ticker import FixedLocator, FuncFormatter, LogLocator, NullFormatter
+
+    plain = FuncFormatter(lambda v, _: f"{v:g}")
+    axis.set_major_locator(FixedLocator(values) if values else LogLocator(subs=(1.0, 2.0, 5.0)))
+    axis.set_major_formatter(plain)
+    axis.set_minor_formatter(NullFormatter())
+
+
+def figure(record: dict[str, Any], key: str, ylabel: str):
+    """One panel per model of ``key`` against the batch size; each backend has one colour in every panel."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     models = [m["model"] for m in record["models"]]
+    backends = list(dict.fromkeys(c["backend"] for c in record["cells"]))
+    colour = {b: plt.get_cmap("tab10")(i % 10) for i, b in enumerate(backends)}
+    batches = sorted({c["batch"] for c in record["cells"]})
+    fig, axes = plt.subplots(1, len(models), figsize=(3.6 * len(models), 3.6), squeeze=False)
+    drawn = {}
+    for ax, model in zip(axes[0], models):
+        for backend in backends:
+            pts = [(c["batch"], c[key]) for c in record["cells"]
+                   if c["model"] == model and c["backend"] == backend and c["status"] == "ok"]
+            if pts:
+                (drawn[backend],) = ax.plot(*zip(*pts), "o-", color=colour[backend], label=backend)
+        ax.set(title=model, xlabel="batch size", xscale="log", yscale="log")
+        _log_axis(ax.xaxis, batches)
+        _log_axis(ax.yaxis, [])
+        ax.grid(alpha=0.3, which="both")
+    axes[0][0].set_ylabel(ylabel)
+    hw = record["hardware"]
+    fig.suptitle(f"{hw.get('gpu') or hw['cpu']} ({record['device']})", fontsize=9)
+    order = [b for b in backends if b in drawn]
+    fig.legend([drawn[b] for b in order], order, loc="lower center", ncol=len(order), fontsize=8, frameon=False)
+    fig.tight_layout(rect=(0, 0.08, 1, 1))
+    return fig
+
+
+def plot(record: dict[str, Any], out_dir: Path) -> list[Path]:
+    """throughput.png (img/s vs batch) and latency.png (ms per batch vs batch), one panel per model."""
+    import matplotlib.pyplot as plt
+
     paths = []
     for key, ylabel, fname in (("img_s_median", "images / s (median)", "throughput.png"),
                                ("latency_ms_p50", "latency per batch, p50 (ms)", "latency.png")):
-        fig, axes = plt.subplots(1, len(models), figsize=(4.2 * len(models), 3.8), squeeze=False)
-        for ax, model in zip(axes[0], models):
-            for backend in dict.fromkeys(c["backend"] for c in record["cells"]):
-                pts = [(c["batch"], c[key]) for c in record["cells"]
-                       if c["model"] == model and c["backend"] == backend and c["status"] == "ok"]
-                if pts:
-                    ax.plot(*zip(*pts), "o-", label=backend)
-            ax.set(title=model, xlabel="batch size", ylabel=ylabel, xscale="log", yscale="log")
-            ax.grid(alpha=0.3, which="both")
-            ax.legend(fontsize=7)
-        hw = record["hardware"]
-        fig.suptitle(f"{hw.get('gpu') or hw['cpu']} ({record['device']})", fontsize=9)
-        fig.tight_layout()
+        fig = figure(record, key, ylabel)
         path = out_dir / fname
         fig.savefig(path, dpi=100)
         plt.close(fig)

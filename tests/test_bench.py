@@ -71,3 +71,91 @@ def test_bench_torch_compile_row(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     (cell,) = json.loads((tmp_path / "bench.json").read_text())["cells"]
     assert cell["backend"] == "torch-compile" and cell["status"] == "ok" and cell["img_s_median"] > 0
+
+
+def _saved_figures(monkeypatch, record, tmp_path):
+    """The figures ``bench_report.plot`` saves, caught as they are saved (so already laid out and drawn)."""
+    import matplotlib.figure
+
+    from ferret_export.bench_report import plot
+
+    saved, real = [], matplotlib.figure.Figure.savefig
+
+    def keep(fig, *args, **kwargs):
+        saved.append(fig)
+        return real(fig, *args, **kwargs)
+
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", keep)
+    paths = plot(record, tmp_path)
+    assert [p.name for p in paths] == ["throughput.png", "latency.png"] and len(saved) == 2
+    return saved
+
+
+def _shown_tick_labels(axis) -> list:
+    """The tick labels drawn on ``axis``: inside the view, visible, with text."""
+    lo, hi = sorted(axis.get_view_interval())
+    ticks = axis.get_major_ticks() + axis.get_minor_ticks()
+    return [t.label1 for t in ticks if lo <= t.get_loc() <= hi and t.label1.get_visible() and t.label1.get_text()]
+
+
+def _sweep_record() -> dict:
+    """A GPU-shaped sweep by hand: batch 1..256, values over four decades, one panel within a factor of 2,
+    and a backend the second model lacks (so a colour cycle that advances per line would shift there)."""
+    batches = [1, 8, 32, 64, 128, 256]
+    cells = []
+    for model, wide in (("wide", True), ("narrow", False)):
+        for i, backend in enumerate(("torch-reference", "torch", "onnxruntime", "tensorrt-fp16")):
+            for b in batches:
+                img_s = 50.0 * (i + 1) * (b ** 0.9 if wide else 1.0 + b / 512)
+                ok = wide or backend != "torch-reference"
+                cells.append({"model": model, "backend": backend, "batch": b, "status": "ok" if ok else "skipped",
+                              "img_s_median": img_s, "latency_ms_p50": 1000.0 * b / img_s})
+    return {"models": [{"model": "wide"}, {"model": "narrow"}], "cells": cells, "device": "cuda",
+            "hardware": {"gpu": "a GPU", "cpu": "a CPU"}}
+
+
+RECORDS = ["committed cpu-2c record", "GPU-shaped sweep"]
+
+
+def _record(which: str) -> dict:
+    from .conftest import ROOT
+
+    if which.startswith("committed"):
+        return json.loads((ROOT / "benchmarks/results/cpu-2c/bench/bench.json").read_text())
+    return _sweep_record()
+
+
+@pytest.mark.parametrize("which", RECORDS)
+def test_bench_plot_tick_labels_do_not_overlap(which, monkeypatch, tmp_path):
+    """Every panel's log axes carry at least two tick labels, and no two of them overlap."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    for fig in _saved_figures(monkeypatch, _record(which), tmp_path):
+        canvas = FigureCanvasAgg(fig)  # plot() closed it: draw it again as it was saved
+        canvas.draw()
+        renderer = canvas.get_renderer()
+        for ax in fig.axes:
+            assert ax.get_xscale() == ax.get_yscale() == "log"
+            for axis in (ax.xaxis, ax.yaxis):
+                labels = _shown_tick_labels(axis)
+                assert len(labels) >= 2, (ax.get_title(), [t.get_text() for t in labels])
+                boxes = [(t.get_window_extent(renderer), t.get_text()) for t in labels]
+                for i, (a, ta) in enumerate(boxes):
+                    for b, tb in boxes[i + 1:]:
+                        overlap = a.x0 < b.x1 and b.x0 < a.x1 and a.y0 < b.y1 and b.y0 < a.y1
+                        assert not overlap, f"{ax.get_title()}: tick labels {ta!r} and {tb!r} overlap"
+
+
+@pytest.mark.parametrize("which", RECORDS)
+def test_bench_plot_one_colour_per_backend(which, monkeypatch, tmp_path):
+    """A backend's line has the same colour in every panel, and two backends never share one."""
+    from matplotlib.colors import to_hex
+
+    for fig in _saved_figures(monkeypatch, _record(which), tmp_path):
+        colours: dict[str, set] = {}
+        for ax in fig.axes:
+            for line in ax.get_lines():
+                if not line.get_label().startswith("_"):
+                    colours.setdefault(line.get_label(), set()).add(to_hex(line.get_color()))
+        assert len(colours) >= 3 and all(len(c) == 1 for c in colours.values()), colours
+        assert len({next(iter(c)) for c in colours.values()}) == len(colours), colours
