@@ -40,8 +40,14 @@ OPS: dict[str, bool] = {PLUGIN_OP: False, "lpd_residual": True}  # op name -> th
 ATTRIBUTES: tuple[str, ...] = ("func", "window_size")  # in register order; the AOT call passes them in node order
 PLUGIN_CONTROL_ATTRS = ("plugin_namespace", "plugin_version", "aot")  # read by the parser, not passed to the plugin
 # PTX for compute_75 (Turing, the oldest GPU TensorRT 10 supports): the driver compiles it for the GPU the
-# engine loads on, so one PTX serves every GPU and --hardware-compat engines (no arch-specific code in lpd.cu).
+# engine loads on, so one PTX serves every GPU and --hardware-compat engines. lpd.cu's sm_80 instructions
+# (cvt.rn.f16x2.f32, min/max.f16x2) are behind __CUDA_ARCH__ >= 800, so this PTX has their sm_75 fallback.
 PTX_ARCH = 75
+# The 3x3 kernels' __launch_bounds__ in the PTX: 6 blocks of 256 threads per SM, what every GPU from sm_80 runs
+# (40 registers; lpd.cu's own sm_75 choice of 4 would let their JIT take 56 and lose a third of the warps).
+# sm_75's JIT cannot meet 6 (1024 threads per SM), ignores it with a warning no one sees, and takes the
+# registers it takes under 4 (at most 64: 4 blocks). tests/test_kernel_arch.py compiles this PTX for every GPU.
+PTX_OPTIONS: tuple[str, ...] = ("-DFERRET_BLOCKS_PER_SM=6",)
 TRT_PREFIX = "trt_"
 
 TRT_ENTRY_SOURCE = r"""
@@ -138,7 +144,7 @@ def compile_trt_ptx(arch: int = PTX_ARCH, cache: Path | None = None, kernels: tu
     """
     major, minor = nvrtc_version()
     check_ptx_driver((major, minor))
-    options = selection_options(kernels, window)
+    options = (*selection_options(kernels, window), *PTX_OPTIONS)
     key = source_hash(TRT_ENTRY_SOURCE, *NVRTC_OPTIONS, *options, f"nvrtc{major}.{minor}")
     what = "all" if kernels is None else "-".join(sorted(kernels)) + (f"-k{window}" if window else "")
     path = (cache or cache_dir()) / f"lpd-trt-{key}-compute{arch}-nvrtc{major}{minor}-{what}.ptx"
@@ -147,7 +153,7 @@ def compile_trt_ptx(arch: int = PTX_ARCH, cache: Path | None = None, kernels: tu
     entries = tuple(f"{base}_{s}" for base in TRT_KERNEL_ARGS for s in ("f32", "f16"))
     data = nvrtc_compile(read_source() + TRT_ENTRY_SOURCE, "lpd_trt.cu", f"compute_{arch}", "ptx",
                          f"lpd.cu with the TensorRT entry points (compute_{arch})",
-                         selection_options(entries if kernels is None else kernels, window))
+                         (*selection_options(entries if kernels is None else kernels, window), *PTX_OPTIONS))
     data = data.rstrip(b"\0")  # TensorRT takes the PTX text; NVRTC's size counts the terminating NUL
     write_atomic(path, data)
     return data

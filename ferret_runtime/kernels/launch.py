@@ -247,20 +247,29 @@ def check_nvrtc_driver(target: str, nvrtc: tuple[int, int], driver: tuple[int, i
                         "cuDriverGetVersion")
 
 
-def nvrtc_compile(source: str, name: str, gpu: str, target: str, what: str, options: tuple[str, ...] = ()) -> bytes:
+def nvrtc_compile(source: str, name: str, gpu: str, target: str, what: str, options: tuple[str, ...] = (),
+                  log: list[str] | None = None) -> bytes:
     """``source`` compiled by NVRTC for ``gpu`` ('sm_XX' for a CUBIN, 'compute_XX' for PTX) with
-    NVRTC_OPTIONS and ``options``; KernelCompileError with NVRTC's log when it fails (``what`` names the build)."""
+    NVRTC_OPTIONS and ``options``; KernelCompileError with NVRTC's log when it fails (``what`` names the build).
+    ``log``, a list, receives NVRTC's log of a build that succeeds (with ``--ptxas-options=-v``: registers
+    and spills per kernel, see :func:`ptxas_usage`)."""
     nvrtc = _bindings("nvrtc")
     prog = _call("nvrtcCreateProgram", nvrtc.nvrtcCreateProgram, source.encode(), name.encode(), 0, [], [])
+
+    def program_log() -> str:
+        size = _call("nvrtcGetProgramLogSize", nvrtc.nvrtcGetProgramLogSize, prog)
+        text = b" " * size
+        _call("nvrtcGetProgramLog", nvrtc.nvrtcGetProgramLog, prog, text)
+        return text.decode(errors="replace").rstrip("\0 ")
+
     try:
         opts = [f"--gpu-architecture={gpu}".encode(), *(o.encode() for o in (*NVRTC_OPTIONS, *options))]
         status, = nvrtc.nvrtcCompileProgram(prog, len(opts), opts)
         if int(status) != 0:
-            size = _call("nvrtcGetProgramLogSize", nvrtc.nvrtcGetProgramLogSize, prog)
-            log = b" " * size
-            _call("nvrtcGetProgramLog", nvrtc.nvrtcGetProgramLog, prog, log)
             raise KernelCompileError(f"nvrtcCompileProgram: received {_status_text(status)} for {what}; expected "
-                                     "success", log.decode(errors="replace").rstrip("\0 "))
+                                     "success", program_log())
+        if log is not None:
+            log.append(program_log())
         get_size, get = ((nvrtc.nvrtcGetCUBINSize, nvrtc.nvrtcGetCUBIN) if target == "cubin"
                          else (nvrtc.nvrtcGetPTXSize, nvrtc.nvrtcGetPTX))
         size = _call(get_size.__name__, get_size, prog)
@@ -269,6 +278,22 @@ def nvrtc_compile(source: str, name: str, gpu: str, target: str, what: str, opti
     finally:
         _call("nvrtcDestroyProgram", nvrtc.nvrtcDestroyProgram, prog)
     return data
+
+
+def ptxas_usage(log: str) -> dict[str, dict[str, int]]:
+    """ptxas's -v report per kernel: {'lpd_residual_f32': {'registers': 40, 'stack': 0, 'spill_stores': 0,
+    'spill_loads': 0}, ...}, from nvcc's, NVRTC's (--ptxas-options=-v) or nvJitLink's (-Xptxas=-v) log."""
+    usage: dict[str, dict[str, int]] = {}
+    entry = None
+    for line in log.splitlines():
+        if m := re.search(r"Compiling entry function '(\w+)'", line):
+            entry = usage.setdefault(m.group(1), {})
+        elif entry is not None and (m := re.search(r"(\d+) bytes stack frame, (\d+) bytes spill stores, "
+                                                   r"(\d+) bytes spill loads", line)):
+            entry.update(stack=int(m.group(1)), spill_stores=int(m.group(2)), spill_loads=int(m.group(3)))
+        elif entry is not None and (m := re.search(r"Used (\d+) registers", line)):
+            entry["registers"] = int(m.group(1))
+    return usage
 
 
 def selection_options(kernels: tuple[str, ...] | None = None, window: int = 0) -> tuple[str, ...]:

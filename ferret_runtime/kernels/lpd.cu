@@ -9,12 +9,20 @@
 // Every value is reduced in float32: float16 kernels convert on load and round once on store.
 // The median-of-9 network is written out by hand and CHECKED (not generated): the test parses the
 // FERRET_CX lines between the BEGIN/END markers and compares them with lpd_spec.MEDIAN9_NETWORK.
-// fminf/fmaxf return the non-NaN operand, so a NaN pixel does not propagate as torch.minimum would.
+// Min and max are the device's (FMNMX, PTX min/max): the non-NaN operand wins, so a NaN pixel does not
+// propagate as torch.minimum would, and -0 orders below +0 (ferret_fmin; the host build does the same).
+// float16 is raw binary16 bits converted by single PTX instructions, which the host build implements bit
+// for bit, so the lane order of every pack, store and load around them runs, and is tested, on the CPU.
 //
 // Building part of it (cold start: NVRTC takes seconds for every kernel, milliseconds for one):
 //   -DFERRET_ONLY -DFERRET_WANT_<kernel>   only the named extern "C" kernels (launch.py, trt_plugin.py)
 //   -DFERRET_WINDOW=k                      lpd_generic for one window size k only (3, 5 or 7), so a 3x3
 //                                          variant does not carry the 7x7 network's registers and code
+//
+// Architectures: sm_75 (Turing) and newer, every one NVRTC 13 builds for. Instructions that need sm_80
+// (cvt.rn.f16x2.f32, min/max.f16x2) sit behind __CUDA_ARCH__ >= FERRET_F16X2_ARCH * 10 with a fallback
+// that gives the same bits; PTX for compute_75 (the TensorRT plugin) takes the fallback, so it JIT-compiles
+// for any GPU.
 
 #ifndef __CUDACC__
 #define __host__
@@ -23,8 +31,15 @@
 #define FERRET_UNROLL
 #include <math.h>
 #include <stdlib.h>
+#include <string.h>
 #else
 #define FERRET_UNROLL _Pragma("unroll")
+#endif
+
+// The first architecture with the packed float16 instructions (cvt.rn.f16x2.f32, min.f16x2, max.f16x2).
+#define FERRET_F16X2_ARCH 80
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= FERRET_F16X2_ARCH * 10
+#define FERRET_F16X2 1
 #endif
 
 // Each thread computes FERRET_ROWS_PER_THREAD output rows, blockDim.y apart, so a block of
@@ -62,12 +77,55 @@ __host__ __device__ __forceinline__ float ferret_inf() {
 }
 
 // ---------------------------------------------------------------------------------------------
+// Min and max as the device computes them. fminf/fmaxf compile to FMNMX (PTX min.f32/max.f32), which is
+// IEEE 754-2019 minimumNumber/maximumNumber: a NaN operand yields the other operand, two NaNs the
+// canonical NaN, and -0 orders below +0 whatever the operand order. The C library's fminf on the host may
+// return either zero (x86 MINSS returns an operand by its position), so the host build orders the bits
+// itself: its selections, sign of zero included, are the device's.
+// ---------------------------------------------------------------------------------------------
+
+#ifdef __CUDACC__
+__device__ __forceinline__ float ferret_fmin(float a, float b) { return fminf(a, b); }
+__device__ __forceinline__ float ferret_fmax(float a, float b) { return fmaxf(a, b); }
+#else
+static inline unsigned int ferret_f32_bits(float f) {
+    unsigned int u;
+    memcpy(&u, &f, sizeof u);
+    return u;
+}
+static inline float ferret_bits_f32(unsigned int u) {
+    float f;
+    memcpy(&f, &u, sizeof f);
+    return f;
+}
+// Sign-magnitude bits (sign: the sign bit) to a key whose unsigned order is the numeric order, -0 just below +0.
+static inline unsigned int ferret_order_key(unsigned int u, unsigned int sign) {
+    return u & sign ? ~u & (sign | (sign - 1)) : u | sign;
+}
+// minimumNumber (is_max = 0) or maximumNumber of two IEEE values of `bits` bits, on their bit patterns.
+static inline unsigned int ferret_minmax_bits(unsigned int a, unsigned int b, int bits, int is_max) {
+    const unsigned int sign = 1u << (bits - 1), inf = bits == 32 ? 0x7f800000u : 0x7c00u;
+    const unsigned int mask = bits == 32 ? 0xffffffffu : 0xffffu, nan = bits == 32 ? 0x7fffffffu : 0x7fffu;
+    const bool a_nan = (a & ~sign & mask) > inf, b_nan = (b & ~sign & mask) > inf;
+    if (a_nan || b_nan) return a_nan && b_nan ? nan : a_nan ? b : a;
+    const bool a_first = ferret_order_key(a, sign) <= ferret_order_key(b, sign);
+    return a_first != (is_max != 0) ? a : b;
+}
+static inline float ferret_fmin(float a, float b) {
+    return ferret_bits_f32(ferret_minmax_bits(ferret_f32_bits(a), ferret_f32_bits(b), 32, 0));
+}
+static inline float ferret_fmax(float a, float b) {
+    return ferret_bits_f32(ferret_minmax_bits(ferret_f32_bits(a), ferret_f32_bits(b), 32, 1));
+}
+#endif
+
+// ---------------------------------------------------------------------------------------------
 // Per-pixel math: shared by kernels and host functions.
 // ---------------------------------------------------------------------------------------------
 
 __host__ __device__ __forceinline__ void ferret_cx(float& a, float& b) {
-    const float lo = fminf(a, b);
-    b = fmaxf(a, b);
+    const float lo = ferret_fmin(a, b);
+    b = ferret_fmax(a, b);
     a = lo;
 }
 
@@ -136,7 +194,7 @@ __host__ __device__ __forceinline__ float ferret_reduce(float* v, int variant) {
     if (variant == FERRET_LPD_MIN || variant == FERRET_LPD_MAX) {
         float acc = v[0];
         FERRET_UNROLL
-        for (int i = 1; i < K * K; ++i) acc = variant == FERRET_LPD_MIN ? fminf(acc, v[i]) : fmaxf(acc, v[i]);
+        for (int i = 1; i < K * K; ++i) acc = variant == FERRET_LPD_MIN ? ferret_fmin(acc, v[i]) : ferret_fmax(acc, v[i]);
         return acc;
     }
     if (variant == FERRET_LPD_AVG) {  // mean over all K*K (masked centre 0), in row-major order
@@ -159,24 +217,114 @@ __host__ __device__ __forceinline__ int ferret_valid_window(int k) { return k ==
 __host__ __device__ __forceinline__ int ferret_valid_variant(int v) { return v >= FERRET_LPD_MEDIAN && v <= FERRET_LPD_AVG; }
 
 // ---------------------------------------------------------------------------------------------
-// Storage types: float, and float16 as raw IEEE binary16 bits converted with PTX cvt (the same
-// instructions cuda_fp16.h emits), so NVRTC needs no CUDA include directory.
+// Storage types: float, and float16 as raw IEEE binary16 bits (unsigned short) converted by the PTX
+// instructions cuda_fp16.h emits, so NVRTC needs no CUDA include directory. Each instruction is one
+// function below, and the host build implements each one bit for bit (round to nearest even, lane 0 in
+// bits 0..15, little-endian words): every line around them (which value goes to which lane, which half
+// goes to which row, which byte a word holds) is then the same code on the CPU as on the GPU, and a swapped
+// lane fails a CPU test. NaN payloads are the one thing left unspecified (the host writes the canonical
+// NaN, 0x7fff; the kernels never make a NaN from finite inputs).
 // ---------------------------------------------------------------------------------------------
+
+#ifdef __CUDACC__
+// cvt.f32.f16: exact.
+__device__ __forceinline__ float ferret_h2f(unsigned short h) {
+    float f;
+    asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(h));
+    return f;
+}
+// cvt.rn.f16.f32: to nearest, ties to even; beyond the largest half (65504 + half an ulp) to inf.
+__device__ __forceinline__ unsigned short ferret_f2h(float v) {
+    unsigned short h;
+    asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h) : "f"(v));
+    return h;
+}
+// mov.b32 {lo, hi}, d: the two halves of a 32-bit register, lo = bits 0..15.
+__device__ __forceinline__ void ferret_halves(unsigned int d, unsigned short& lo, unsigned short& hi) {
+    asm("mov.b32 {%0, %1}, %2;" : "=h"(lo), "=h"(hi) : "r"(d));
+}
+#else
+static inline float ferret_h2f(unsigned short h) {
+    const unsigned int sign = (unsigned int)(h & 0x8000u) << 16, e = (h >> 10) & 0x1fu, m = h & 0x3ffu;
+    if (e == 0x1f) return ferret_bits_f32(m ? 0x7fffffffu : sign | 0x7f800000u);  // NaN (canonical), inf
+    if (e == 0) return ferret_bits_f32(sign | ferret_f32_bits((float)m * 0x1p-24f));  // zero, subnormal: exact
+    return ferret_bits_f32(sign | (e + 112) << 23 | m << 13);
+}
+static inline unsigned short ferret_f2h(float v) {
+    const unsigned int x = ferret_f32_bits(v), sign = (x >> 16) & 0x8000u, a = x & 0x7fffffffu;
+    if (a > 0x7f800000u) return 0x7fffu;                          // NaN: canonical
+    if (a >= 0x477ff000u) return (unsigned short)(sign | 0x7c00u);  // >= 65520 (65504 + half an ulp, a tie
+                                                                    // whose even neighbour is inf), inf
+    unsigned int q, rest, half;
+    if (a >= 0x38800000u) {  // a normal half: rebias the exponent, keep 10 of 23 mantissa bits
+        q = (a >> 13) - (112u << 10), rest = a & 0x1fffu, half = 0x1000u;
+    } else if (a >= 0x33000000u) {  // a subnormal half, in units of 2^-24 (2^-25 itself is a tie to 0)
+        const unsigned int e = a >> 23, m = (a & 0x7fffffu) | 0x800000u, shift = 126 - e;  // 14 .. 24
+        q = m >> shift, rest = m & ((1u << shift) - 1), half = 1u << (shift - 1);
+    } else {
+        return (unsigned short)sign;  // below 2^-25: zero
+    }
+    q += rest > half || (rest == half && (q & 1u));  // a carry into the exponent is right, up to inf
+    return (unsigned short)(sign | q);
+}
+static inline void ferret_halves(unsigned int d, unsigned short& lo, unsigned short& hi) {
+    lo = (unsigned short)(d & 0xffffu);
+    hi = (unsigned short)(d >> 16);
+}
+#endif
+
+// cvt.rn.f16x2.f32 d, a, b: a rounded to bits 16..31 of d, b to bits 0..15 (PTX's operand order), one
+// instruction on sm_80+. Before sm_80 (and on the host) two cvt.rn.f16.f32 packed the same way: each lane
+// rounded to nearest even from the same float, so the same bits.
+#ifdef FERRET_F16X2
+__device__ __forceinline__ unsigned int ferret_cvt_f16x2(float a, float b) {
+    unsigned int d;
+    asm("cvt.rn.f16x2.f32 %0, %1, %2;" : "=r"(d) : "f"(a), "f"(b));
+    return d;
+}
+#else
+__host__ __device__ __forceinline__ unsigned int ferret_cvt_f16x2(float a, float b) {
+    return (unsigned int)ferret_f2h(b) | (unsigned int)ferret_f2h(a) << 16;
+}
+#endif
 
 __host__ __device__ __forceinline__ float ferret_load(const float* p) { return *p; }
 __host__ __device__ __forceinline__ void ferret_store(float* p, float v) { *p = v; }
+__host__ __device__ __forceinline__ float ferret_load(const unsigned short* p) { return ferret_h2f(*p); }
+__host__ __device__ __forceinline__ void ferret_store(unsigned short* p, float v) { *p = ferret_f2h(v); }
+
+// Memory as the device reads and writes it: one 32-bit word of 4 bytes, two words of 4 halves (a 64-bit
+// vector load), 16 bytes of 4 floats; the host copies the same bytes (little-endian, as the GPU).
+__host__ __device__ __forceinline__ unsigned int ferret_load_word(const unsigned char* p) {
 #ifdef __CUDACC__
-__device__ __forceinline__ float ferret_load(const unsigned short* p) {
-    float f;
-    asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(*p));
-    return f;
-}
-__device__ __forceinline__ void ferret_store(unsigned short* p, float v) {
-    unsigned short h;
-    asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h) : "f"(v));
-    *p = h;
-}
+    return *(const unsigned int*)p;
+#else
+    unsigned int w;
+    memcpy(&w, p, sizeof w);
+    return w;
 #endif
+}
+__host__ __device__ __forceinline__ void ferret_load_words2(const unsigned short* p, unsigned int* w) {
+#ifdef __CUDACC__
+    const uint2 q = *(const uint2*)p;
+    w[0] = q.x, w[1] = q.y;
+#else
+    memcpy(w, p, 2 * sizeof(unsigned int));
+#endif
+}
+
+// __byte_perm(x, y, s): byte n of the result is byte s<4n+2:4n> of the 8 bytes y:x (x = bytes 0..3);
+// the upper 16 bits of s and the top bit of each selector nibble are not used (PRMT's default mode).
+__host__ __device__ __forceinline__ unsigned int ferret_byte_perm(unsigned int x, unsigned int y, unsigned int s) {
+#ifdef __CUDACC__
+    return __byte_perm(x, y, s);
+#else
+    const unsigned long long bytes = (unsigned long long)y << 32 | x;
+    unsigned int r = 0;
+    for (int n = 0; n < 4; ++n) r |= (unsigned int)(bytes >> (8 * ((s >> (4 * n)) & 7u)) & 0xffu) << (8 * n);
+    return r;
+#endif
+}
 
 // ---------------------------------------------------------------------------------------------
 // Per-block phases: a block loads its output tile plus a k/2 halo into shared memory (phase 1),
@@ -283,44 +431,22 @@ __host__ __device__ __forceinline__ void ferret_normalize_outputs(const unsigned
 // 22 min/max per output instead of the 30 of the median-of-9 network.
 // ---------------------------------------------------------------------------------------------
 
-// The value types the row sorts run on: float (one output), FerretPair (two outputs, the host's
-// emulation of the packed path: float min/max lane by lane) and, on the device, FerretHalf2 (two
-// outputs packed as one __half2, min/max by min.f16x2/max.f16x2). Lane 0 is the upper output row.
-__host__ __device__ __forceinline__ float ferret_min(float a, float b) { return fminf(a, b); }
-__host__ __device__ __forceinline__ float ferret_max(float a, float b) { return fmaxf(a, b); }
+// The value types the row sorts run on: float (one output) and FerretHalf2 (two outputs packed as one
+// __half2: two float16 values in one 32-bit word, lane 0 in bits 0..15; lane 0 is the upper output row).
+__host__ __device__ __forceinline__ float ferret_min(float a, float b) { return ferret_fmin(a, b); }
+__host__ __device__ __forceinline__ float ferret_max(float a, float b) { return ferret_fmax(a, b); }
 __host__ __device__ __forceinline__ void ferret_set_zero(float& v) { v = 0.0f; }
 
-// FerretPair: two float lanes, each op lane by lane: what FerretHalf2 computes, on the host.
-struct FerretPair {
-    float v[2];
-};
-__host__ __device__ __forceinline__ FerretPair ferret_min(FerretPair a, FerretPair b) {
-    FerretPair r = {{fminf(a.v[0], b.v[0]), fminf(a.v[1], b.v[1])}};
-    return r;
-}
-__host__ __device__ __forceinline__ FerretPair ferret_max(FerretPair a, FerretPair b) {
-    FerretPair r = {{fmaxf(a.v[0], b.v[0]), fmaxf(a.v[1], b.v[1])}};
-    return r;
-}
-__host__ __device__ __forceinline__ void ferret_set_zero(FerretPair& p) { p.v[0] = p.v[1] = 0.0f; }
-__host__ __device__ __forceinline__ void ferret_pack(float lane0, float lane1, FerretPair& p) {
-    p.v[0] = lane0, p.v[1] = lane1;
-}
-__host__ __device__ __forceinline__ void ferret_unpack(FerretPair p, float& lane0, float& lane1) {
-    lane0 = p.v[0], lane1 = p.v[1];
-}
-
-// FerretHalf2: two float16 values in one 32-bit register (lane 0 in bits 0..15), as __half2 holds them;
-// min.f16x2/max.f16x2 (sm_80+, __hmin2/__hmax2) without cuda_fp16.h, which NVRTC cannot find.
+// FerretHalf2: min.f16x2/max.f16x2 (sm_80+, __hmin2/__hmax2) without cuda_fp16.h, which NVRTC cannot find;
+// the host build runs the same lanes with minimumNumber/maximumNumber on each half (ferret_minmax_bits).
 // Exact only for values float16 represents (the lpd_residual_f16 tile: float16 inputs and the 0 pad):
 // the pack (cvt.rn.f16x2.f32) then changes nothing, and min/max select one of their operands.
 // Zeros: min.f16x2 and FMNMX (fminf/fmaxf) both order -0 < +0, and both return the other operand when
 // one is NaN, so every selection picks the same value, sign of zero included, as the float network.
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
-#define FERRET_HALF2 1
 struct FerretHalf2 {
     unsigned int bits;
 };
+#ifdef FERRET_F16X2
 __device__ __forceinline__ FerretHalf2 ferret_min(FerretHalf2 a, FerretHalf2 b) {
     FerretHalf2 r;
     asm("min.f16x2 %0, %1, %2;" : "=r"(r.bits) : "r"(a.bits), "r"(b.bits));
@@ -331,15 +457,25 @@ __device__ __forceinline__ FerretHalf2 ferret_max(FerretHalf2 a, FerretHalf2 b) 
     asm("max.f16x2 %0, %1, %2;" : "=r"(r.bits) : "r"(a.bits), "r"(b.bits));
     return r;
 }
-__device__ __forceinline__ void ferret_set_zero(FerretHalf2& p) { p.bits = 0u; }  // +0, +0
-__device__ __forceinline__ void ferret_pack(float lane0, float lane1, FerretHalf2& p) {
-    asm("cvt.rn.f16x2.f32 %0, %1, %2;" : "=r"(p.bits) : "f"(lane1), "f"(lane0));  // first operand: bits 16..31
+#elif !defined(__CUDACC__)
+static inline FerretHalf2 ferret_minmax_f16x2(FerretHalf2 a, FerretHalf2 b, int is_max) {
+    FerretHalf2 r = {ferret_minmax_bits(a.bits & 0xffffu, b.bits & 0xffffu, 16, is_max) |
+                     ferret_minmax_bits(a.bits >> 16, b.bits >> 16, 16, is_max) << 16};
+    return r;
 }
-__device__ __forceinline__ void ferret_unpack(FerretHalf2 p, float& lane0, float& lane1) {
-    asm("{ .reg .f16 l, h; mov.b32 {l, h}, %2; cvt.f32.f16 %0, l; cvt.f32.f16 %1, h; }"
-        : "=f"(lane0), "=f"(lane1) : "r"(p.bits));
-}
+static inline FerretHalf2 ferret_min(FerretHalf2 a, FerretHalf2 b) { return ferret_minmax_f16x2(a, b, 0); }
+static inline FerretHalf2 ferret_max(FerretHalf2 a, FerretHalf2 b) { return ferret_minmax_f16x2(a, b, 1); }
 #endif
+__host__ __device__ __forceinline__ void ferret_set_zero(FerretHalf2& p) { p.bits = 0u; }  // +0, +0
+__host__ __device__ __forceinline__ void ferret_pack(float lane0, float lane1, FerretHalf2& p) {
+    p.bits = ferret_cvt_f16x2(lane1, lane0);  // cvt's first operand goes to bits 16..31
+}
+__host__ __device__ __forceinline__ void ferret_unpack(FerretHalf2 p, float& lane0, float& lane1) {
+    unsigned short lo, hi;
+    ferret_halves(p.bits, lo, hi);
+    lane0 = ferret_h2f(lo);
+    lane1 = ferret_h2f(hi);
+}
 
 template <class V>
 struct FerretSorted {
@@ -393,31 +529,29 @@ __host__ __device__ __forceinline__ V ferret_median_rows(const FerretSorted<V>& 
 #define FERRET_RES_TS 40
 #define FERRET_RES_VECS (FERRET_RES_TS / 4 * FERRET_RES_TH)
 
-// Four consecutive elements as one load (16 bytes of float, 8 of float16) and one 16-byte shared store.
+// Four consecutive elements as one load (16 bytes of float, 8 of float16: two words, each element's half
+// in the order memory holds them) and one 16-byte shared store.
 __host__ __device__ __forceinline__ void ferret_load4(const float* p, float* v) {
 #ifdef __CUDACC__
     const float4 q = *(const float4*)p;
     v[0] = q.x, v[1] = q.y, v[2] = q.z, v[3] = q.w;
 #else
-    FERRET_UNROLL
-    for (int i = 0; i < 4; ++i) v[i] = p[i];
+    memcpy(v, p, 4 * sizeof(float));
 #endif
 }
-#ifdef __CUDACC__
-__device__ __forceinline__ void ferret_load4(const unsigned short* p, float* v) {
-    const uint2 q = *(const uint2*)p;
-    const unsigned short h[4] = {(unsigned short)q.x, (unsigned short)(q.x >> 16), (unsigned short)q.y,
-                                 (unsigned short)(q.y >> 16)};
+__host__ __device__ __forceinline__ void ferret_load4(const unsigned short* p, float* v) {
+    unsigned int w[2];
+    ferret_load_words2(p, w);
+    const unsigned short h[4] = {(unsigned short)w[0], (unsigned short)(w[0] >> 16), (unsigned short)w[1],
+                                 (unsigned short)(w[1] >> 16)};
     FERRET_UNROLL
-    for (int i = 0; i < 4; ++i) asm("cvt.f32.f16 %0, %1;" : "=f"(v[i]) : "h"(h[i]));
+    for (int i = 0; i < 4; ++i) v[i] = ferret_h2f(h[i]);
 }
-#endif
 __host__ __device__ __forceinline__ void ferret_store4(float* p, const float* v) {
 #ifdef __CUDACC__
     *(float4*)p = make_float4(v[0], v[1], v[2], v[3]);
 #else
-    FERRET_UNROLL
-    for (int i = 0; i < 4; ++i) p[i] = v[i];
+    memcpy(p, v, 4 * sizeof(float));
 #endif
 }
 
@@ -479,14 +613,12 @@ __host__ __device__ __forceinline__ void ferret_store_rows2(float* o, int W, flo
     o[0] = v0;
     o[W] = v1;
 }
-#ifdef __CUDACC__
-__device__ __forceinline__ void ferret_store_rows2(unsigned short* o, int W, float v0, float v1) {
-    unsigned short l, u;
-    asm("{ .reg .b32 h; cvt.rn.f16x2.f32 h, %3, %2; mov.b32 {%0, %1}, h; }" : "=h"(l), "=h"(u) : "f"(v0), "f"(v1));
-    o[0] = l;
-    o[W] = u;
+__host__ __device__ __forceinline__ void ferret_store_rows2(unsigned short* o, int W, float v0, float v1) {
+    unsigned short upper_row, lower_row;
+    ferret_halves(ferret_cvt_f16x2(v1, v0), upper_row, lower_row);  // v0 in bits 0..15
+    o[0] = upper_row;
+    o[W] = lower_row;
 }
-#endif
 
 // Phase 2: the thread of column gx writes rows gy0 .. gy0 + ROWS-1: x - median. `t` points at the
 // tile element above-left of its first output (stride TS); EDGE checks each output against the image.
@@ -529,7 +661,7 @@ __host__ __device__ __forceinline__ void ferret_res_column(const float* t, T* ou
 }
 
 // ferret_res_column on pairs of outputs (rows 2i, 2i+1 of the column) packed in one P (FerretHalf2 on
-// the device, FerretPair in the host's emulation): every min/max serves two outputs. Full sorts of the
+// sm_80+, and in the host build's emulation of it): every min/max serves two outputs. Full sorts of the
 // tile row pairs (0,1), (2,3), ... serve as `down` of one pair of outputs and `up` of the next; the
 // masked centres (1,2), (3,4), ... are their own pairs. Each median goes back to float for x - med,
 // in float32 and rounded once on store, as ferret_res_column.
@@ -573,7 +705,7 @@ __host__ __device__ __forceinline__ void ferret_res_outputs(const float* tile, T
                                                   W, x0 + tx, y0 + ty * FERRET_RES_ROWS);
 }
 
-// The residual kernel's phase 2 on packed pairs (FerretPair: the host's emulation of the float16 kernel).
+// The residual kernel's phase 2 on packed pairs (lpd_residual_f16 on sm_80+, and its host emulation).
 template <bool EDGE, class P, class T>
 __host__ __device__ __forceinline__ void ferret_res_outputs_pairs(const float* tile, T* out_plane, int H, int W,
                                                                   int x0, int y0, int tx, int ty) {
@@ -632,11 +764,7 @@ __host__ __device__ __forceinline__ bool ferret_normalize_fast(const unsigned ch
 
 // Byte k (0 = least significant) of w, zero-extended.
 __host__ __device__ __forceinline__ unsigned int ferret_byte(unsigned int w, int k) {
-#ifdef __CUDACC__
-    return __byte_perm(w, 0u, 0x4440u + k);
-#else
-    return (w >> (8 * k)) & 255u;
-#endif
+    return ferret_byte_perm(w, 0u, 0x4440u + k);  // byte k, then three bytes of y = 0
 }
 
 // Four values to global memory as one vector store (16 bytes of float, 8 of float16; the caller
@@ -647,26 +775,29 @@ __host__ __device__ __forceinline__ void ferret_store4_global(float* p, const fl
     asm("{ .reg .u64 g; cvta.to.global.u64 g, %0; st.global.v4.f32 [g], {%1, %2, %3, %4}; }" ::"l"(p), "f"(v[0]),
         "f"(v[1]), "f"(v[2]), "f"(v[3]));
 #else
-    FERRET_UNROLL
-    for (int i = 0; i < 4; ++i) p[i] = v[i];
+    memcpy(p, v, 4 * sizeof(float));
 #endif
 }
+// float16: two words, v[0] and v[2] in their low halves (the lower address), stored as one 8-byte vector.
+__host__ __device__ __forceinline__ void ferret_store_words2_global(unsigned short* p, unsigned int lo, unsigned int hi) {
 #ifdef __CUDACC__
-__device__ __forceinline__ void ferret_store4_global(unsigned short* p, const float* v) {
-    unsigned int lo, hi;
-    asm("cvt.rn.f16x2.f32 %0, %1, %2;" : "=r"(lo) : "f"(v[1]), "f"(v[0]));
-    asm("cvt.rn.f16x2.f32 %0, %1, %2;" : "=r"(hi) : "f"(v[3]), "f"(v[2]));
     asm("{ .reg .u64 g; cvta.to.global.u64 g, %0; st.global.v2.u32 [g], {%1, %2}; }" ::"l"(p), "r"(lo), "r"(hi));
-}
+#else
+    const unsigned int w[2] = {lo, hi};
+    memcpy(p, w, sizeof w);
 #endif
+}
+__host__ __device__ __forceinline__ void ferret_store4_global(unsigned short* p, const float* v) {
+    ferret_store_words2_global(p, ferret_cvt_f16x2(v[1], v[0]), ferret_cvt_f16x2(v[3], v[2]));
+}
 
 template <class T>
 __host__ __device__ __forceinline__ void ferret_normalize_quad(const unsigned char* image, T* out, int HW, int p0,
                                                                const float* table) {
-    const unsigned int* words = (const unsigned int*)(image + p0 * 3);
+    const unsigned char* words = image + p0 * 3;
     unsigned int w[3];
     FERRET_UNROLL
-    for (int i = 0; i < 3; ++i) w[i] = words[i];  // little-endian: byte i of the 12 is byte i % 4 of word i / 4
+    for (int i = 0; i < 3; ++i) w[i] = ferret_load_word(words + 4 * i);  // byte i of the 12: byte i % 4 of word i / 4
     FERRET_UNROLL
     for (int c = 0; c < 3; ++c) {
         float v[FERRET_NORM_PIXELS];
@@ -693,10 +824,10 @@ __host__ __device__ __forceinline__ void ferret_rgb_stage_interior(const unsigne
         const int q = tid + k * nthreads;
         if ((k + 1) * nthreads <= FERRET_RES_VECS || q < FERRET_RES_VECS) {
             const int row = q / (FERRET_RES_TS / 4), col = q - row * (FERRET_RES_TS / 4);
-            const unsigned int* words = (const unsigned int*)(origin + (row * W + col * 4) * 3);
+            const unsigned char* words = origin + (row * W + col * 4) * 3;
             unsigned int w[3];
             FERRET_UNROLL
-            for (int i = 0; i < 3; ++i) w[i] = words[i];
+            for (int i = 0; i < 3; ++i) w[i] = ferret_load_word(words + 4 * i);
             FERRET_UNROLL
             for (int c = 0; c < 3; ++c) {
                 float v[4];
@@ -751,7 +882,7 @@ __device__ __forceinline__ void ferret_lpd_kernel(const T* __restrict__ x, T* __
 }
 
 // lpd_residual's phase 2 by storage type: float32 on floats; float16 on packed __half2 pairs where the
-// device has min.f16x2 (sm_80+; FERRET_HALF2), on floats below. preprocess_lpd_f16 stays on floats: its
+// device has min.f16x2 (sm_80+; FERRET_F16X2), on floats below. preprocess_lpd_f16 stays on floats: its
 // normalised values are not float16 values, and rounding them before the selection could change it.
 template <bool EDGE>
 __device__ __forceinline__ void ferret_residual_outputs(const float* tile, float* out_plane, int H, int W, int x0,
@@ -761,7 +892,7 @@ __device__ __forceinline__ void ferret_residual_outputs(const float* tile, float
 template <bool EDGE>
 __device__ __forceinline__ void ferret_residual_outputs(const float* tile, unsigned short* out_plane, int H, int W,
                                                         int x0, int y0, int tx, int ty) {
-#ifdef FERRET_HALF2
+#ifdef FERRET_F16X2
     ferret_res_outputs_pairs<EDGE, FerretHalf2>(tile, out_plane, H, W, x0, y0, tx, ty);
 #else
     ferret_res_outputs<EDGE>(tile, out_plane, H, W, x0, y0, tx, ty);
@@ -769,7 +900,8 @@ __device__ __forceinline__ void ferret_residual_outputs(const float* tile, unsig
 }
 
 // The paper's LPD (median, 3x3, residual): a compile-time block, rows sliding down each column.
-// 256 threads and at most 40 registers (__launch_bounds__(256, 6)): 6 blocks, 48 warps, 75% occupancy.
+// 256 threads and at most 40 registers (__launch_bounds__(256, 6)): 6 blocks, 48 warps, 75% occupancy
+// on sm_80 .. sm_90 (FERRET_BLOCKS_3X3: 4 blocks on sm_75 and on Blackwell).
 // Interior tiles run the first loop (vector staging, no bounds checks), border tiles the second.
 template <class T>
 __device__ __forceinline__ void ferret_median_residual_kernel(const T* __restrict__ x, T* __restrict__ out, int N,
@@ -852,10 +984,34 @@ __device__ __forceinline__ void ferret_normalize_kernel(const unsigned char* __r
         ferret_normalize_pixels(image + n * HW * 3, out + n * 3 * HW, HW, p0, table);
 }
 
+// Blocks of 256 threads per SM that __launch_bounds__ asks ptxas to fit (so at most 65536 / (256 * blocks)
+// registers a thread), by architecture: the most that leave no spill (tests/test_kernel_arch.py builds every
+// kernel for every architecture and checks). sm_80 .. sm_90: 6 (40 registers, 48 warps). sm_75 runs at most
+// 1024 threads per SM: 4 (ptxas ignores a bound it cannot meet, and then takes up to 100 registers).
+// Blackwell's ptxas (sm_100 and up; sm_107 also holds 1024 threads) takes more registers for the same code:
+// at 6 blocks the residual, normalize and preprocess_lpd spill (up to 424 bytes), so 4 (64 registers), and
+// 2 for preprocess_lpd (128), which spills at 3 and at 4. FERRET_BLOCKS_PER_SM sets one number for all (the
+// TensorRT plugin's PTX, which every GPU's JIT compiles).
+#if defined(FERRET_BLOCKS_PER_SM)
+#define FERRET_BLOCKS_3X3 FERRET_BLOCKS_PER_SM
+#define FERRET_BLOCKS_PREPROCESS FERRET_BLOCKS_PER_SM
+#elif defined(__CUDA_ARCH__) && __CUDA_ARCH__ == 750
+#define FERRET_BLOCKS_3X3 4
+#define FERRET_BLOCKS_PREPROCESS 4
+#elif defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 1000
+#define FERRET_BLOCKS_3X3 4
+#define FERRET_BLOCKS_PREPROCESS 2
+#else
+#define FERRET_BLOCKS_3X3 6
+#define FERRET_BLOCKS_PREPROCESS 6
+#endif
 #define FERRET_KERNEL extern "C" __global__ void __launch_bounds__(FERRET_MAX_THREADS)
-#define FERRET_KERNEL_3X3 extern "C" __global__ void __launch_bounds__(FERRET_RES_BX * FERRET_RES_BY, 6)
+#define FERRET_KERNEL_3X3 \
+    extern "C" __global__ void __launch_bounds__(FERRET_RES_BX * FERRET_RES_BY, FERRET_BLOCKS_3X3)
+#define FERRET_KERNEL_PRE \
+    extern "C" __global__ void __launch_bounds__(FERRET_RES_BX * FERRET_RES_BY, FERRET_BLOCKS_PREPROCESS)
 // normalize: up to 40 registers (6 blocks of 256 threads), where ptxas 13.0 would take 32 and spill
-#define FERRET_KERNEL_NORM extern "C" __global__ void __launch_bounds__(FERRET_MAX_THREADS, 6)
+#define FERRET_KERNEL_NORM extern "C" __global__ void __launch_bounds__(FERRET_MAX_THREADS, FERRET_BLOCKS_3X3)
 
 #if !defined(FERRET_ONLY) || defined(FERRET_WANT_lpd_residual_f32)
 FERRET_KERNEL_3X3 lpd_residual_f32(const float* x, float* out, int N, int C, int H, int W) {
@@ -880,13 +1036,13 @@ FERRET_KERNEL lpd_generic_f16(const unsigned short* x, unsigned short* out, int 
 }
 #endif
 #if !defined(FERRET_ONLY) || defined(FERRET_WANT_preprocess_lpd_f32)
-FERRET_KERNEL_3X3 preprocess_lpd_f32(const unsigned char* image, float* out, int N, int H, int W, float m0, float m1,
+FERRET_KERNEL_PRE preprocess_lpd_f32(const unsigned char* image, float* out, int N, int H, int W, float m0, float m1,
                                  float m2, float s0, float s1, float s2) {
     ferret_preprocess_kernel(image, out, N, H, W, m0, m1, m2, s0, s1, s2);
 }
 #endif
 #if !defined(FERRET_ONLY) || defined(FERRET_WANT_preprocess_lpd_f16)
-FERRET_KERNEL_3X3 preprocess_lpd_f16(const unsigned char* image, unsigned short* out, int N, int H, int W, float m0,
+FERRET_KERNEL_PRE preprocess_lpd_f16(const unsigned char* image, unsigned short* out, int N, int H, int W, float m0,
                                  float m1, float m2, float s0, float s1, float s2) {
     ferret_preprocess_kernel(image, out, N, H, W, m0, m1, m2, s0, s1, s2);
 }
@@ -1005,8 +1161,11 @@ static int ferret_check_launch(const int* grid, const int* block, long long need
     return FERRET_OK;
 }
 
-extern "C" int lpd_generic_emulate(const float* x, float* out, int N, int C, int H, int W, int k, int variant,
-                                   int residual, const int* grid, const int* block, long long smem_bytes) {
+// Each emulator below runs a kernel for one storage type: float (the *_f32 kernel) or unsigned short (the
+// *_f16 kernel: float16 bits loaded, converted and stored by the host's exact cvt, in the device's lanes).
+template <class T>
+static int ferret_generic_emulate(const T* x, T* out, int N, int C, int H, int W, int k, int variant, int residual,
+                                  const int* grid, const int* block, long long smem_bytes) {
     if (!ferret_valid_window(k)) return FERRET_EWINDOW;
     if (!ferret_valid_variant(variant)) return FERRET_EVARIANT;
     const int r = k / 2, bx = block[0], by = block[1];
@@ -1032,6 +1191,16 @@ extern "C" int lpd_generic_emulate(const float* x, float* out, int N, int C, int
             }
     free(tile);
     return FERRET_OK;
+}
+
+extern "C" int lpd_generic_emulate(const float* x, float* out, int N, int C, int H, int W, int k, int variant,
+                                   int residual, const int* grid, const int* block, long long smem_bytes) {
+    return ferret_generic_emulate(x, out, N, C, H, W, k, variant, residual, grid, block, smem_bytes);
+}
+extern "C" int lpd_generic_f16_emulate(const unsigned short* x, unsigned short* out, int N, int C, int H, int W, int k,
+                                       int variant, int residual, const int* grid, const int* block,
+                                       long long smem_bytes) {
+    return ferret_generic_emulate(x, out, N, C, H, W, k, variant, residual, grid, block, smem_bytes);
 }
 
 // The 3x3 kernels' block is a compile-time constant; their tiles are static shared memory.
@@ -1066,14 +1235,30 @@ static void ferret_emulate_3x3(const int* grid, long long planes, Interior inter
             }
 }
 
-// pairs: phase 2 as the float16 kernel runs it on the device, outputs in packed pairs (FerretPair: float
-// min/max lane by lane where the device uses min.f16x2), on float32 data.
-static int ferret_residual_emulate(const float* x, float* out, int N, int C, int H, int W, const int* grid,
-                                   const int* block, int pairs) {
+// lpd_residual's phase 2 as the device runs it for the storage type and architecture: float16 on sm_80+
+// takes packed FerretHalf2 pairs (ferret_residual_outputs), everything else the float column.
+template <bool EDGE>
+static void ferret_residual_outputs_host(const float* tile, float* o, int H, int W, int x0, int y0, int tx, int ty,
+                                         bool) {
+    ferret_res_outputs<EDGE>(tile, o, H, W, x0, y0, tx, ty);
+}
+template <bool EDGE>
+static void ferret_residual_outputs_host(const float* tile, unsigned short* o, int H, int W, int x0, int y0, int tx,
+                                         int ty, bool half2) {
+    if (half2)
+        ferret_res_outputs_pairs<EDGE, FerretHalf2>(tile, o, H, W, x0, y0, tx, ty);
+    else
+        ferret_res_outputs<EDGE>(tile, o, H, W, x0, y0, tx, ty);
+}
+
+template <class T>
+static int ferret_residual_emulate(const T* x, T* out, int N, int C, int H, int W, const int* grid, const int* block,
+                                   int arch) {
     const int err = ferret_check_block_3x3(grid, block);
     if (err) return err;
     static float tile[FERRET_RES_TS * FERRET_RES_TH];
     const long long plane_size = (long long)H * W;
+    const bool half2 = arch >= FERRET_F16X2_ARCH;  // the device's #ifdef FERRET_F16X2
     ferret_emulate_3x3(
         grid, (long long)N * C, [&](int x0, int y0) { return ferret_res_interior(x, H, W, x0, y0); },
         [&](long long p, int x0, int y0, bool interior, int tx, int ty) {
@@ -1083,30 +1268,26 @@ static int ferret_residual_emulate(const float* x, float* out, int N, int C, int
                 ferret_res_stage(x + p * plane_size, H, W, x0, y0, tile, tx, ty);
         },
         [&](long long p, int x0, int y0, bool interior, int tx, int ty) {
-            float* o = out + p * plane_size;
-            if (pairs && interior)
-                ferret_res_outputs_pairs<false, FerretPair>(tile, o, H, W, x0, y0, tx, ty);
-            else if (pairs)
-                ferret_res_outputs_pairs<true, FerretPair>(tile, o, H, W, x0, y0, tx, ty);
-            else if (interior)
-                ferret_res_outputs<false>(tile, o, H, W, x0, y0, tx, ty);
+            if (interior)
+                ferret_residual_outputs_host<false>(tile, out + p * plane_size, H, W, x0, y0, tx, ty, half2);
             else
-                ferret_res_outputs<true>(tile, o, H, W, x0, y0, tx, ty);
+                ferret_residual_outputs_host<true>(tile, out + p * plane_size, H, W, x0, y0, tx, ty, half2);
         });
     return FERRET_OK;
 }
 
 extern "C" int lpd_residual_emulate(const float* x, float* out, int N, int C, int H, int W, const int* grid,
-                                    const int* block, long long smem_bytes) {
-    return ferret_residual_emulate(x, out, N, C, H, W, grid, block, 0);
+                                    const int* block, long long smem_bytes, int arch) {
+    return ferret_residual_emulate(x, out, N, C, H, W, grid, block, arch);
 }
-extern "C" int lpd_residual_pairs_emulate(const float* x, float* out, int N, int C, int H, int W, const int* grid,
-                                          const int* block, long long smem_bytes) {
-    return ferret_residual_emulate(x, out, N, C, H, W, grid, block, 1);
+extern "C" int lpd_residual_f16_emulate(const unsigned short* x, unsigned short* out, int N, int C, int H, int W,
+                                        const int* grid, const int* block, long long smem_bytes, int arch) {
+    return ferret_residual_emulate(x, out, N, C, H, W, grid, block, arch);
 }
 
-extern "C" int preprocess_lpd_emulate(const unsigned char* image, float* out, int N, int H, int W, const float* mean,
-                                      const float* std, const int* grid, const int* block, long long smem_bytes) {
+template <class T>
+static int ferret_preprocess_emulate(const unsigned char* image, T* out, int N, int H, int W, const float* mean,
+                                     const float* std, const int* grid, const int* block) {
     const int err = ferret_check_block_3x3(grid, block);
     if (err) return err;
     static float table[3 * 256], tile[3 * FERRET_RES_TS * FERRET_RES_TH];
@@ -1130,8 +1311,19 @@ extern "C" int preprocess_lpd_emulate(const unsigned char* image, float* out, in
     return FERRET_OK;
 }
 
-extern "C" int normalize_emulate(const unsigned char* image, float* out, int N, int H, int W, const float* mean,
-                                 const float* std, const int* grid, const int* block, long long smem_bytes) {
+extern "C" int preprocess_lpd_emulate(const unsigned char* image, float* out, int N, int H, int W, const float* mean,
+                                      const float* std, const int* grid, const int* block, long long smem_bytes) {
+    return ferret_preprocess_emulate(image, out, N, H, W, mean, std, grid, block);
+}
+extern "C" int preprocess_lpd_f16_emulate(const unsigned char* image, unsigned short* out, int N, int H, int W,
+                                          const float* mean, const float* std, const int* grid, const int* block,
+                                          long long smem_bytes) {
+    return ferret_preprocess_emulate(image, out, N, H, W, mean, std, grid, block);
+}
+
+template <class T>
+static int ferret_normalize_emulate(const unsigned char* image, T* out, int N, int H, int W, const float* mean,
+                                    const float* std, const int* grid, const int* block, long long smem_bytes) {
     const int err = ferret_check_launch(grid, block, 0, smem_bytes);
     if (err) return err;
     if (block[1] != 1) return FERRET_EBLOCK;
@@ -1151,6 +1343,54 @@ extern "C" int normalize_emulate(const unsigned char* image, float* out, int N, 
                         ferret_normalize_pixels(image + n * HW * 3, out + n * 3 * HW, HW, (int)first, table);
                 }
     return FERRET_OK;
+}
+
+extern "C" int normalize_emulate(const unsigned char* image, float* out, int N, int H, int W, const float* mean,
+                                 const float* std, const int* grid, const int* block, long long smem_bytes) {
+    return ferret_normalize_emulate(image, out, N, H, W, mean, std, grid, block, smem_bytes);
+}
+extern "C" int normalize_f16_emulate(const unsigned char* image, unsigned short* out, int N, int H, int W,
+                                     const float* mean, const float* std, const int* grid, const int* block,
+                                     long long smem_bytes) {
+    return ferret_normalize_emulate(image, out, N, H, W, mean, std, grid, block, smem_bytes);
+}
+
+// The device instructions the host build implements, on arrays, for tests against their specifications.
+extern "C" void ferret_f2h_host(const float* in, unsigned short* out, long long n) {
+    for (long long i = 0; i < n; ++i) out[i] = ferret_f2h(in[i]);
+}
+extern "C" void ferret_h2f_host(const unsigned short* in, float* out, long long n) {
+    for (long long i = 0; i < n; ++i) out[i] = ferret_h2f(in[i]);
+}
+extern "C" void ferret_cvt_f16x2_host(const float* a, const float* b, unsigned int* out, long long n) {
+    for (long long i = 0; i < n; ++i) out[i] = ferret_cvt_f16x2(a[i], b[i]);
+}
+extern "C" void ferret_byte_perm_host(const unsigned int* x, const unsigned int* y, const unsigned int* s,
+                                      unsigned int* out, long long n) {
+    for (long long i = 0; i < n; ++i) out[i] = ferret_byte_perm(x[i], y[i], s[i]);
+}
+// op: 0 min, 1 max; on float32 (ferret_fmin/ferret_fmax, FMNMX) or packed halves (min/max.f16x2).
+extern "C" void ferret_minmax_f32_host(const float* a, const float* b, float* out, long long n, int op) {
+    for (long long i = 0; i < n; ++i) out[i] = op ? ferret_fmax(a[i], b[i]) : ferret_fmin(a[i], b[i]);
+}
+extern "C" void ferret_minmax_f16x2_host(const unsigned int* a, const unsigned int* b, unsigned int* out, long long n,
+                                         int op) {
+    for (long long i = 0; i < n; ++i) {
+        const FerretHalf2 x = {a[i]}, y = {b[i]};
+        out[i] = (op ? ferret_max(x, y) : ferret_min(x, y)).bits;
+    }
+}
+// ferret_pack then ferret_unpack, and ferret_store_rows2 / ferret_store4_global on float16: the lane order of
+// the code the kernels share, on its own.
+extern "C" void ferret_pack_host(const float* lane0, const float* lane1, unsigned int* out, long long n) {
+    for (long long i = 0; i < n; ++i) {
+        FerretHalf2 p;
+        ferret_pack(lane0[i], lane1[i], p);
+        out[i] = p.bits;
+    }
+}
+extern "C" void ferret_unpack_host(const unsigned int* in, float* lane0, float* lane1, long long n) {
+    for (long long i = 0; i < n; ++i) ferret_unpack(FerretHalf2{in[i]}, lane0[i], lane1[i]);
 }
 
 #endif  // FERRET_HOST_BUILD
