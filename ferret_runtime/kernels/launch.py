@@ -225,6 +225,40 @@ def nvrtc_version() -> tuple[int, int]:
     return _call("nvrtcVersion", _bindings("nvrtc").nvrtcVersion)
 
 
+def nvrtc_supported_archs() -> tuple[int, ...]:
+    """The compute capabilities this NVRTC builds CUBINs for (nvrtcGetSupportedArchs): NVRTC 13.x from 75
+    (Turing) up, since CUDA 13 no longer targets Maxwell, Pascal and Volta; NVRTC 12.x from 50."""
+    return tuple(sorted(int(a) for a in _call("nvrtcGetSupportedArchs", _bindings("nvrtc").nvrtcGetSupportedArchs)))
+
+
+def check_arch(arch: int, nvrtc: tuple[int, int] | None = None, supported: tuple[int, ...] | None = None,
+               gpu: str = "") -> None:
+    """Refuse, in one line and before NVRTC fails on it, an arch this NVRTC does not build for.
+
+    ``gpu`` names the device ("GPU 0 (Tesla V100-SXM2-16GB)") when the arch is a device's. A V100 (sm_70)
+    or older under CUDA 13 is told to use CUDA 12, whose NVRTC still targets it (lpd.cu itself needs
+    nothing newer: its sm_80 instructions have fallbacks), or to run the LPD in the model's graph.
+    """
+    nvrtc = nvrtc or nvrtc_version()
+    supported = tuple(supported or nvrtc_supported_archs())
+    if arch in supported:
+        return
+    lo, hi = min(supported), max(supported)
+    what = f"{gpu} is sm_{arch}" if gpu else f"Received sm_{arch}"
+    builds = f"NVRTC {nvrtc[0]}.{nvrtc[1]} builds lpd.cu for sm_{lo} to sm_{hi}"
+    if arch < lo and arch >= 50 and nvrtc[0] >= 13:
+        message = (f"{what}; {builds} (CUDA 13 dropped Maxwell, Pascal and Volta): for this GPU use CUDA 12, whose "
+                   "NVRTC still builds for it (pip install 'cuda-python>=12.8,<13' nvidia-cuda-nvrtc-cu12, with a driver "
+                   "for CUDA 12 or newer), or run the LPD in the model's graph (ONNX Runtime or PyTorch) instead")
+    elif arch < lo:
+        message = f"{what}; {builds}: too old for these kernels; run the LPD in the model's graph instead"
+    elif arch > hi:
+        message = f"{what}; {builds}, not yet for sm_{arch}: expected a newer NVRTC (pip install -U nvidia-cuda-nvrtc)"
+    else:
+        message = f"{what}; {builds} but not sm_{arch} (it lists {', '.join(map(str, supported))})"
+    raise CudaError(message, "nvrtcGetSupportedArchs")
+
+
 def driver_version() -> tuple[int, int]:
     """The CUDA version the installed driver supports, e.g. (13, 0); CudaError without a driver."""
     v = _call("cuDriverGetVersion", _bindings("driver").cuDriverGetVersion)
@@ -314,6 +348,8 @@ def compile_lpd(arch: int | str | tuple[int, int], target: str = "cubin", cache:
         raise ConfigError(f"Received target {target!r}; expected 'cubin' or 'ptx'")
     arch = parse_arch(arch)
     major, minor = nvrtc_version()
+    if target == "cubin":
+        check_arch(arch, (major, minor))
     options = selection_options(kernels, window)
     key = source_hash(*NVRTC_OPTIONS, *options, f"nvrtc{major}.{minor}")
     what = "all" if kernels is None else "-".join(sorted(kernels)) + (f"-k{window}" if window else "")
@@ -350,6 +386,9 @@ class LpdModule:
         minor = _call("cuDeviceGetAttribute", drv.cuDeviceGetAttribute,
                       attr.CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MINOR, self._dev)
         self.arch = major * 10 + minor
+        name = _call("cuDeviceGetName", drv.cuDeviceGetName, 256, self._dev)
+        self.name = bytes(name).split(b"\0", 1)[0].decode(errors="replace").strip()
+        check_arch(self.arch, gpu=f"GPU {device} ({self.name})")  # e.g. a V100 under CUDA 13: one line, no NVRTC log
         self.driver = driver_version()
         check_nvrtc_driver("cubin", nvrtc_version(), self.driver)
         self.compiled: dict[tuple[str, int], CompiledModule] = {}
