@@ -71,6 +71,11 @@ PYTEST_MIN_S = 20.0  # pytest is not started with less than this left
 TRT_BUILD_S = 60.0  # one TensorRT engine built and verified: not started with less than this left
 
 
+def now() -> float:
+    """The clock every budget is kept on (seconds, monotonic)."""
+    return time.monotonic()
+
+
 @dataclass
 class Row:
     """One line of the table: ``ok`` True/False for a correctness check, None for a measurement or a skip."""
@@ -86,7 +91,7 @@ class Row:
 class Result:
     rows: list[Row] = field(default_factory=list)
     env: dict[str, Any] = field(default_factory=dict)
-    deadline: float = math.inf  # time.monotonic() at which the run's budget ends
+    deadline: float = math.inf  # now() at which the run's budget ends
     section_end: float = math.inf  # ... and the running section's share of it
     cut: list[str] = field(default_factory=list)  # what the budget left out, named in the summary
 
@@ -99,7 +104,7 @@ class Result:
 
     def left(self) -> float:
         """Seconds left to the running section: its share, within the run's budget."""
-        return min(self.deadline, self.section_end) - time.monotonic()
+        return min(self.deadline, self.section_end) - now()
 
 
 # ---------------------------------------------------------------------------------------------- report
@@ -171,7 +176,7 @@ def reason(e: BaseException, limit: int = 160) -> str:
 def section(result: Result, name: str, fn: Callable[[Result], None], budget_s: float | None = None) -> None:
     """Run one section within ``budget_s`` (None: no share of its own, only the run's deadline); an
     exception is a failed row with its last line, not the end of the run."""
-    start = time.monotonic()
+    start = now()
     result.section_end = start + budget_s if budget_s is not None else math.inf
     try:
         fn(result)
@@ -181,7 +186,7 @@ def section(result: Result, name: str, fn: Callable[[Result], None], budget_s: f
                    tb[-3].strip() if len(tb) > 2 else "")
     finally:
         result.section_end = math.inf
-        result.env.setdefault("seconds", {})[name] = round(time.monotonic() - start, 1)
+        result.env.setdefault("seconds", {})[name] = round(now() - start, 1)
 
 
 def _installed(dist: str) -> bool:
@@ -211,7 +216,7 @@ def section_budget(name: str, later: list[str], result: Result) -> float | None:
     if name not in SECTION_BUDGET_S:
         return None
     keep = sum(RESERVE_S.get(n, 0.0) for n in later if n in RESERVE_S and will_run(n))
-    return max(0.0, min(SECTION_BUDGET_S[name], result.deadline - time.monotonic() - keep))
+    return max(0.0, min(SECTION_BUDGET_S[name], result.deadline - now() - keep))
 
 
 # ------------------------------------------------------------------------------------------ 1. env
@@ -499,14 +504,14 @@ def measure_cells(result: Result, batches: tuple[int, ...], measure: Callable[[i
         expect = 0.0 if last is None else last[1] * (b / last[0] if scales else 1.0)
         if result.left() <= 0 or expect > min(cell_s, result.left()):
             return cells + [f"b{rest} -" for rest in batches[i:]], None
-        t0 = time.monotonic()
+        t0 = now()
         try:
             ms = measure(b)
         except oom:
             return cells + [f"b{b} OOM"], None
         except Exception as e:
             return cells + [f"b{b} error"], reason(e)
-        last = (b, time.monotonic() - t0)
+        last = (b, now() - t0)
         cells.append(f"b{b} {b / ms * 1e3:,.0f}/s")
     return cells, None
 
@@ -520,10 +525,10 @@ def check_models(result: Result, batches: tuple[int, ...] = BATCHES, compile: bo
                  models: tuple[str, ...] = MODELS, cell_s: float = EAGER_CELL_S,
                  compile_cell_s: float = COMPILE_CELL_S, device: str = "cuda",
                  timer: Callable[..., float] = _timed, size: int = 256) -> None:
-    """Images/s at size x size (256): every model in eager mode first (the paper's FPS column), a time budget per
-    cell; then torch.compile (CUDA graphs), last and optional, with what the section has left. An eager
-    cell that raises fails its row; a compile that raises (no triton, say) is its row's reason, and the
-    models after it are not compiled (they would fail the same way)."""
+    """Images/s at ``size`` x ``size`` (256): every model in eager mode first (the paper's FPS column), a
+    time budget per cell; then torch.compile (CUDA graphs), last and optional, with what the section has
+    left. A model that fails in eager mode fails its row only; a compile that raises (no triton, say) is
+    its row's reason, and the models after it are not compiled (they would fail the same way)."""
     import torch
 
     from ferret_train import create_model
@@ -541,12 +546,20 @@ def check_models(result: Result, batches: tuple[int, ...] = BATCHES, compile: bo
         if device == "cuda":
             torch.cuda.empty_cache()
 
+    broken: list[str] = []  # models whose eager row failed: not compiled
     for arch in models:  # eager first, every model
-        model = create_model(arch).eval().to(device)
+        try:
+            model = create_model(arch).eval().to(device)
+        except Exception as e:
+            result.add("models", f"{arch} eager", False, "not run", f"creating it raised {reason(e)}")
+            broken.append(arch)
+            continue
         cells, error = measure_cells(result, batches, measure(model, warmup=1), cell_s, oom)
         del model
         release()
         _left_out(result, f"{arch} eager", cells)
+        if error:
+            broken.append(arch)
         result.add("models", f"{arch} eager", False if error else None, ", ".join(cells),
                    error or f"images/s at {size}x{size}")
     if not compile:
@@ -554,6 +567,9 @@ def check_models(result: Result, batches: tuple[int, ...] = BATCHES, compile: bo
         return
     failed: str | None = None  # the first model whose compile failed
     for arch in models:  # then torch.compile, while the section has time for a whole compile
+        if arch in broken:
+            result.add("models", f"{arch} compile", None, "not run", "it failed in eager mode")
+            continue
         if failed:
             result.add("models", f"{arch} compile", None, "not run", f"torch.compile failed on {failed}")
             continue
@@ -562,14 +578,15 @@ def check_models(result: Result, batches: tuple[int, ...] = BATCHES, compile: bo
                        f"{max(result.left(), 0):.0f} s left; a compile may take {compile_cell_s:.0f} s")
             result.cut.append(f"{arch} compile")
             continue
-        model = create_model(arch).eval().to(device)
+        model = run = None
         try:
+            model = create_model(arch).eval().to(device)
             run = torch.compile(model, mode="reduce-overhead")  # CUDA graphs; compiles on the first call
             cells, error = measure_cells(result, batches, measure(run, warmup=3), compile_cell_s, oom, scales=False)
         except Exception as e:  # torch.compile itself refusing (an unsupported Python, say)
             cells, error = [], reason(e)
         finally:
-            del model
+            del model, run
             try:
                 torch._dynamo.reset()
             except Exception:  # noqa: S110  resetting is best effort: the next model compiles anew either way
@@ -766,7 +783,7 @@ def writable(folder: Path) -> str | None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    start = time.monotonic()
+    start = now()
     ap = argparse.ArgumentParser(description="FerretNet GPU check: correctness, then speed, in one run")
     ap.add_argument("--only", nargs="*", choices=list(SECTIONS), help="run only these sections")
     ap.add_argument("--out", type=Path, default=None,
@@ -795,7 +812,7 @@ def main(argv: list[str] | None = None) -> int:
         section(result, name, fn, section_budget(name, names[i + 1:], result))
         if name == "env" and result.failed and result.env.get("gpu") is None:
             break
-    result.env["total_s"] = round(time.monotonic() - start, 1)
+    result.env["total_s"] = round(now() - start, 1)
     print(format_table(result))
     out, note = args.out, ""
     if out is None:

@@ -22,6 +22,23 @@ from tests.conftest import ROOT, _driver_gpus
 no_gpu_here = pytest.mark.skipif(_driver_gpus() > 0, reason="checks the machine without a GPU")
 
 
+class Clock:
+    """gpu_check's clock, stopped: it moves only when a test says so."""
+
+    def __init__(self):
+        self.t = 1000.0
+
+    def __call__(self) -> float:
+        return self.t
+
+
+@pytest.fixture
+def clock(monkeypatch) -> Clock:
+    c = Clock()
+    monkeypatch.setattr(gpu_check, "now", c)
+    return c
+
+
 @no_gpu_here
 def test_without_a_gpu_one_line_and_exit_2(tmp_path):
     out = tmp_path / "results"
@@ -115,27 +132,33 @@ def test_a_section_that_raises_is_a_failed_row():
     assert result.env["seconds"]["plugin"] >= 0
 
 
-def test_a_section_sees_its_share_and_only_while_it_runs():
-    result = gpu_check.Result(deadline=time.monotonic() + 1000)
+def test_a_section_sees_its_share_and_only_while_it_runs(clock):
+    result = gpu_check.Result(deadline=clock() + 1000)
     seen = []
-    gpu_check.section(result, "speed", lambda r: seen.append(r.left()), budget_s=40)
+
+    def speed(r):
+        seen.append(r.left())
+        clock.t += 15
+
+    gpu_check.section(result, "speed", speed, budget_s=40)
     gpu_check.section(result, "kernels", lambda r: seen.append(r.left()))
-    assert 39 < seen[0] <= 40 and 990 < seen[1] <= 1000
-    assert result.left() > 990 and result.section_end == math.inf
+    assert seen == [40, 985]
+    assert result.left() == 985 and result.section_end == math.inf and result.env["seconds"]["speed"] == 15
 
 
-def test_section_budgets_keep_time_for_the_later_sections(monkeypatch):
+def test_section_budgets_keep_time_for_the_later_sections(monkeypatch, clock):
     monkeypatch.setattr(gpu_check, "will_run", lambda name: name != "backends")  # no TensorRT, no onnxruntime-gpu
-    result = gpu_check.Result(deadline=time.monotonic() + 200)
+    result = gpu_check.Result(deadline=clock() + 200)
     later = ["backends", "pytest"]
     assert gpu_check.section_budget("kernels", later, result) is None  # correctness: always runs, no share
-    assert 99 < gpu_check.section_budget("speed", later, result) <= 100  # its own cap: 200 - 90 kept for pytest
-    result.deadline = time.monotonic() + 150
-    assert 59 < gpu_check.section_budget("speed", later, result) <= 60  # 150 - 90 kept for pytest
+    assert gpu_check.section_budget("speed", later, result) == 100  # its own cap: 200 - 90 kept for pytest is more
+    clock.t += 50
+    assert gpu_check.section_budget("speed", later, result) == 60  # 150 left - 90 kept for pytest
     monkeypatch.setattr(gpu_check, "will_run", lambda name: True)
     assert gpu_check.section_budget("speed", later, result) == 0  # 150 - (60 + 90)
-    assert 149 < gpu_check.section_budget("pytest", [], result) <= 150
-    result.deadline = time.monotonic() - 5
+    assert gpu_check.section_budget("backends", ["pytest"], result) == 60
+    assert gpu_check.section_budget("pytest", [], result) == 150
+    clock.t += 155
     assert gpu_check.section_budget("pytest", [], result) == 0
 
 
@@ -184,16 +207,17 @@ def _fake_sections(calls: list, fail: bool = False):
             "pytest": budgeted("pytest")}
 
 
-def test_main_runs_the_sections_within_their_shares_and_writes_one_json_and_one_table(tmp_path, monkeypatch, capsys):
+def test_main_runs_the_sections_within_their_shares_and_writes_one_json_and_one_table(tmp_path, monkeypatch, capsys,
+                                                                                        clock):
     calls = []
     monkeypatch.setattr(gpu_check, "SECTIONS", _fake_sections(calls))
     monkeypatch.setattr(gpu_check, "no_gpu_reason", lambda: None)
     monkeypatch.setattr(gpu_check, "will_run", lambda name: True)
     assert gpu_check.main(["--out", str(tmp_path / "r"), "--budget", "300"]) == 0
     shares = dict(calls)
-    assert 299 < shares["kernels"] <= 300  # a correctness section: the run's deadline only
-    assert 99 < shares["speed"] <= 100  # its own cap (300 - 60 - 90 = 150 left for it)
-    assert 149 < shares["backends"] <= 150 and 149 < shares["pytest"] <= 150
+    assert shares == {"kernels": 300,  # a correctness section: the run's deadline only
+                      "speed": 100,  # its own cap (300 - 60 - 90 = 150 would be left for it)
+                      "backends": 150, "pytest": 150}
     out = capsys.readouterr().out.splitlines()
     assert out[0].split()[:3] == ["section", "check", "result"]
     assert out[-1] == f"written: {tmp_path / 'r' / 'gpu-check.json'} and gpu-check.txt"
@@ -227,21 +251,25 @@ def test_cells_all_measured_when_there_is_time():
     assert (cells, error) == (["b1 500/s", "b8 500/s", "b32 500/s"], None)
 
 
-def test_a_cell_that_would_overrun_its_budget_is_left_out_with_the_larger_ones():
-    result = gpu_check.Result(deadline=time.monotonic() + 100)
+def test_a_cell_that_would_overrun_its_budget_is_left_out_with_the_larger_ones(clock):
+    result = gpu_check.Result(deadline=clock() + 100)
     asked = []
 
     def measure(b):
         asked.append(b)
-        time.sleep(0.05 * b)  # b1: 0.05 s, so b2 would take about 0.1 s and b8 about 0.4 s
+        clock.t += 0.05 * b  # b1: 0.05 s, so b2 should take 0.1 s and b8 0.4 s
         return 1.0
 
     cells, error = gpu_check.measure_cells(result, (1, 2, 8, 16), measure, cell_s=0.3)
     assert (cells, error, asked) == (["b1 1,000/s", "b2 2,000/s", "b8 -", "b16 -"], None, [1, 2])
+    result = gpu_check.Result(deadline=clock() + 0.25)  # the section's time, not the cell's budget, stops b8
+    asked.clear()
+    cells, error = gpu_check.measure_cells(result, (1, 2, 8), measure, cell_s=10)
+    assert (cells, asked) == (["b1 1,000/s", "b2 2,000/s", "b8 -"], [1, 2])
 
 
-def test_no_cell_starts_once_the_section_is_out_of_time():
-    result = gpu_check.Result(deadline=time.monotonic() + 100, section_end=time.monotonic() - 1)
+def test_no_cell_starts_once_the_section_is_out_of_time(clock):
+    result = gpu_check.Result(deadline=clock() + 100, section_end=clock() - 1)
     cells, error = gpu_check.measure_cells(result, (1, 8), lambda b: pytest.fail("measured"), cell_s=5)
     assert cells == ["b1 -", "b8 -"] and error is None
 
@@ -294,7 +322,7 @@ class BackendCompilerFailed(Exception):
         self.inner_exception = inner
 
 
-def test_models_eager_first_and_a_compile_without_triton_only_says_why(monkeypatch):
+def test_models_eager_first_and_a_compile_without_triton_only_says_why(monkeypatch, clock):
     """Issue 21: torch.compile without triton lost the whole section, eager numbers included. Now every
     eager row has its numbers, the first compile row says why, the others say it was not tried."""
     import torch
@@ -310,9 +338,9 @@ def test_models_eager_first_and_a_compile_without_triton_only_says_why(monkeypat
         return run
 
     monkeypatch.setattr(torch, "compile", no_triton)
-    result = gpu_check.Result(deadline=time.monotonic() + 300)
+    result = gpu_check.Result(deadline=clock() + 300)
     gpu_check.check_models(result, batches=(1, 2), models=("ferretnet-s", "npr"), device="cpu", timer=_cpu_timer,
-                           size=64, compile_cell_s=10)
+                           size=64, compile_cell_s=10, cell_s=600)
     rows = [(r.name, r.ok) for r in result.rows]
     assert rows == [("ferretnet-s eager", None), ("npr eager", None), ("ferretnet-s compile", None),
                     ("npr compile", None)]
@@ -328,49 +356,61 @@ def test_models_eager_first_and_a_compile_without_triton_only_says_why(monkeypat
     assert not result.failed and result.cut == []
 
 
-def test_models_compile_rows_when_it_compiles_and_none_without_time(monkeypatch):
+def test_models_compile_rows_when_it_compiles_and_none_without_time(monkeypatch, clock):
     import torch
 
     monkeypatch.setattr(torch, "compile", lambda model, **kwargs: model)  # "compiles" to itself
-    result = gpu_check.Result(deadline=time.monotonic() + 300)
+    result = gpu_check.Result(deadline=clock() + 300)
     gpu_check.check_models(result, batches=(1,), models=("ferretnet-s",), device="cpu", timer=_cpu_timer,
-                           size=64, compile_cell_s=10)
+                           size=64, compile_cell_s=10, cell_s=600)
     eager, compile_ = result.rows
     assert compile_.name == "ferretnet-s compile" and compile_.value.startswith("b1 ") and compile_.value.endswith("/s")
     assert compile_.detail == "images/s at 64x64, CUDA graphs"
-    result = gpu_check.Result(deadline=time.monotonic() + 5)  # less than a compile may take: not started
+    result = gpu_check.Result(deadline=clock() + 5)  # less than a compile may take: not started
     gpu_check.check_models(result, batches=(1,), models=("ferretnet-s",), device="cpu", timer=_cpu_timer,
-                           size=64, compile_cell_s=10)
+                           size=64, compile_cell_s=10, cell_s=600)
     assert result.rows[1].value == "not run" and result.rows[1].detail.endswith("a compile may take 10 s")
     assert result.cut == ["ferretnet-s compile"]
-    result = gpu_check.Result(deadline=time.monotonic() + 300)
+    result = gpu_check.Result(deadline=clock() + 300)
     gpu_check.check_models(result, batches=(1,), models=("ferretnet-s",), device="cpu", timer=_cpu_timer,
-                           size=64,
-                           compile=False)
+                           size=64, compile=False)
     assert [(r.name, r.value) for r in result.rows][1:] == [("torch.compile", "not run (--no-compile)")]
 
 
-def test_an_eager_model_that_raises_fails_its_row_only(monkeypatch):
+def test_an_eager_model_that_raises_fails_its_row_only(monkeypatch, clock):
+    import torch
+
     from ferret_train import create_model
 
     def illegal_access(x):
         raise RuntimeError("CUDA error: an illegal memory access was encountered")
 
     def create(arch):
+        if arch == "cnndetection":
+            raise KeyError("resnet50 weights layout")
         model = create_model(arch)
         if arch == "npr":
             model.forward = illegal_access
         return model
 
     monkeypatch.setattr("ferret_train.create_model", create)
-    result = gpu_check.Result(deadline=time.monotonic() + 300)
-    gpu_check.check_models(result, batches=(1,), models=("npr", "ferretnet-s"), device="cpu", timer=_cpu_timer,
-                           size=64,
-                           compile=False)
-    npr, s, _ = result.rows
+    monkeypatch.setattr(torch, "compile", lambda model, **kwargs: model)
+    result = gpu_check.Result(deadline=clock() + 300)
+    gpu_check.check_models(result, batches=(1,), models=("npr", "cnndetection", "ferretnet-s"), device="cpu",
+                           timer=_cpu_timer, size=64, compile_cell_s=10, cell_s=600)
+    rows = {r.name: r for r in result.rows}
+    assert list(rows) == ["npr eager", "cnndetection eager", "ferretnet-s eager", "npr compile",
+                          "cnndetection compile", "ferretnet-s compile"]
+    npr = rows["npr eager"]
     assert (npr.ok, npr.value, npr.detail) == (False, "b1 error",
                                                "RuntimeError: CUDA error: an illegal memory access was encountered")
-    assert s.ok is None and s.value.startswith("b1 ") and s.value.endswith("/s")
+    bad = rows["cnndetection eager"]
+    assert (bad.ok, bad.value, bad.detail) == (False, "not run", "creating it raised KeyError: 'resnet50 weights layout'")
+    for name in ("npr compile", "cnndetection compile"):
+        assert (rows[name].value, rows[name].detail) == ("not run", "it failed in eager mode")
+    for name in ("ferretnet-s eager", "ferretnet-s compile"):  # the models after them still measured
+        assert rows[name].ok is None and rows[name].value.startswith("b1 ") and rows[name].value.endswith("/s")
+    assert [r.name for r in result.failed] == ["npr eager", "cnndetection eager"]
 
 
 # ------------------------------------------------------------------------------------- the pytest row
@@ -439,16 +479,16 @@ def test_failures_are_named_and_a_run_stopped_at_its_budget_says_so(tmp_path, mo
         @pytest.mark.gpu
         def test_gpu_b(): assert 1 == 2
         @pytest.mark.gpu
-        def test_gpu_slow(): time.sleep(60)
+        def test_gpu_slow(): time.sleep(600)
     """})
     monkeypatch.setenv("PYTHONPATH", str(ROOT))
     args = [a if a != "tests" else "." for a in gpu_check.PYTEST_ARGS]
     t0 = time.monotonic()
-    output, code, stopped = gpu_check.run_pytest(args, tmp_path, 8)
-    assert stopped and code is None and time.monotonic() - t0 < 30
-    assert gpu_check.pytest_row(output, code, stopped, 8) == (
-        False, "stopped at the 8 s budget: 1 passed, 1 failed, 0 skipped so far", "")
-    (tmp_path / "test_mix.py").write_text((tmp_path / "test_mix.py").read_text().replace("time.sleep(60)", "pass"))
+    output, code, stopped = gpu_check.run_pytest(args, tmp_path, 20)
+    assert stopped and code is None and time.monotonic() - t0 < 40
+    assert gpu_check.pytest_row(output, code, stopped, 20) == (
+        False, "stopped at the 20 s budget: 1 passed, 1 failed, 0 skipped so far", ""), output
+    (tmp_path / "test_mix.py").write_text((tmp_path / "test_mix.py").read_text().replace("time.sleep(600)", "pass"))
     output, code, stopped = gpu_check.run_pytest(args, tmp_path, 120)
     ok, value, detail = gpu_check.pytest_row(output, code, stopped, 120)
     assert (code, ok, detail) == (1, False, "failed: test_mix.py::test_gpu_b") and value.startswith("1 failed, 2 passed")
