@@ -786,7 +786,7 @@ def main(argv: list[str] | None = None) -> int:
     start = now()
     ap = argparse.ArgumentParser(description="FerretNet GPU check: correctness, then speed, in one run")
     ap.add_argument("--only", nargs="*", choices=list(SECTIONS), help="run only these sections")
-    ap.add_argument("--out", type=Path, default=None,
+    ap.add_argument("--out", type=Path, default=None, metavar="DIR",
                     help="folder for gpu-check.json and gpu-check.txt (default: benchmarks/results/<gpu-name>/, "
                          "or a temporary folder where the checkout cannot be written)")
     ap.add_argument("--budget", type=float, default=RUN_BUDGET_S, metavar="SECONDS",
