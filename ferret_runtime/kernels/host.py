@@ -101,7 +101,7 @@ def bind_host_library(path: Path) -> ctypes.CDLL:
     for t, store in (("", f32), ("_f16", u16)):  # the float32 and float16 kernels
         signatures.update({
             f"lpd_generic{t}_emulate": [store, store, i32, i32, i32, i32, i32, i32, i32, ints, ints, i64],
-            f"lpd_residual{t}_emulate": [store, store, i32, i32, i32, i32, ints, ints, i64, i32],
+            f"lpd_residual{t}_emulate": [store, store, i32, i32, i32, i32, ints, ints, i64, *([i32] if t else [])],
             f"preprocess_lpd{t}_emulate": [u8, store, i32, i32, i32, f32, f32, ints, ints, i64],
             f"normalize{t}_emulate": [u8, store, i32, i32, i32, f32, f32, ints, ints, i64],
         })
@@ -236,8 +236,12 @@ def emulate_lpd(x: np.ndarray, cfg: LaunchConfig, func: str = "median", k: int =
                               "expected 'median', 3, True (other variants run in lpd_generic)")
         x = _storage_input(x, cfg, suffix)
         out = np.full_like(x, np.nan)
-        call = f"lpd_residual{'_f16' if suffix == 'f16' else ''}_emulate"
-        _check(getattr(lib, call)(_bits(x), _bits(out), *x.shape, grid, block, cfg.shared_mem_bytes, cfg.arch), call)
+        if suffix == "f16":  # the arch picks the path, as the device build's __CUDA_ARCH__ does
+            code = lib.lpd_residual_f16_emulate(_bits(x), _bits(out), *x.shape, grid, block, cfg.shared_mem_bytes,
+                                                cfg.arch)
+        else:
+            code = lib.lpd_residual_emulate(x, out, *x.shape, grid, block, cfg.shared_mem_bytes)
+        _check(code, f"lpd_residual_{suffix}_emulate")
     else:
         grid, block, suffix = _launch_arrays(cfg, "lpd_generic")
         x = _storage_input(x, cfg, suffix)

@@ -1277,9 +1277,10 @@ static int ferret_residual_emulate(const T* x, T* out, int N, int C, int H, int 
 }
 
 extern "C" int lpd_residual_emulate(const float* x, float* out, int N, int C, int H, int W, const int* grid,
-                                    const int* block, long long smem_bytes, int arch) {
-    return ferret_residual_emulate(x, out, N, C, H, W, grid, block, arch);
+                                    const int* block, long long smem_bytes) {
+    return ferret_residual_emulate(x, out, N, C, H, W, grid, block, 0);  // float32: one path on every arch
 }
+// arch: the compute capability (75, 80, ...) whose build to run: packed pairs from FERRET_F16X2_ARCH.
 extern "C" int lpd_residual_f16_emulate(const unsigned short* x, unsigned short* out, int N, int C, int H, int W,
                                         const int* grid, const int* block, long long smem_bytes, int arch) {
     return ferret_residual_emulate(x, out, N, C, H, W, grid, block, arch);
