@@ -348,8 +348,7 @@ def compile_lpd(arch: int | str | tuple[int, int], target: str = "cubin", cache:
         raise ConfigError(f"Received target {target!r}; expected 'cubin' or 'ptx'")
     arch = parse_arch(arch)
     major, minor = nvrtc_version()
-    if target == "cubin":
-        check_arch(arch, (major, minor))
+    check_arch(arch, (major, minor))  # NVRTC's list holds for compute_XX (PTX) as for sm_XX
     options = selection_options(kernels, window)
     key = source_hash(*NVRTC_OPTIONS, *options, f"nvrtc{major}.{minor}")
     what = "all" if kernels is None else "-".join(sorted(kernels)) + (f"-k{window}" if window else "")
