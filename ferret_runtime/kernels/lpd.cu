@@ -223,7 +223,7 @@ __host__ __device__ __forceinline__ int ferret_valid_variant(int v) { return v >
 // bits 0..15, little-endian words): every line around them (which value goes to which lane, which half
 // goes to which row, which byte a word holds) is then the same code on the CPU as on the GPU, and a swapped
 // lane fails a CPU test. NaN payloads are the one thing left unspecified (the host writes the canonical
-// NaN, 0x7fff; the kernels never make a NaN from finite inputs).
+// NaN, 0x7fff, and its float arithmetic keeps x86's payloads); the tests give the kernels no NaN.
 // ---------------------------------------------------------------------------------------------
 
 #ifdef __CUDACC__
