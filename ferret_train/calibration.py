@@ -6,25 +6,24 @@ Conventions (the runtime's, ``ferret_runtime.metadata.Scaling``): z = scaling(lo
 calibrated logit, prob_fake = sigmoid(z), the label is "fake" when prob_fake > threshold. Thresholds
 are fitted on z (a probability saturates to 1.0 in floating point long before a logit does) and
 stored as sigmoid(z_threshold), the same decision on the calibrated probability.
+
+Both scalings are fitted to Platt's regularised targets rather than 0 and 1: a model that separates
+its calibration images perfectly (common for a good detector on a few hundred images) otherwise has
+no finite fit, and the command says so in a warning instead of failing or claiming certainty.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 import math
-import shutil
-from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Any
 
 import numpy as np
 
 from ferret_runtime.errors import ConfigError
-from ferret_runtime.metadata import CALIBRATION_KEY, PREFIX, Scaling
+from ferret_runtime.metadata import Scaling
 
-from .data import Sample
+# re-exported: ``ferret eval`` and the tests import them from here
+from .calibration_io import data_record, model_writer, same_data, same_file, write_calibrated  # noqa: F401
 
 # Fewer images than this per class and the fitted numbers are noise: refused, not fitted. The FPR
 # rule needs more: at least 1 / target_fpr real images, or the target is finer than one image.
@@ -33,6 +32,10 @@ RULES: tuple[str, ...] = ("fpr", "accuracy", "eer")
 SCALINGS: tuple[str, ...] = ("temperature", "platt", "none")
 ECE_BINS = 15
 REPORT_FPRS = (0.01, 0.05)
+# Below this ROC AUC on the calibration data the command warns that the logits barely separate the
+# classes: 0.7 is the usual floor of "acceptable" discrimination (Hosmer and Lemeshow, Applied
+# Logistic Regression, 3rd ed., 5.2.4). At or below 0.5 (no better than a coin) the fit is refused.
+AUC_WARN = 0.7
 
 
 def sigmoid(z: np.ndarray) -> np.ndarray:
@@ -73,44 +76,88 @@ def tpr_at_fpr(y: np.ndarray, score: np.ndarray, fpr_max: float) -> float:
 
 
 # ------------------------------------------------------------------------------------ fitting
+def platt_targets(y: np.ndarray) -> np.ndarray:
+    """Platt's (1999, section 2.2) regularised targets: (N_fake + 1) / (N_fake + 2) for a fake image,
+    1 / (N_real + 2) for a real one, instead of 1 and 0.
+
+    With 0/1 targets a model that separates its calibration images perfectly has no finite
+    maximum-likelihood fit (T -> 0, a -> inf: a step function claiming certainty from N images);
+    these targets give every fit a finite optimum and cap prob_fake near 1 - 1/N, what N images can
+    support. sklearn's sigmoid calibration uses the same targets.
+    """
+    y = np.asarray(y)
+    n_fake, n_real = int((y == 1).sum()), int((y == 0).sum())
+    return np.where(y == 1, (n_fake + 1) / (n_fake + 2), 1 / (n_real + 2))
+
+
+def _fit_logistic(x: np.ndarray, t: np.ndarray, intercept: bool) -> tuple[float, float]:
+    """(a, b) minimising the mean cross-entropy of sigmoid(a * x + b) against soft targets ``t``
+    (b = 0 without ``intercept``); convex, with a finite optimum for targets strictly inside (0, 1)."""
+    from scipy.optimize import minimize
+
+    scale = float(np.sqrt(np.mean(x * x))) or 1.0  # conditioning only: the fit is invariant to it
+    xs = x / scale
+
+    def loss_grad(w: np.ndarray) -> tuple[float, np.ndarray]:
+        z = w[0] * xs + (w[1] if intercept else 0.0)
+        g = sigmoid(z) - t
+        grad = [np.mean(g * xs), np.mean(g)] if intercept else [np.mean(g * xs)]
+        return float(np.mean(np.logaddexp(0.0, z) - t * z)), np.array(grad)
+
+    res = minimize(loss_grad, np.zeros(2 if intercept else 1), jac=True, method="L-BFGS-B",
+                   options={"gtol": 1e-10, "ftol": 1e-15, "maxiter": 1000})
+    return float(res.x[0] / scale), float(res.x[1]) if intercept else 0.0
+
+
 def fit_scaling(logits: np.ndarray, y: np.ndarray, method: str) -> Scaling:
-    """Temperature (one T > 0 minimising the negative log-likelihood) or Platt (logistic regression
-    on the logit); a model that ranks real above fake has no monotone calibration and is refused."""
-    logits, y = np.asarray(logits, dtype=np.float64), np.asarray(y, dtype=np.float64)
+    """Temperature (one T > 0) or Platt (a > 0, b) by maximum likelihood against Platt's targets
+    (:func:`platt_targets`), so data the logits separate perfectly still get a finite fit; a model
+    whose logits rank real above fake has no monotone calibration and is refused."""
+    logits, y = np.asarray(logits, dtype=np.float64), np.asarray(y)
     if method == "none":
         return Scaling()
-    if method == "temperature":
-        from scipy.optimize import minimize_scalar
+    if method not in ("temperature", "platt"):
+        raise ConfigError(f"Received scaling {method!r}; expected one of {', '.join(SCALINGS)}")
+    a, b = _fit_logistic(logits, platt_targets(y), intercept=method == "platt")
+    if not a > 0:
+        raise ConfigError(f"Received logits that {method} scaling fits with slope {a:.3g}; expected a model that "
+                          "ranks fake images above real ones on the calibration data (slope > 0)")
+    return Scaling("temperature", temperature=1.0 / a) if method == "temperature" else Scaling("platt", a=a, b=b)
 
-        sign = 2 * y - 1
 
-        def nll(log_t: float) -> float:
-            return float(np.logaddexp(0.0, -sign * logits / math.exp(log_t)).mean())
+@dataclass(frozen=True)
+class Separation:
+    """How far the raw logits separate the classes: the ROC AUC, and the margin between the lowest
+    fake and the highest real logit (> 0: separated perfectly, no threshold errs on these images)."""
 
-        best = minimize_scalar(nll, bounds=(-7.0, 7.0), method="bounded", options={"xatol": 1e-6})
-        if (logits[y == 1].mean() <= logits[y == 0].mean()) or abs(best.x) > 6.9:
-            raise ConfigError("Received predictions whose logits do not separate fake from real (the temperature "
-                              f"fit ran to its bound, T = {math.exp(best.x):.3g}); expected a model that ranks fake "
-                              "images above real ones on the calibration data")
-        return Scaling("temperature", temperature=float(math.exp(best.x)))
-    if method == "platt":
-        from sklearn.linear_model import LogisticRegression
+    auc: float
+    lowest_fake: float
+    highest_real: float
 
-        lr = LogisticRegression(C=np.inf, max_iter=1000).fit(logits.reshape(-1, 1), y)
-        a, b = float(lr.coef_[0, 0]), float(lr.intercept_[0])
-        if not a > 0:
-            raise ConfigError(f"Received predictions that Platt scaling fits with slope {a:.3g}; expected a model "
-                              "that ranks fake images above real ones on the calibration data (slope > 0)")
-        return Scaling("platt", a=a, b=b)
-    raise ConfigError(f"Received scaling {method!r}; expected one of {', '.join(SCALINGS)}")
+    @property
+    def margin(self) -> float:
+        return self.lowest_fake - self.highest_real
+
+    def to_dict(self) -> dict[str, float | bool]:
+        return {"auc": self.auc, "margin": self.margin, "lowest_fake_logit": self.lowest_fake,
+                "highest_real_logit": self.highest_real, "separated": self.margin > 0}
+
+
+def separation(logits: np.ndarray, y: np.ndarray) -> Separation:
+    """The ROC AUC and the margin of the raw logits (any monotone scaling leaves both signs alone)."""
+    from sklearn.metrics import roc_auc_score
+
+    logits, y = np.asarray(logits, dtype=np.float64), np.asarray(y)
+    return Separation(float(roc_auc_score(y, logits)), float(logits[y == 1].min()), float(logits[y == 0].max()))
 
 
 def fit_threshold(z: np.ndarray, y: np.ndarray, rule: str, target_fpr: float = 0.01) -> float:
     """The calibrated-logit threshold for ``rule``; the decision is ``z > threshold``.
 
     From sklearn's ROC (a point i labels ``z >= thresholds[i]`` fake): fpr, the point with the
-    highest TPR whose FPR <= ``target_fpr``; accuracy, the point of maximum accuracy; eer, the point
-    where FPR and FNR are closest. The threshold is placed halfway to the next lower score, so
+    highest TPR whose FPR <= ``target_fpr`` (the lowest FPR among ties); accuracy, the point of
+    maximum accuracy; eer, the point where FPR and FNR are closest (the first of ties each time: on
+    perfectly separated data every rule puts the threshold in the gap). The threshold is placed halfway to the next lower score, so
     ``z > threshold`` labels exactly the same images as the point does.
     """
     from sklearn.metrics import roc_curve
@@ -120,8 +167,9 @@ def fit_threshold(z: np.ndarray, y: np.ndarray, rule: str, target_fpr: float = 0
     if n_fake == 0 or n_real == 0:
         return math.nan  # a bootstrap resample without one class
     fpr, tpr, thr = roc_curve(y, z, drop_intermediate=False)
-    if rule == "fpr":
-        i = int(np.searchsorted(fpr, target_fpr, side="right")) - 1
+    if rule == "fpr":  # of the points with the highest such TPR, the first: the fewest false positives
+        allowed = int(np.searchsorted(fpr, target_fpr, side="right"))
+        i = int(np.argmax(tpr[:allowed]))
     elif rule == "accuracy":
         i = int(np.argmax(tpr * n_fake + (1 - fpr) * n_real))
     elif rule == "eer":
@@ -163,24 +211,63 @@ def check_counts(n_real: int, n_fake: int, rule: str, target_fpr: float, source:
 # ------------------------------------------------------------------------------------ reporting
 @dataclass(frozen=True)
 class Fit:
-    """What ``calibrate`` fitted: the scaling, the threshold on prob_fake and its interval."""
+    """What ``calibrate`` fitted: the scaling, the threshold on prob_fake and its interval, and how
+    well the logits separate the classes."""
 
     scaling: Scaling
     threshold: float
     threshold_ci: tuple[float, float]
     rule: str
     target_fpr: float | None
+    separation: Separation
 
 
 def calibrate(logits: np.ndarray, y: np.ndarray, *, scaling: str = "temperature", rule: str = "fpr",
-              target_fpr: float = 0.01, n_resamples: int = 1000, seed: int = 0) -> Fit:
-    """Fit the scaling on the logits, then the threshold for ``rule`` on the calibrated logits."""
+              target_fpr: float = 0.01, n_resamples: int = 1000, seed: int = 0,
+              source: str = "the calibration data") -> Fit:
+    """Fit the scaling on the logits, then the threshold for ``rule`` on the calibrated logits.
+
+    Logits that rank fake no higher than real (ROC AUC <= 0.5) are refused whatever the scaling: no
+    threshold on them labels better than a coin, and the likeliest cause is swapped class folders."""
+    sep = separation(logits, y)
+    if not sep.auc > 0.5:
+        raise ConfigError(f"{source}: received logits with ROC AUC {sep.auc:.3f}; expected a model that "
+                          "ranks fake images above real ones on the calibration data (AUC > 0.5; are 0_real and "
+                          "1_fake swapped?)")
     s = fit_scaling(logits, y, scaling)
     z = s.apply(np.asarray(logits, dtype=np.float64))
     zt = fit_threshold(z, y, rule, target_fpr)
     lo, hi = bootstrap_threshold(z, y, rule, target_fpr, n_resamples, seed) if n_resamples else (math.nan, math.nan)
     to_p = lambda v: float(sigmoid(v)) if math.isfinite(v) else math.nan  # noqa: E731
-    return Fit(s, to_p(zt), (to_p(lo), to_p(hi)), rule, target_fpr if rule == "fpr" else None)
+    return Fit(s, to_p(zt), (to_p(lo), to_p(hi)), rule, target_fpr if rule == "fpr" else None, sep)
+
+
+def fit_warnings(fit: Fit, logits: np.ndarray, y: np.ndarray, source: str) -> list[str]:
+    """One line per thing the user should know before trusting the fit (see ``AUC_WARN``): logits that
+    barely separate the classes, or that separate them perfectly (the scaling is then regularised,
+    and the threshold's error rates are only bounded, not measured)."""
+    sep, s = fit.separation, fit.scaling
+    n_real, n_fake = int((np.asarray(y) == 0).sum()), int((np.asarray(y) == 1).sum())
+    out = []
+    if sep.auc < AUC_WARN:
+        out.append(f"ROC AUC {sep.auc:.3f} on {source} ({n_real} real, {n_fake} fake images), below {AUC_WARN}: the "
+                   "logits barely separate fake from real on this data, and labels at any threshold are little "
+                   "better than chance")
+    if sep.margin > 0:
+        how = ""
+        if s.method != "none":
+            p = sigmoid(s.apply(np.asarray(logits, dtype=np.float64)))
+            step, fitted = ("T to 0", f"T = {s.temperature:.4g}") if s.method == "temperature" else \
+                ("a to infinity", f"a = {s.a:.4g}, b = {s.b:.4g}")
+            how = (f"; unregularised, the {s.method} fit would take {step} (a step function), so {fitted} is fitted "
+                   f"to Platt's targets ({n_fake + 1}/{n_fake + 2} fake, 1/{n_real + 2} real) instead: prob_fake "
+                   f"{p.min():.3g}..{p.max():.4g} on these images")
+        out.append(f"the logits separate fake from real perfectly on {source} (margin {sep.margin:.3g} between the "
+                   f"lowest fake logit {sep.lowest_fake:.3g} and the highest real {sep.highest_real:.3g}){how}; the "
+                   f"threshold sits in the gap, and its FPR 0 and TPR 1 here only bound the error rates (below "
+                   f"{3 / n_real:.2g} and {3 / n_fake:.2g} at 95%, rule of three): calibrate on more or harder images "
+                   "to measure them")
+    return out
 
 
 def metrics(logits: np.ndarray, y: np.ndarray, scaling: Scaling, threshold: float) -> dict[str, float]:
@@ -212,124 +299,3 @@ def format_report(columns: dict[str, dict[str, float]]) -> str:
     for key, label in ROWS:
         lines.append(f"{label:<{width}}  " + "  ".join(f"{col[key]:>{cw}.4f}" for col in columns.values()))
     return "\n".join(lines)
-
-
-def plot_reliability(path: Path, y: np.ndarray, probs: dict[str, np.ndarray], title: str) -> None:
-    """Reliability diagram (sklearn's calibration_curve, 15 uniform bins) with the ECE in the legend,
-    and the histogram of prob_fake below it."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from sklearn.calibration import calibration_curve
-
-    fig, (ax, hist) = plt.subplots(2, 1, figsize=(5.5, 7), gridspec_kw={"height_ratios": [3, 1]}, sharex=True)
-    ax.plot([0, 1], [0, 1], ls="--", color="grey", lw=1, label="perfectly calibrated")
-    for name, p in probs.items():
-        frac, mean = calibration_curve(y, p, n_bins=ECE_BINS, strategy="uniform")
-        ax.plot(mean, frac, marker="o", label=f"{name} (ECE {ece(y, p):.3f})")
-        hist.hist(p, bins=np.linspace(0, 1, ECE_BINS + 1), alpha=0.5, label=name)
-    ax.set(ylabel="fraction fake", xlim=(0, 1), ylim=(0, 1), title=title)
-    ax.grid(alpha=0.3)
-    ax.legend(loc="upper left", fontsize=8)
-    hist.set(xlabel="prob_fake", ylabel="images")
-    hist.set_yscale("log")
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-
-
-# ------------------------------------------------------------------------------------ data and files
-def data_digest(samples: list[Sample], root: str | Path) -> str:
-    """SHA-256 over the labelled images (relative path, label, content), in path order: the same
-    images give the same digest wherever the folder lies."""
-    root = Path(root)
-    h = hashlib.sha256()
-    for s in sorted(samples, key=lambda s: s.path.relative_to(root).as_posix()):
-        h.update(f"{s.path.relative_to(root).as_posix()}\0{s.label}\0".encode())
-        with open(s.path, "rb") as f:
-            h.update(hashlib.file_digest(f, "sha256").digest())
-    return h.hexdigest()
-
-
-def data_record(samples: list[Sample], root: str | Path) -> dict[str, Any]:
-    """What the provenance says about the calibration data: where, how many, which bytes."""
-    return {"path": str(Path(root).resolve()), "n_real": sum(s.label == 0 for s in samples),
-            "n_fake": sum(s.label == 1 for s in samples), "sha256": data_digest(samples, root)}
-
-
-def same_data(record: dict[str, Any] | None, samples: list[Sample], root: str | Path) -> bool:
-    """Whether ``samples`` are the images a calibration ``record`` was fitted on (counts first, so a
-    different folder is not hashed)."""
-    data = (record or {}).get("data")
-    if not isinstance(data, dict):
-        return False
-    if (data.get("n_real"), data.get("n_fake")) != (sum(s.label == 0 for s in samples), sum(s.label == 1 for s in samples)):
-        return False
-    return data.get("path") == str(Path(root).resolve()) or data.get("sha256") == data_digest(samples, root)
-
-
-def write_calibrated(src: str | Path, out: str | Path, record: dict[str, Any]) -> Path:
-    """A copy of the model file ``src`` at ``out`` whose metadata holds the calibration ``record``
-    (and its threshold): checkpoint key, ONNX ``ferret.*`` props, or the engine's sidecar."""
-    src, out = Path(src), Path(out)
-    if src.resolve() == out.resolve():
-        raise ConfigError(f"Received -o {out}, the input model itself; expected a new file (the input is kept)")
-    if out.suffix.lower() != src.suffix.lower():
-        raise ConfigError(f"Received -o {out}; expected a {src.suffix} file like the input {src.name}")
-    writers: dict[str, Callable[[Path, Path, dict[str, Any]], None]] = {
-        ".pt": _write_checkpoint, ".pth": _write_checkpoint, ".onnx": _write_onnx, ".engine": _write_engine}
-    writer = writers.get(src.suffix.lower())
-    if writer is None:
-        raise ConfigError(f"Received model {src} with suffix {src.suffix!r}; expected one of {', '.join(writers)}")
-    writer(src, out, record)
-    return out
-
-
-def _write_checkpoint(src: Path, out: Path, record: dict[str, Any]) -> None:
-    import torch
-
-    from ferret_runtime.fileio import atomic_write
-
-    from .checkpoint import load_checkpoint, read_checkpoint, save_checkpoint
-
-    ckpt = read_checkpoint(src)
-    if "model_config" not in ckpt:
-        # an original checkpoint: its LPD may be known only from its file name, which -o changes, so
-        # it is written in our format, which records it
-        loaded = load_checkpoint(src)
-        save_checkpoint(out, loaded.model, preprocess=loaded.preprocess, meta={"converted_from": src.name},
-                        extra={CALIBRATION_KEY: record})
-        return
-    ckpt = {**ckpt, CALIBRATION_KEY: record}
-    atomic_write(out, lambda f: torch.save(ckpt, f))
-
-
-def _write_onnx(src: Path, out: Path, record: dict[str, Any]) -> None:
-    import onnx
-
-    from ferret_runtime.fileio import atomic_write
-
-    model = onnx.load(str(src))
-    props = {p.key: p for p in model.metadata_props}
-    prov_key, thr_key = PREFIX + "provenance", PREFIX + "threshold"
-    provenance = json.loads(props[prov_key].value) if prov_key in props else {}
-    provenance[CALIBRATION_KEY] = record
-    for key, value in ((prov_key, json.dumps(provenance, sort_keys=True)), (thr_key, str(record["threshold"]))):
-        if key in props:
-            props[key].value = value
-        else:
-            model.metadata_props.add(key=key, value=value)
-    atomic_write(out, model.SerializeToString())
-
-
-def _write_engine(src: Path, out: Path, record: dict[str, Any]) -> None:
-    from ferret_runtime import sidecar
-
-    side = sidecar.read(src)  # checked before anything is written
-    provenance = dict(side.meta.get("provenance", {}))
-    provenance[CALIBRATION_KEY] = record
-    shutil.copyfile(src, out)
-    sidecar.rewrite(src, out, {PREFIX + "provenance": json.dumps(provenance, sort_keys=True),
-                               PREFIX + "threshold": str(record["threshold"])})

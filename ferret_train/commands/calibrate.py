@@ -4,7 +4,6 @@ copy of the model that carries them (checkpoint, ONNX metadata or engine sidecar
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import sys
 from pathlib import Path
@@ -12,7 +11,7 @@ from typing import Any
 
 from ferret_runtime.commands import HelpFormatter
 
-from ..calibration import MIN_PER_CLASS, RULES, SCALINGS
+from ..calibration import AUC_WARN, MIN_PER_CLASS, RULES, SCALINGS
 from .eval import add_model_arguments, open_options
 
 HELP = "fit a decision threshold (target FPR, max accuracy or EER) and temperature/Platt scaling on labelled images"
@@ -25,8 +24,16 @@ def register(sub: argparse._SubParsersAction) -> None:
         "(Platt); the label is 'fake' when prob_fake > threshold; the raw logit stays the model's.",
         formatter_class=HelpFormatter,
         epilog=f"Data: a ForenSynths-layout folder (all subsets pooled), at least {MIN_PER_CLASS} images per class, "
-               "and for --rule fpr at least 1/target-fpr real images (100 for 1%%). Calibrate on images the model "
-               "was not trained on, and evaluate on others (--eval-data). \nExample:\n  ferret calibrate -w best.pt "
+               "and for --rule fpr at least 1/target-fpr real images (100 for 1%). Calibrate on images the model "
+               "was not trained on, and evaluate on others (--eval-data). Both scalings are fitted to Platt's "
+               "targets ((n+1)/(n+2) fake, 1/(n+2) real), so logits that separate the data perfectly still get a "
+               "finite fit (with a warning that says so).\n"
+               f"Warnings (stderr, one line each; the model is still written): ROC AUC below {AUC_WARN} on --data "
+               "(the logits barely separate the classes), or perfect separation (the threshold's error rates are "
+               "then only bounded). A ROC AUC <= 0.5 is refused whatever --scaling.\n"
+               "Exit status: 0 written (with any warnings); 2 refused: bad input or options, one line on stderr, "
+               "and nothing written or overwritten; 130 interrupted (every file is written atomically: whole or "
+               "not at all).\nExample:\n  ferret calibrate -w best.pt "
                "--data val/ --target-fpr 0.01 -o best-cal.pt --eval-data test/",
     )
     src = p.add_mutually_exclusive_group(required=True)
@@ -58,7 +65,8 @@ def _logits(det: Any, samples: list, bar: Any) -> Any:
                     np.float64)
 
 
-def _pooled(root: str) -> tuple[list, Any]:
+def pooled(root: str) -> tuple[list, Any]:
+    """Every labelled image under ``root`` (all subsets pooled) and their labels; both classes required."""
     import numpy as np
 
     from ..data import find_subsets
@@ -70,45 +78,103 @@ def _pooled(root: str) -> tuple[list, Any]:
     return samples, np.array([s.label for s in samples])
 
 
-def run(args: argparse.Namespace) -> int:
-    from tqdm import tqdm
+_pooled = pooled  # the name ferret compare imports; it should import pooled
 
-    from ferret_runtime import Detector, __version__
+
+def _outputs(args: argparse.Namespace, out: Path) -> tuple[dict[str, Path], Path, Path]:
+    """Every file the run writes, named as the user would recognise it; and the report and diagram paths."""
+    from ferret_runtime import sidecar
+
+    json_path = Path(args.json) if args.json else out.with_name(out.name + ".calibration.json")
+    plot = Path(args.plot) if args.plot else out.with_name(out.name + ".reliability.png")
+    named = {f"-o {args.output}": out}
+    if out.suffix.lower() == ".engine":
+        named[f"the sidecar {sidecar.path(out)} of -o"] = sidecar.path(out)
+    named[f"--json {args.json}" if args.json else f"the report {json_path} (--json's default)"] = json_path
+    named[f"--plot {args.plot}" if args.plot else f"the diagram {plot} (--plot's default)"] = plot
+    return named, json_path, plot
+
+
+def run(args: argparse.Namespace) -> int:
     from ferret_runtime.errors import ConfigError
-    from ferret_runtime.fileio import atomic_write, sha256
 
     from .. import calibration as cal
-    from .eval import warn_if_calibrated_on
 
-    model = Path(args.weights or args.model)
-    out = Path(args.output)
+    model, out = Path(args.weights or args.model), Path(args.output)
     if args.bootstrap < 0:
         raise ConfigError(f"Received --bootstrap {args.bootstrap}; expected >= 0")
-    samples, y = _pooled(args.data)
+    named, json_path, plot = _outputs(args, out)
+    cal.model_writer(model, out)  # -o's suffix, before the images are read
+    samples, y = pooled(args.data)
     cal.check_counts(int((y == 0).sum()), int((y == 1).sum()), args.rule, args.target_fpr, args.data)
-    held = _pooled(args.eval_data) if args.eval_data else None
-    if held is not None and cal.same_data({"data": cal.data_record(samples, args.data)}, held[0], args.eval_data):
+    held = pooled(args.eval_data) if args.eval_data else None
+    data = cal.data_record(samples, args.data)
+    if held is not None and cal.same_data({"data": data}, held[0], args.eval_data):
         print(f"[calibrate] warning: --eval-data {args.eval_data} holds the same images as --data {args.data}; "
               "the 'held-out' numbers are not held out", file=sys.stderr)
+    before, logits, held_logits = _predict(args, model, samples, held)
+    fit = cal.calibrate(logits, y, scaling=args.scaling, rule=args.rule, target_fpr=args.target_fpr,
+                        n_resamples=args.bootstrap, seed=args.seed, source=args.data)
+    columns = {"before": cal.metrics(logits, y, *before[:2]), "after": cal.metrics(logits, y, fit.scaling, fit.threshold)}
+    if held:
+        columns["held-out before"] = cal.metrics(held_logits, held[1], *before[:2])
+        columns["held-out after"] = cal.metrics(held_logits, held[1], fit.scaling, fit.threshold)
+    warnings = cal.fit_warnings(fit, logits, y, args.data)
+    if args.bootstrap and not all(math.isfinite(v) for v in fit.threshold_ci):
+        warnings.append("the bootstrap interval is undefined (resamples without one class)")
+    _summary(args, model, fit, data, columns)
+    for line in warnings:
+        print(f"[calibrate] warning: {line}", file=sys.stderr)
+    record = {"scaling": fit.scaling.to_dict(), "threshold": fit.threshold, "threshold_ci": list(fit.threshold_ci),
+              "rule": fit.rule, "target_fpr": fit.target_fpr, "crop": before[2], "data": data,
+              "separation": fit.separation.to_dict()}
+    report = {"model": str(model), "output": str(out), "metrics": columns, "eval_data": args.eval_data,
+              "warnings": warnings}
+    probs = {"before": cal.sigmoid(before[0].apply(logits)), "after": cal.sigmoid(fit.scaling.apply(logits))}
+    _write(model, (out, json_path, plot), record, report, (y, probs, f"{model.name} on {Path(args.data).name}"))
+    return 0
+
+
+def _predict(args: argparse.Namespace, model: Path, samples: list, held: tuple | None) -> tuple[tuple, Any, Any]:
+    """The model's (scaling, threshold, crop) as it stands, and its logits on --data and --eval-data."""
+    from tqdm import tqdm
+
+    from ferret_runtime import Detector
+
+    from .eval import warn_if_calibrated_on
+
     n = len(samples) + (len(held[0]) if held else 0)
     with Detector.open(model, **open_options(args, tiles=False)) as det, \
             tqdm(total=n, unit="img", file=sys.stderr, disable=None, leave=False) as bar:
         warn_if_calibrated_on(det, samples, args.data, "calibrate")
-        before_scaling, before_threshold, crop = det.scaling, det.threshold, det.preprocess.crop
-        logits = _logits(det, samples, bar)
-        held_logits = _logits(det, held[0], bar) if held else None
-    fit = cal.calibrate(logits, y, scaling=args.scaling, rule=args.rule, target_fpr=args.target_fpr,
-                        n_resamples=args.bootstrap, seed=args.seed)
-    columns = {"before": cal.metrics(logits, y, before_scaling, before_threshold),
-               "after": cal.metrics(logits, y, fit.scaling, fit.threshold)}
-    if held:
-        columns["held-out before"] = cal.metrics(held_logits, held[1], before_scaling, before_threshold)
-        columns["held-out after"] = cal.metrics(held_logits, held[1], fit.scaling, fit.threshold)
-    data = cal.data_record(samples, args.data)
-    record = {"scaling": fit.scaling.to_dict(), "threshold": fit.threshold, "threshold_ci": list(fit.threshold_ci),
-              "rule": fit.rule, "target_fpr": fit.target_fpr, "crop": crop, "data": data,
-              "source_model": model.name, "source_sha256": sha256(model), "toolkit_version": __version__}
-    cal.write_calibrated(model, out, record)
+        before = det.scaling, det.threshold, det.preprocess.crop
+        return before, _logits(det, samples, bar), _logits(det, held[0], bar) if held else None
+
+
+def _write(model: Path, paths: tuple[Path, Path, Path], record: dict, report: dict, diagram: tuple) -> None:
+    """Render the diagram, then write the model, the report and the diagram, each atomically: nothing
+    is written until everything is computed, so a failure leaves every existing file as it was."""
+    import json
+
+    from ferret_runtime import __version__
+    from ferret_runtime.fileio import atomic_write, sha256
+
+    from ..calibration import write_calibrated
+    from ..reliability import reliability_png
+
+    out, json_path, plot = paths
+    y, probs, title = diagram
+    png = reliability_png(y, probs, f"{title} ({len(y)} images)")
+    record = {**record, "source_model": model.name, "source_sha256": sha256(model), "toolkit_version": __version__}
+    write_calibrated(model, out, record)
+    atomic_write(json_path, (json.dumps({**report, "calibration": record}, indent=2, allow_nan=True) + "\n").encode())
+    atomic_write(plot, png)
+    print(f"[calibrate] wrote {out}, {json_path}, {plot}")
+
+
+def _summary(args: argparse.Namespace, model: Path, fit: Any, data: dict[str, Any], columns: dict) -> None:
+    """What was fitted, on what, and the before/after table (stdout)."""
+    from .. import calibration as cal
 
     s = fit.scaling
     how = {"temperature": f"temperature T = {s.temperature:.4f}", "platt": f"Platt a = {s.a:.4f}, b = {s.b:.4f}",
@@ -117,17 +183,6 @@ def run(args: argparse.Namespace) -> int:
     ci = f" (95% CI {fit.threshold_ci[0]:.4f}..{fit.threshold_ci[1]:.4f}, {args.bootstrap} bootstrap resamples)" \
         if args.bootstrap else ""
     print(f"[calibrate] {model.name} on {args.data}: {data['n_real']} real, {data['n_fake']} fake "
-          f"(sha256 {data['sha256'][:12]})")
+          f"(sha256 {data['sha256'][:12]}); ROC AUC {fit.separation.auc:.4f}")
     print(f"[calibrate] scaling: {how}; threshold ({rule}): prob_fake > {fit.threshold:.4f}{ci}")
     print(cal.format_report(columns))
-    report = {"model": str(model), "output": str(out), "calibration": record, "metrics": columns,
-              "eval_data": args.eval_data}
-    json_path = Path(args.json) if args.json else out.with_name(out.name + ".calibration.json")
-    atomic_write(json_path, (json.dumps(report, indent=2, allow_nan=True) + "\n").encode())
-    plot = Path(args.plot) if args.plot else out.with_name(out.name + ".reliability.png")
-    probs = {"before": cal.sigmoid(before_scaling.apply(logits)), "after": cal.sigmoid(s.apply(logits))}
-    cal.plot_reliability(plot, y, probs, f"{model.name} on {Path(args.data).name} ({len(y)} images)")
-    print(f"[calibrate] wrote {out}, {json_path}, {plot}")
-    if not all(math.isfinite(v) for v in fit.threshold_ci) and args.bootstrap:
-        print("[calibrate] warning: the bootstrap interval is undefined (resamples without one class)", file=sys.stderr)
-    return 0
