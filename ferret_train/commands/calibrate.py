@@ -28,6 +28,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                "was not trained on, and evaluate on others (--eval-data). Both scalings are fitted to Platt's "
                "targets ((n+1)/(n+2) fake, 1/(n+2) real), so logits that separate the data perfectly still get a "
                "finite fit (with a warning that says so).\n"
+               "Outputs: -o, --json, --plot (and an engine's sidecar) must each be a new path: not an input (by "
+               "file identity, so a hard link or symlink to the model counts), not another output, not inside "
+               "--data or --eval-data; they are checked before any work and written only after the fit succeeds.\n"
                f"Warnings (stderr, one line each; the model is still written): ROC AUC below {AUC_WARN} on --data "
                "(the logits barely separate the classes), or perfect separation (the threshold's error rates are "
                "then only bounded). A ROC AUC <= 0.5 is refused whatever --scaling.\n"
@@ -81,6 +84,36 @@ def pooled(root: str) -> tuple[list, Any]:
 _pooled = pooled  # the name ferret compare imports; it should import pooled
 
 
+def check_paths(args: argparse.Namespace, outputs: dict[str, Path]) -> None:
+    """Refuse, before any work, an output that is an input (by file identity), another output, a
+    folder, or inside a data folder: a refused or finished run never overwrites what it reads."""
+    from ferret_runtime import sidecar
+    from ferret_runtime.errors import ConfigError
+
+    from ..calibration import same_file
+
+    model = Path(args.weights or args.model)
+    inputs = {f"--{'weights' if args.weights else 'model'} {args.weights or args.model}": model}
+    if model.suffix.lower() == ".engine":
+        inputs[f"the sidecar {sidecar.path(model)} of --model"] = sidecar.path(model)
+    folders = {f"--data {args.data}": Path(args.data)}
+    if args.eval_data:
+        folders[f"--eval-data {args.eval_data}"] = Path(args.eval_data)
+    seen = dict(inputs)
+    for name, path in outputs.items():
+        if path.is_dir():
+            raise ConfigError(f"Received {name}, a folder; expected a file path")
+        for other, taken in seen.items():
+            if same_file(path, taken):
+                raise ConfigError(f"Received {name}, the same file as {other}; expected a path of its own "
+                                  "(an input or another output is never overwritten)")
+        for other, folder in folders.items():
+            if folder.resolve() in path.resolve().parents:
+                raise ConfigError(f"Received {name}, inside {other}; expected a path outside the data (an image "
+                                  "written there would join the data)")
+        seen[name] = path
+
+
 def _outputs(args: argparse.Namespace, out: Path) -> tuple[dict[str, Path], Path, Path]:
     """Every file the run writes, named as the user would recognise it; and the report and diagram paths."""
     from ferret_runtime import sidecar
@@ -104,6 +137,7 @@ def run(args: argparse.Namespace) -> int:
     if args.bootstrap < 0:
         raise ConfigError(f"Received --bootstrap {args.bootstrap}; expected >= 0")
     named, json_path, plot = _outputs(args, out)
+    check_paths(args, named)
     cal.model_writer(model, out)  # -o's suffix, before the images are read
     samples, y = pooled(args.data)
     cal.check_counts(int((y == 0).sum()), int((y == 1).sum()), args.rule, args.target_fpr, args.data)
