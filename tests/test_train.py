@@ -305,6 +305,8 @@ def test_bad_data_roots_are_clear_errors(tiny_data, tmp_path, case):
 
 @pytest.mark.gpu
 def test_one_epoch_on_cuda_with_amp(tiny_data, tmp_path):
+    for module in ("tqdm", "sklearn"):  # the 'train' extra: absent on a bare GPU image (make gpu-check runs this)
+        pytest.importorskip(module, reason=f"ferret train needs {module} (the 'train' extra), not installed")
     run = tmp_path / "cuda"
     _ok(run_ferret(*_train_args(tiny_data, run, "total_epochs=1", "trainer.device=cuda", "trainer.amp=true")))
     (record,) = _records(run)
