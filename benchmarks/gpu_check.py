@@ -108,6 +108,17 @@ class Result:
 
 
 # ---------------------------------------------------------------------------------------------- report
+def same_bits(got: Any, want: Any) -> bool:
+    """Equal bit patterns (uint16/uint32 views), not equal values: -0 and +0 differ, as the kernels promise."""
+    import numpy as np
+
+    got, want = np.ascontiguousarray(got), np.ascontiguousarray(want)
+    if got.dtype != want.dtype or got.shape != want.shape:
+        return False
+    view = {2: np.uint16, 4: np.uint32, 1: np.uint8, 8: np.uint64}[got.dtype.itemsize]
+    return bool(np.array_equal(got.view(view), want.view(view)))
+
+
 def slug(name: str) -> str:
     """'NVIDIA H100 80GB HBM3' -> 'nvidia-h100-80gb-hbm3' (the results folder)."""
     return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-") or "gpu"
@@ -295,7 +306,7 @@ def check_kernels(result: Result) -> None:
             x = _input(shape, k)
             x = torch.from_numpy(x.astype(np.float16) if half else x).cuda()
             got = _lpd_gpu(x, func, k, residual).cpu().numpy()
-            if not np.array_equal(got, want.result()):
+            if not same_bits(got, want.result()):
                 bad.setdefault((func, k), []).append(f"{'f16' if half else 'f32'} {shape} residual={residual}")
             if shape == shapes[-1] and residual is False and half:  # the last case of this (func, k)
                 errors = bad.get((func, k), [])
@@ -304,7 +315,7 @@ def check_kernels(result: Result) -> None:
     x = _input((70000, 1, 5, 7), 1)
     for func, k in (("median", 3), ("excmed", 5)):
         got = _lpd_gpu(torch.from_numpy(x).cuda(), func, k, True).cpu().numpy()
-        result.add("kernels", f"70000 planes {func} k={k}", bool(np.array_equal(got, host.lpd_residual_host(x, func, k))))
+        result.add("kernels", f"70000 planes {func} k={k}", same_bits(got, host.lpd_residual_host(x, func, k)))
     # more than 2^31 elements (float16, two planes of 32768 x 32769): the last rows of the last plane
     free, _ = torch.cuda.mem_get_info()
     n = 2 * 32768 * 32769
@@ -316,7 +327,7 @@ def check_kernels(result: Result) -> None:
     tail = big[1:, :, -40:].float().cpu().numpy()  # crop: its first row has a different halo, skip it
     want = host.lpd_residual_host(np.ascontiguousarray(tail), "median", 3).astype(np.float16)[..., 1:, :]
     got = out[1:, :, -39:].cpu().numpy()
-    result.add("kernels", "> 2^31 elements (f16)", bool(np.array_equal(got, want)), f"{n:,} elements")
+    result.add("kernels", "> 2^31 elements (f16)", same_bits(got, want), f"{n:,} elements")
     del big, out
     torch.cuda.empty_cache()
 
@@ -343,7 +354,7 @@ def check_preprocess(result: Result) -> None:
                 getattr(launch, kernel)(module, img.data_ptr(), out.data_ptr(), shape, dtype, MEAN, STD,
                                         stream=torch.cuda.current_stream().cuda_stream)
                 torch.cuda.synchronize()
-                ok &= bool(np.array_equal(out.cpu().numpy(), want.astype(np.float16 if dtype == torch.float16 else np.float32)))
+                ok &= same_bits(out.cpu().numpy(), want.astype(np.float16 if dtype == torch.float16 else np.float32))
             result.add("preprocess", f"{kernel} {shape}", ok, "f32 and f16")
     # pinned -> device -> kernel -> device -> pinned on a non-blocking stream of ours, ordered by an event
     shape = (8, 96, 80, 3)
@@ -359,7 +370,7 @@ def check_preprocess(result: Result) -> None:
         done.record(stream)
         done.synchronize()
         got = h_out.array(np.float32, (8, 3, 96, 80)).copy()
-    result.add("preprocess", "pinned -> device -> pinned, our stream", bool(np.array_equal(got, normalize(images))))
+    result.add("preprocess", "pinned -> device -> pinned, our stream", same_bits(got, normalize(images)))
 
 
 # --------------------------------------------------------------------------------------- 4. plugin
@@ -412,7 +423,7 @@ def check_torch(result: Result) -> None:
     for func in FUNCS:
         for k in (3, 5, 7):
             got = torch.ops.ferret.lpd(x.cuda(), func, k).cpu().numpy()
-            ok = bool(np.array_equal(got, host.lpd_reconstruct_host(x.numpy(), func, k)))
+            ok = same_bits(got, host.lpd_reconstruct_host(x.numpy(), func, k))
             if not ok:
                 result.add("torch", f"op {func} k={k}", False, "differs from the host build")
     result.add("torch", "torch.ops.ferret.lpd, 18 variants", not any(r.section == "torch" and r.ok is False

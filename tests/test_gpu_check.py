@@ -503,3 +503,17 @@ def test_the_pytest_section_on_this_checkout(monkeypatch):
     if _driver_gpus() == 0:
         assert " skipped, " in row.value and "passed" not in row.value and "error" not in row.value, row.value
         assert "no CUDA GPU visible to" in row.detail
+
+
+def test_same_bits_sees_the_sign_of_zero():
+    import numpy as np
+
+    from benchmarks.gpu_check import same_bits
+
+    for dtype in (np.float16, np.float32):
+        a = np.array([0.0, 1.5, -2.0], dtype)
+        assert same_bits(a, a.copy())
+        assert not same_bits(a, np.array([-0.0, 1.5, -2.0], dtype))  # equal values, other bits
+        assert np.array_equal(a, np.array([-0.0, 1.5, -2.0], dtype))  # ... which array_equal misses
+    assert not same_bits(np.zeros(3, np.float16), np.zeros(3, np.float32))
+    assert not same_bits(np.zeros(3, np.float32), np.zeros(4, np.float32))
