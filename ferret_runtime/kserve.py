@@ -16,11 +16,21 @@ bytes long, the tensors whose input carries ``"binary_data_size"`` follow it in 
 row-major; a BYTES element is a 4-byte little-endian length and its bytes). Outputs are binary when
 their ``"binary_data"`` parameter says so, else when the request's ``"binary_data_output"`` does.
 Pure functions of bytes and numbers: no web framework here (``serve.py`` routes to them).
+
+Any request costs work linear in its size, and anything malformed is a ProtocolError naming the
+field: the JSON part is at most ``max_json`` bytes (json.loads holds the GIL throughout and builds
+objects of up to 20x the text; the server parses off its event loop), a shape has at most MAX_RANK
+int64 dimensions (so counting its elements is a few multiplications), tensor data nests no deeper
+than its shape, BYTES strings are UTF-8 strictly, flags are JSON booleans, and a client's values
+appear in messages cut short.
 """
 
 from __future__ import annotations
 
+import gc
 import json
+import re
+import reprlib
 import struct
 from dataclasses import dataclass, field
 from typing import Any
@@ -37,6 +47,9 @@ NUMPY = {"UINT8": np.uint8, "FP32": np.float32, "FP64": np.float64}
 CONFIG_TYPES = {"UINT8": "TYPE_UINT8", "FP32": "TYPE_FP32", "FP64": "TYPE_FP64", "BYTES": "TYPE_STRING"}
 HEADER_LENGTH = "inference-header-content-length"
 EXTENSIONS = ("binary_tensor_data", "model_configuration")
+MB = 1024 * 1024
+DEFAULT_MAX_JSON = 1 * MB  # the JSON part of a request: --max-json-mb
+MAX_RANK, MAX_DIM = 8, 2**63 - 1  # a shape: ours have 1 or 4 dimensions; Triton's are int64
 
 
 class ProtocolError(FerretError):
@@ -79,60 +92,87 @@ def decode_bytes(buf: bytes | memoryview, count: int, name: str) -> list[bytes]:
 
 
 # ------------------------------------------------------------------------------------------ request
-def _json_object(data: bytes, what: str) -> dict[str, Any]:
+def _show(value: Any) -> str:
+    """A client's value in an error message, cut short: a 30 MB list or a deep nest prints a few dozen chars."""
+    return _REPR.repr(value)
+
+
+_REPR = reprlib.Repr()
+_REPR.maxlevel, _REPR.maxlist, _REPR.maxdict, _REPR.maxstring, _REPR.maxlong, _REPR.maxother = 2, 4, 4, 60, 40, 60
+
+
+def _json_object(data: bytes, what: str, max_json: int) -> dict[str, Any]:
+    """The JSON object ``data`` holds. Called off the event loop; ``max_json`` bounds how long json.loads
+    holds the GIL and the objects it builds (up to about 20x the text for nested arrays)."""
+    if len(data) > max_json:
+        raise JsonOverLimit(what, len(data), max_json)
+    collecting = gc.isenabled()
+    gc.disable()  # the collector's passes over the growing heap would run inside json.loads, under the GIL: 3x its time
     try:
         obj = json.loads(data)
-    except (UnicodeDecodeError, ValueError) as e:
+    except RecursionError:  # json's C scanner counts nesting against the recursion limit
+        raise ProtocolError(f"Received {what} nested too deeply for the JSON parser; expected an inference request "
+                            "(tensor data nested at most as deep as its shape)") from None
+    except (UnicodeDecodeError, ValueError) as e:  # ValueError: also an integer of over 4300 digits
         raise ProtocolError(f"Received {what} that is not JSON ({e}); expected an inference request object") from None
+    finally:
+        if collecting:
+            gc.enable()
     if not isinstance(obj, dict):
         raise ProtocolError(f"Received {what} of JSON type {type(obj).__name__}; expected an object")
     return obj
 
 
 def _shape(inp: dict[str, Any], name: str) -> list[int]:
+    """The declared shape, rank and dimensions bounded first, so counting its elements is a few multiplications."""
     shape = inp.get("shape")
-    if not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape):
-        raise ProtocolError(f"Received input {name!r} with shape {shape!r}; expected a list of integers >= 0")
+    if not isinstance(shape, list) or len(shape) > MAX_RANK or not all(
+            isinstance(d, int) and not isinstance(d, bool) and 0 <= d <= MAX_DIM for d in shape):
+        raise ProtocolError(f"Received input {name!r} with shape {_show(shape)}; expected a list of at most {MAX_RANK} "
+                            f"integers in 0..{MAX_DIM}")
     return shape
 
 
-def _split_body(body: bytes, header_length: str | None) -> tuple[dict[str, Any], memoryview]:
+def _split_body(body: bytes, header_length: str | None, max_json: int) -> tuple[dict[str, Any], memoryview]:
     """(JSON header, the binary data after it)."""
     if header_length is None:
-        return _json_object(body, "a body"), memoryview(b"")
-    if not header_length.strip().isdigit() or int(header_length) > len(body):
-        raise ProtocolError(f"Received Inference-Header-Content-Length {header_length!r} with a body of {len(body)} "
-                            "bytes; expected the JSON header's length, at most the body's")
+        return _json_object(body, "a body", max_json), memoryview(b"")
+    # ASCII digits only: str.isdigit() also takes '²', and int() refuses over 4300 digits
+    if not re.fullmatch(r"[0-9]{1,12}", header_length.strip()) or int(header_length) > len(body):
+        raise ProtocolError(f"Received Inference-Header-Content-Length {_show(header_length)} with a body of "
+                            f"{len(body)} bytes; expected the JSON header's length, at most the body's")
     n = int(header_length)
-    return _json_object(body[:n], "an inference header"), memoryview(body)[n:]
+    return _json_object(body[:n], "an inference header", max_json), memoryview(body)[n:]
 
 
-def parse_infer_request(body: bytes, header_length: str | None, *, max_images: int) -> InferRequest:
+def parse_infer_request(body: bytes, header_length: str | None, *, max_images: int,
+                        max_json: int = DEFAULT_MAX_JSON) -> InferRequest:
     """Decode a request of either form into named images; ProtocolError names what is wrong.
 
-    ``max_images`` bounds the element count before anything per element is built (the caller's
-    413 limit is checked against ``len(items)`` again; this only keeps the codec's work bounded).
+    Linear in the body: the JSON part is at most ``max_json`` bytes (else :class:`JsonOverLimit`), the
+    shape's rank and dimensions are bounded before its elements are counted, and ``max_images``
+    bounds the element count before anything per element is built. CPU-bound: run it off the event loop.
     """
-    head, binary = _split_body(body, header_length)
+    head, binary = _split_body(body, header_length, max_json)
     inputs = head.get("inputs")
     if not isinstance(inputs, list) or len(inputs) != 1 or not isinstance(inputs[0], dict):
-        given = [i.get("name") for i in inputs if isinstance(i, dict)] if isinstance(inputs, list) else inputs
-        raise ProtocolError(f"Received inputs {given!r}; expected exactly one: {PIXELS!r} (UINT8 [N, H, W, 3]) or "
-                            f"{IMAGES!r} (BYTES [N], encoded image files)")
+        given = [i.get("name") for i in inputs[:8] if isinstance(i, dict)] if isinstance(inputs, list) else inputs
+        raise ProtocolError(f"Received inputs {_show(given)}; expected exactly one: {PIXELS!r} (UINT8 [N, H, W, 3]) "
+                            f"or {IMAGES!r} (BYTES [N], encoded image files)")
     (inp,) = inputs
     name, datatype = inp.get("name"), inp.get("datatype")
-    if name not in INPUTS:
-        raise ProtocolError(f"Received input {name!r}; expected {PIXELS!r} (UINT8 [N, H, W, 3]) or {IMAGES!r} "
-                            "(BYTES [N], encoded image files)")
+    if not isinstance(name, str) or name not in INPUTS:
+        raise ProtocolError(f"Received input {_show(name)}; expected {PIXELS!r} (UINT8 [N, H, W, 3]) or "
+                            f"{IMAGES!r} (BYTES [N], encoded image files)")
     if datatype != INPUTS[name]:
-        raise ProtocolError(f"Received input {name!r} of datatype {datatype!r}; expected {INPUTS[name]}")
+        raise ProtocolError(f"Received input {name!r} of datatype {_show(datatype)}; expected {INPUTS[name]}")
     shape = _shape(inp, name)
     params = inp.get("parameters") or {}
     size = params.get("binary_data_size") if isinstance(params, dict) else None
     if size is not None:
-        if not isinstance(size, int) or size != len(binary):
-            raise ProtocolError(f"Received input {name!r} with binary_data_size {size!r} and {len(binary)} bytes of "
-                                "binary data after the header; expected them equal")
+        if not isinstance(size, int) or isinstance(size, bool) or size != len(binary):
+            raise ProtocolError(f"Received input {name!r} with binary_data_size {_show(size)} and {len(binary)} bytes "
+                                "of binary data after the header; expected them equal")
         raw: Any = binary
     elif "data" in inp:
         if len(binary):
@@ -151,7 +191,7 @@ def parse_infer_request(body: bytes, header_length: str | None, *, max_images: i
 
 def _count(shape: list[int]) -> int:
     n = 1
-    for d in shape:
+    for d in shape:  # at most MAX_RANK factors of at most MAX_DIM each
         n *= d
     return n
 
@@ -170,18 +210,34 @@ class ImagesOverLimit(ProtocolError):
         super().__init__(f"Received {n} images in one request; expected at most {limit} (--max-parts)")
 
 
+class JsonOverLimit(ProtocolError):
+    """A JSON part longer than the server parses (answered 413)."""
+
+    def __init__(self, what: str, n: int, limit: int):
+        super().__init__(f"Received {what} of {n} bytes of JSON; expected at most {limit / MB:g} MB (--max-json-mb; "
+                         "send tensors as binary data instead: tritonclient's binary_data=True)")
+
+
 def _images(shape: list[int], raw: Any, max_images: int) -> list[tuple[str, bytes]]:
     n = _count(shape) if shape else 1
     _check_count(IMAGES, n, max_images)
     if isinstance(raw, memoryview):
         elements = decode_bytes(raw, n, IMAGES)
     else:  # JSON: strings are their UTF-8 bytes (encoded images rarely are: send them binary)
-        flat = _flatten(raw, IMAGES)
+        flat = _flatten(raw, IMAGES, n, len(shape))
         if len(flat) != n or not all(isinstance(e, str) for e in flat):
-            raise ProtocolError(f"Received {IMAGES!r} data of {len(flat)} element(s) for shape {shape}; expected {n} "
+            raise ProtocolError(f"Received {IMAGES!r} data of {_many(flat, n)} element(s) for shape {shape}; expected {n} "
                                 "strings (or, for image files, binary data: tritonclient's binary_data=True)")
-        elements = [e.encode("utf-8", "surrogateescape") for e in flat]
+        elements = [_utf8(e, f"{IMAGES}[{i}]") for i, e in enumerate(flat)]
     return [(f"{IMAGES}[{i}]", e) for i, e in enumerate(elements)]
+
+
+def _utf8(text: str, name: str) -> bytes:
+    try:
+        return text.encode("utf-8")  # strict: a lone surrogate ("\ud800" in the JSON) has no UTF-8 form
+    except UnicodeEncodeError as e:
+        raise ProtocolError(f"Received {name} with {e.reason} at character {e.start}; expected a string that is "
+                            "valid Unicode (or binary data)") from None
 
 
 def _pixels(shape: list[int], raw: Any, max_images: int) -> list[tuple[str, np.ndarray]]:
@@ -191,57 +247,75 @@ def _pixels(shape: list[int], raw: Any, max_images: int) -> list[tuple[str, np.n
     _check_count(PIXELS, n, max_images)
     if h == 0 or w == 0:
         raise ProtocolError(f"Received {PIXELS!r} of shape {shape}; expected images of at least 1x1")
+    count = n * h * w * 3
     if isinstance(raw, memoryview):
-        if len(raw) != n * h * w * 3:
-            raise ProtocolError(f"Received {len(raw)} bytes of {PIXELS!r} for shape {shape}; expected {n * h * w * 3}")
+        if len(raw) != count:
+            raise ProtocolError(f"Received {len(raw)} bytes of {PIXELS!r} for shape {shape}; expected {count}")
         arr = np.frombuffer(raw, np.uint8).reshape(shape)  # a view of the body: no copy
     else:
-        flat = _flatten(raw, PIXELS)
-        if len(flat) != n * h * w * 3 or not all(isinstance(v, int) and not isinstance(v, bool) and 0 <= v <= 255
-                                                 for v in flat):
-            raise ProtocolError(f"Received {PIXELS!r} data of {len(flat)} element(s) for shape {shape}; expected "
-                                f"{n * h * w * 3} integers in 0..255")
+        flat = _flatten(raw, PIXELS, count, 4)
+        # builtins over the list (C loops): type() rather than isinstance so true/false are refused
+        if len(flat) != count or set(map(type, flat)) != {int} or min(flat) < 0 or max(flat) > 255:
+            raise ProtocolError(f"Received {PIXELS!r} data of {_many(flat, count)} element(s) for shape {shape}; expected "
+                                f"{count} integers in 0..255")
         arr = np.asarray(flat, np.uint8).reshape(shape)
     return [(f"{PIXELS}[{i}]", arr[i]) for i in range(n)]
 
 
-def _flatten(data: Any, name: str) -> list[Any]:
-    """Row-major elements of JSON tensor data, flat or nested."""
+def _flatten(data: Any, name: str, count: int, depth: int) -> list[Any]:
+    """Row-major elements of JSON tensor data, flat or nested at most ``depth`` levels (the shape's rank);
+    stops once past ``count`` elements, so the caller's mismatch error costs no more than the data."""
     if not isinstance(data, list):
         raise ProtocolError(f"Received {name!r} data of JSON type {type(data).__name__}; expected an array")
     out: list[Any] = []
     stack = [iter(data)]
-    while stack:
+    while stack and len(out) <= count:
         for v in stack[-1]:
             if isinstance(v, list):
+                if len(stack) >= max(depth, 1):
+                    raise ProtocolError(f"Received {name!r} data nested deeper than its shape's {depth} dimension(s); "
+                                        "expected a flat array or one nested as the shape")
                 stack.append(iter(v))
                 break
             out.append(v)
+            if len(out) > count:
+                break
         else:
             stack.pop()
     return out
 
 
+def _many(flat: list[Any], count: int) -> str:
+    return f"more than {count}" if len(flat) > count else str(len(flat))  # _flatten stops past count
+
+
+def _flag(params: dict[str, Any], key: str, default: bool, where: str) -> bool:
+    value = params.get(key, default)
+    if not isinstance(value, bool):  # "false" is a non-empty string: bool() would read it as true
+        raise ProtocolError(f"Received {key} {_show(value)} {where}; expected true or false (a JSON boolean)")
+    return value
+
+
 def _requested_outputs(head: dict[str, Any]) -> dict[str, bool]:
-    params = head.get("parameters") or {}
-    default = bool(params.get("binary_data_output", False)) if isinstance(params, dict) else False
+    params = head.get("parameters")
+    default = _flag(params if isinstance(params, dict) else {}, "binary_data_output", False, "in the request parameters")
     wanted = head.get("outputs")
     if wanted is None:
         return {name: default for name in OUTPUTS}
     if not isinstance(wanted, list) or not wanted:
-        raise ProtocolError(f"Received outputs {wanted!r}; expected a non-empty list of {list(OUTPUTS)} or none")
+        raise ProtocolError(f"Received outputs {_show(wanted)}; expected a non-empty list of {list(OUTPUTS)} or none")
     out: dict[str, bool] = {}
     for o in wanted:
         name = o.get("name") if isinstance(o, dict) else None
-        if name not in OUTPUTS:
-            raise ProtocolError(f"Received requested output {name!r}; expected one of {', '.join(OUTPUTS)}")
+        if not isinstance(name, str) or name not in OUTPUTS:
+            raise ProtocolError(f"Received requested output {_show(name)}; expected one of {', '.join(OUTPUTS)}")
         p = o.get("parameters") or {}
         if not isinstance(p, dict):
-            raise ProtocolError(f"Received parameters {p!r} for output {name!r}; expected an object")
+            raise ProtocolError(f"Received parameters {_show(p)} for output {name!r}; expected an object")
         if p.get("class_count"):
             raise ProtocolError(f"Received class_count for output {name!r}; expected none (the classification "
                                 "extension is not supported: the labels output carries the class)")
-        out[name] = bool(p.get("binary_data", default))
+        out[name] = _flag(p, "binary_data", default, f"for output {name!r}")
     return out
 
 
