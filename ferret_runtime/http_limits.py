@@ -1,13 +1,15 @@
-"""What bounds ``ferret serve`` below the app: connections, header deadlines, body bytes, tokens.
+"""What bounds ``ferret serve`` below the app: connections, header deadlines, TLS, body bytes, tokens.
 
-uvicorn has no header-read deadline and its ``limit_concurrency`` answers 503 before the app (so
-uncounted, and the probes refused too): :func:`protocol_class` adds both to its h11 protocol.
+The settings, the API keys and the TLS context are checked before the model loads (one line,
+exit 2); the protocol that enforces the connection limits is ``http_protocol.py``.
 """
 
 from __future__ import annotations
 
-import asyncio
 import logging
+import os
+import socket
+import ssl
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,33 +17,107 @@ from pathlib import Path
 from .errors import ConfigError
 
 log = logging.getLogger("uvicorn.error")  # uvicorn configures its handler and level
-OVER_CAPACITY = "ferret_over_capacity"  # set in the request state by the protocol for connections past the cap
+OVER_CAPACITY = "ferret_over_capacity"  # set in the request state by the protocol for requests past the cap
+FD_RESERVE = 64  # file descriptors kept for the process itself (model, libraries, temporary files)
 
 
 @dataclass
 class ServerLimits:
     """Connection-level settings handed to uvicorn and to the protocol below."""
 
-    max_connections: int = 256
+    max_connections: int = 256  # requests in progress (head received, not yet answered); past it 503
     keep_alive_timeout: float = 5.0
     shutdown_timeout: float = 20.0
     ssl_certfile: str | None = None
     ssl_keyfile: str | None = None
+    max_idle_connections: int = 512  # connections with no request in progress; past it the oldest is closed
+    max_header_kb: float = 16.0  # a request's line and headers; past it 431
 
 
 def load_api_keys(path: str | Path) -> tuple[str, ...]:
-    """Bearer tokens from a file, one per line; ConfigError when it is unreadable or holds none."""
+    """Bearer tokens from a file, one per line (``#`` comments and blank lines skipped); ConfigError when
+    it is unreadable or holds none."""
     try:
         lines = Path(path).read_text().splitlines()
     except (OSError, UnicodeDecodeError) as e:
         raise ConfigError(f"Received --api-key-file {path}: cannot read it ({e.__class__.__name__}); "
                           "expected a readable text file of tokens, one per line") from None
-    keys = tuple(line.strip() for line in lines if line.strip())
+    keys = tuple(line.strip() for line in lines if line.strip() and not line.strip().startswith("#"))
     if not keys:
-        raise ConfigError(f"Received --api-key-file {path} with no token; expected one or more, one per line")
+        raise ConfigError(f"Received --api-key-file {path} with no token; expected one or more, one per line "
+                          "(lines starting with # are comments)")
     if not all(k.isascii() for k in keys):
         raise ConfigError(f"Received --api-key-file {path} with a non-ASCII token; expected ASCII tokens")
     return keys
+
+
+def tls_context(certfile: str, keyfile: str) -> ssl.SSLContext:
+    """The server's TLS context; ConfigError (one line) for a missing, mismatched or encrypted key, so
+    ``ferret serve`` refuses before it loads the model."""
+    for flag, path in (("--ssl-certfile", certfile), ("--ssl-keyfile", keyfile)):
+        if not Path(path).is_file():
+            raise ConfigError(f"Received {flag} {path}: no such file; expected a PEM file")
+    asked: list[bool] = []
+
+    def no_passphrase() -> bytes:  # else OpenSSL would prompt on the terminal
+        asked.append(True)
+        return b""
+
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    try:
+        ctx.load_cert_chain(certfile, keyfile, password=no_passphrase)
+    except ssl.SSLError as e:
+        if asked:
+            raise ConfigError(f"Received --ssl-keyfile {keyfile} protected by a passphrase; expected an unencrypted "
+                              "key (ferret serve reads no passphrase: keep the key readable by its user only)") from None
+        if e.reason == "KEY_VALUES_MISMATCH":
+            raise ConfigError(f"Received --ssl-certfile {certfile} and --ssl-keyfile {keyfile} that do not match; "
+                              "expected the certificate's own private key") from None
+        raise ConfigError(f"Received --ssl-certfile {certfile} and --ssl-keyfile {keyfile} that OpenSSL cannot load "
+                          f"({e.reason or e}); expected a PEM certificate (chain) and its private key") from None
+    except OSError as e:
+        raise ConfigError(f"Received --ssl-certfile {certfile} or --ssl-keyfile {keyfile}: cannot read it "
+                          f"({e.__class__.__name__}); expected readable PEM files") from None
+    return ctx
+
+
+def key_file_warning(keyfile: str) -> str | None:
+    """A warning when the private key is readable by other users; None when it is not."""
+    mode = os.stat(keyfile).st_mode
+    if mode & 0o004:
+        return (f"[serve] warning: --ssl-keyfile {keyfile} is readable by other users (mode {mode & 0o777:o}); "
+                f"expected 600 (chmod 600 {keyfile})")
+    return None
+
+
+def fit_fd_limit(connections: int) -> None:
+    """Raise the soft limit on open files to fit ``connections`` sockets and the process's own files;
+    ConfigError when the hard limit cannot."""
+    try:
+        import resource
+    except ImportError:  # not a POSIX system: nothing to raise
+        return
+    need = connections + FD_RESERVE
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY or soft >= need:
+        return
+    if hard != resource.RLIM_INFINITY and hard < need:
+        raise ConfigError(f"Received --max-connections + --max-idle-connections = {connections} with {hard} open "
+                          f"files allowed (ulimit -Hn); expected at most {hard - FD_RESERVE}")
+    resource.setrlimit(resource.RLIMIT_NOFILE, (need, hard))
+
+
+def listen_socket(host: str, port: int) -> socket.socket:
+    """A bound TCP socket for uvicorn to listen on; ConfigError when the address is taken or not ours."""
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as e:
+        sock.close()
+        raise ConfigError(f"Received --host {host} --port {port}: cannot listen there ({e.strerror or e}); expected "
+                          "a free port on an address of this machine") from None
+    return sock
 
 
 class ByteBudget:
@@ -61,73 +137,3 @@ class ByteBudget:
     def release(self, n: int) -> None:
         with self._lock:
             self.used -= n
-
-
-# longer than 60 lines: the protocol class is defined inside, since uvicorn (the 'serve' extra) is
-# imported only when a server starts, and its methods close over the two limits
-def protocol_class(read_timeout: float, max_connections: int) -> type:
-    """uvicorn's h11 protocol plus a header deadline and a connection cap, which uvicorn lacks.
-
-    A connection must deliver a complete request head within ``read_timeout`` of opening (or of the
-    first byte of its next request); else it is closed. A body left unread after the answer (a 401,
-    a 413) must also finish within ``read_timeout``. Requests on connections opened past
-    ``max_connections`` reach the app marked :data:`OVER_CAPACITY` (answered 503 and counted there,
-    the probes still served), so the cap costs no request parsing of our own.
-    """
-    import h11
-    from uvicorn.protocols.http.h11_impl import H11Protocol
-
-    class DeadlineH11Protocol(H11Protocol):
-        _deadline: asyncio.TimerHandle | None = None
-
-        def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
-            super().connection_made(transport)
-            if len(self.connections) > max_connections:
-                self.app_state = {**self.app_state, OVER_CAPACITY: True}
-            self._arm()
-
-        def connection_lost(self, exc: Exception | None) -> None:
-            self._disarm()
-            super().connection_lost(exc)
-
-        def data_received(self, data: bytes) -> None:
-            if self._deadline is None and self.conn.their_state is h11.IDLE:
-                self._arm()  # the first bytes of the next request on a kept-alive connection
-            super().data_received(data)
-            self._update()
-
-        def on_response_complete(self) -> None:
-            super().on_response_complete()
-            self._update()
-
-        def _reading_leftover(self) -> bool:
-            """Answered, but the client is still sending that request's body (uvicorn discards it)."""
-            return self.conn.their_state is h11.SEND_BODY and (self.cycle is None or self.cycle.response_complete)
-
-        def _update(self) -> None:
-            state = self.conn.their_state
-            if state is h11.IDLE:
-                return  # head still coming (deadline armed) or an idle keep-alive (uvicorn's own timer)
-            if self._reading_leftover():
-                if self._deadline is None:
-                    self._arm()
-            else:
-                self._disarm()  # head complete: the app reads the body under its own deadline
-
-        def _arm(self) -> None:
-            self._disarm()
-            self._deadline = self.loop.call_later(read_timeout, self._expired)
-
-        def _disarm(self) -> None:
-            if self._deadline is not None:
-                self._deadline.cancel()
-                self._deadline = None
-
-        def _expired(self) -> None:
-            self._deadline = None
-            if (self.conn.their_state is h11.IDLE or self._reading_leftover()) and not self.transport.is_closing():
-                log.info("[serve] closed a connection from %s: no complete request within %g s (--read-timeout)",
-                         self.client and self.client[0], read_timeout)
-                self.transport.close()
-
-    return DeadlineH11Protocol

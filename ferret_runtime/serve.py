@@ -6,8 +6,8 @@ Endpoints:
   rows, ``path`` being the part's file name or ``"<body>"``); 400 names a bad image or an empty part;
   401 without a valid bearer token (when keys are set); 408 when the body is not in within the read
   timeout; 413 when the body exceeds ``max_body_mb`` or has more than ``max_parts`` parts; 503 with
-  ``Retry-After`` when the queue, the in-flight byte budget or the connection cap is full; 500 (JSON,
-  counted, one log line) for a server fault.
+  ``Retry-After`` when the queue, the in-flight byte budget or the cap on requests in progress is
+  full; 500 (JSON, counted, one log line) for a server fault.
 - ``GET /healthz`` (the process is up), ``GET /readyz`` (model loaded and warmed up): always open,
   for probes. ``GET /metrics`` (Prometheus text): needs the bearer token when keys are set, unless
   ``metrics_public``.
@@ -18,24 +18,29 @@ Endpoints:
   (Triton's model configuration); ``POST /v2/models/<name>/infer``: the same handler core, limits,
   errors (``{"error": ...}``) and metrics as /v1/detect, JSON or binary tensors (handlers in ``serve_v2.py``).
 
-Limits (each bounds one resource; every answer is counted in ``ferret_requests_total{code}``):
-request bodies accepted and not yet answered hold at most ``max_inflight_mb`` (reserved as chunks
-arrive), so memory does not scale with ``max_queue * max_body_mb``; a connection must deliver its
-request headers within ``read_timeout`` (else it is closed; uvicorn itself has no such deadline) and
-a detect request its body within ``read_timeout`` after the headers (else 408); requests on
-connections past ``max_connections`` get 503. uvicorn turns SIGTERM into a graceful shutdown: it
-stops accepting, lets in-flight requests finish for at most ``shutdown_timeout`` (then answers the
-rest 503), then the lifespan hook drains the batcher and closes the model; uvicorn re-raises the
-signal, so the exit status is the conventional "terminated by SIGTERM".
+Limits (each bounds one resource; every inference answer and every error answer of any route,
+unknown routes included, is counted in ``ferret_requests_total{code}``): request bodies accepted
+and not yet answered hold at most ``max_inflight_mb`` (reserved as chunks arrive), so memory does
+not scale with ``max_queue * max_body_mb``; a detect request must deliver its body within
+``read_timeout`` after the headers (else 408). No body is parsed on the event loop: multipart and
+v2 JSON bodies are parsed in one worker thread (the JSON part of a v2 request at most
+``max_json_mb``, else 413), so probes answer while any request is parsed or refused. Connections
+(deadlines from accept, TLS, the cap on requests in progress, idle ones, lingering after a refusal)
+are ``http_protocol.py``'s. uvicorn turns SIGTERM into a graceful shutdown: it stops accepting, lets
+in-flight requests finish for at most ``shutdown_timeout`` (then answers the rest 503), then the
+lifespan hook drains the batcher and closes the model; uvicorn re-raises the signal, so the exit
+status is the conventional "terminated by SIGTERM".
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import hmac
 import sys
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -45,7 +50,9 @@ import numpy as np
 from .batching import Closed, DynamicBatcher, Overloaded
 from .detector import Detector, Result
 from .fileio import sha256
-from .http_limits import OVER_CAPACITY, ByteBudget, ServerLimits, load_api_keys, log, protocol_class
+from .form_parts import FormError, TooManyParts, file_parts
+from .http_limits import OVER_CAPACITY, ByteBudget, ServerLimits, listen_socket, load_api_keys, log, tls_context
+from .http_protocol import protocol_class
 from .serve_v2 import V2_VERSION, V2Routes
 
 __all__ = ["DETECT_PATH", "V2_VERSION", "DetectApp", "ServeConfig", "ServerLimits", "create_app", "load_api_keys", "serve"]
@@ -67,6 +74,7 @@ class ServeConfig:
     api_keys: tuple[str, ...] = ()
     metrics_public: bool = False
     model_name: str | None = None  # the v2 name (/v2/models/<name>); None: the model file's stem
+    max_json_mb: float = 1.0  # the JSON part of a v2 request: json.loads holds the GIL, its objects take ~20x
 
 
 class _Metrics:
@@ -76,11 +84,13 @@ class _Metrics:
         from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
         self.registry = CollectorRegistry()
-        self.requests = Counter("ferret_requests", "HTTP detect requests by status code", ["code"], registry=self.registry)
+        self.requests = Counter("ferret_requests", "answers by code: inference, every error", ["code"], registry=self.registry)
         self.images = Counter("ferret_images", "images classified", registry=self.registry)
         self.errors = Counter("ferret_errors", "requests answered with an error, by kind", ["kind"], registry=self.registry)
         self.disconnects = Counter("ferret_client_disconnects", "clients gone before their request was read",
                                    registry=self.registry)
+        self.closed = Counter("ferret_connections_closed", "connections closed without an answer, by reason "
+                              "(header_timeout, tls_handshake, evicted)", ["reason"], registry=self.registry)
         self.batch = Histogram("ferret_batch_size", "images per backend batch", registry=self.registry,
                                buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256))
         self.latency = Histogram("ferret_request_latency_seconds", "request latency, received to answered",
@@ -128,9 +138,13 @@ class DetectApp(V2Routes):
         self._retry = {"Retry-After": str(self.cfg.retry_after_s)}
         self.model_name = self.cfg.model_name or Path(detector.model_name).stem or "ferretnet"
         self.model_sha256: str | None = None  # read at startup, off the event loop
+        self.max_json = int(self.cfg.max_json_mb * MB)
+        # one thread parses bodies (multipart, v2 JSON): off the event loop, one parse's memory at a time
+        self.parser = ThreadPoolExecutor(1, thread_name_prefix="ferret-parse")
 
     def asgi(self) -> Any:
         from starlette.applications import Starlette
+        from starlette.exceptions import HTTPException
         from starlette.routing import Route
 
         routes = [Route(DETECT_PATH, self.detect, methods=["POST"]), Route("/healthz", self.healthz),
@@ -140,17 +154,33 @@ class DetectApp(V2Routes):
         for model in ("/v2/models/{model}", "/v2/models/{model}/versions/{version}"):
             routes += [Route(model, self.v2_metadata), Route(model + "/ready", self.v2_model_ready),
                        Route(model + "/config", self.v2_config), Route(model + "/infer", self.v2_infer, methods=["POST"])]
-        app = Starlette(routes=routes, lifespan=self.lifespan)
+        app = Starlette(routes=routes, lifespan=self.lifespan, exception_handlers={HTTPException: self.http_error})
         app.state.metrics = self.metrics
         return app
 
     # ------------------------------------------------------------------------------ answers
+    def count(self, status: int, kind: str) -> None:
+        """Count an error answer (the protocol's own 400/431 too)."""
+        self.metrics.errors.labels(kind).inc()
+        self.metrics.requests.labels(str(status)).inc()
+
     def error(self, status: int, kind: str, message: str, headers: dict[str, str] | None = None) -> Any:
         from starlette.responses import JSONResponse
 
-        self.metrics.errors.labels(kind).inc()
-        self.metrics.requests.labels(str(status)).inc()
+        self.count(status, kind)
         return JSONResponse({"error": message}, status_code=status, headers=headers)
+
+    async def http_error(self, request: Any, exc: Any) -> Any:
+        """Starlette's own 404 and 405, as JSON errors (v2 clients parse ``{"error": ...}``) and counted."""
+        path = request.url.path if len(request.url.path) <= 200 else request.url.path[:200] + "..."
+        if exc.status_code == 405:
+            allowed = ", ".join(sorted((exc.headers or {}).get("Allow", "").split(", ")))
+            return self.error(405, "method_not_allowed", f"Received {request.method} {path}; expected {allowed}",
+                              exc.headers)
+        if exc.status_code == 404:
+            return self.error(404, "not_found", f"Received {request.method} {path}, not a route of this server; "
+                                                f"expected {DETECT_PATH}, /healthz, /readyz, /metrics or /v2/...")
+        return self.error(exc.status_code, "bad_request", str(exc.detail), exc.headers)
 
     def authorized(self, request: Any) -> bool:
         """A valid bearer token, or no keys configured; every key compared in constant time."""
@@ -169,10 +199,10 @@ class DetectApp(V2Routes):
 
     # ------------------------------------------------------------------------------ reading a request
     def admit(self, request: Any) -> None:
-        """The checks before a request's body is read: connection cap, then the token."""
+        """The checks before a request's body is read: the cap on requests in progress, then the token."""
         if request.scope.get("state", {}).get(OVER_CAPACITY):
-            raise _Answer(503, "connections", "Received a request on a connection past the connection cap; expected "
-                                              "fewer open connections (--max-connections, retry later)",
+            raise _Answer(503, "connections", "Received a request while the most requests are in progress; expected "
+                                              "fewer at once (--max-connections, retry later)",
                           {**self._retry, "Connection": "close"})
         if not self.authorized(request):
             raise self.unauthorized()
@@ -188,8 +218,8 @@ class DetectApp(V2Routes):
                           {"Connection": "close"}) from None
 
     async def _read_body(self, request: Any, held: list[int]) -> bytes:
-        cfg, length = self.cfg, request.headers.get("content-length")
-        if length is not None and length.isdigit() and int(length) > self.max_body:
+        cfg, length = self.cfg, request.headers.get("content-length", "")
+        if length.isascii() and length.isdigit() and len(length) < 19 and int(length) > self.max_body:
             raise _Answer(413, "too_large", f"Received a body of {int(length)} bytes; expected at most "
                                             f"{cfg.max_body_mb:g} MB (--max-body-mb)")
         chunks, size = [], 0
@@ -207,32 +237,20 @@ class DetectApp(V2Routes):
         return b"".join(chunks)
 
     async def parts(self, request: Any, body: bytes) -> list[tuple[str, bytes]]:
-        """(name, bytes) of each image: the raw body, or each multipart file part."""
-        from starlette.datastructures import UploadFile
-        from starlette.formparsers import MultiPartException
-        from starlette.requests import Request
-
-        if not request.headers.get("content-type", "").startswith("multipart/form-data"):
+        """(name, bytes) of each image: the raw body, or each multipart file part (parsed off the loop)."""
+        ctype = request.headers.get("content-type", "")
+        if not ctype.startswith("multipart/form-data"):
             return [("<body>", body)]
-
-        async def receive() -> dict[str, Any]:  # re-parse the already-read body (bounded above)
-            return {"type": "http.request", "body": body, "more_body": False}
-
-        # without "app" in the scope Starlette raises its parser's MultiPartException, not a ready-made 400
-        scope = {k: v for k, v in request.scope.items() if k != "app"}
-        n = self.cfg.max_parts
         try:
-            form = await Request(scope, receive).form(max_files=n, max_fields=n, max_part_size=self.max_body)
-        except MultiPartException as e:
-            if str(e).startswith("Too many"):
-                raise _Answer(413, "too_many_parts", f"Received more than {n} multipart parts; expected at most {n} "
-                                                     "(--max-parts)") from None
-            raise _Answer(400, "bad_request", f"Received a malformed multipart body ({e}); expected image file "
-                                              "parts") from None
-        try:
-            return [(v.filename or k, await v.read()) for k, v in form.multi_items() if isinstance(v, UploadFile)]
-        finally:
-            await form.close()  # large parts spill to temporary files: remove them now, not at garbage collection
+            return await self.off_loop(file_parts, ctype, body, self.cfg.max_parts)
+        except TooManyParts as e:
+            raise _Answer(413, "too_many_parts", str(e)) from None
+        except FormError as e:
+            raise _Answer(400, "bad_request", str(e)) from None
+
+    async def off_loop(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        """``fn(*args, **kwargs)`` in the parse thread: CPU-bound work on a body never blocks the loop."""
+        return await asyncio.get_running_loop().run_in_executor(self.parser, functools.partial(fn, *args, **kwargs))
 
     # ------------------------------------------------------------------------------ the core
     async def classify_items(self, items: list[tuple[str, Any]]) -> list[Result]:
@@ -311,14 +329,16 @@ class DetectApp(V2Routes):
     async def readyz(self, _: Any) -> Any:
         from starlette.responses import PlainTextResponse
 
+        if not self.ready:
+            self.count(503, "not_ready")
         return PlainTextResponse("ready") if self.ready else PlainTextResponse("warming up", status_code=503)
 
     async def metrics_page(self, request: Any) -> Any:
-        from starlette.responses import JSONResponse, Response
+        from starlette.responses import Response
 
         if not self.cfg.metrics_public and not self.authorized(request):
             a = self.unauthorized()
-            return JSONResponse({"error": a.message}, status_code=401, headers=a.headers)
+            return self.error(a.status, a.kind, a.message, a.headers)
         data, ctype = self.metrics.render()
         return Response(data, media_type=ctype)
 
@@ -338,6 +358,7 @@ class DetectApp(V2Routes):
         finally:
             self.ready = False
             await loop.run_in_executor(None, batcher.close)
+            self.parser.shutdown(wait=False, cancel_futures=True)
             self.detector.close()
             print(f"[serve] shut down after {batcher.stats.requests} images in {batcher.stats.batches} batches",
                   file=sys.stderr, flush=True)
@@ -356,11 +377,23 @@ def _warm_up(detector: Detector) -> None:
 
 def serve(detector: Detector, host: str = "127.0.0.1", port: int = 8000, config: ServeConfig | None = None,
           log_level: str = "info", limits: ServerLimits | None = None) -> None:
-    """Run the app under uvicorn until SIGINT/SIGTERM."""
+    """Run the app under uvicorn until SIGINT/SIGTERM.
+
+    uvicorn gets a bound socket and no TLS settings: the protocol runs the handshake itself, so the
+    header deadline and the connection count start at accept (and our start-up line names the scheme)."""
     import uvicorn
 
     cfg, lim = config or ServeConfig(), limits or ServerLimits()
-    uvicorn.run(create_app(detector, cfg), host=host, port=port, log_level=log_level,
-                http=protocol_class(cfg.read_timeout, lim.max_connections),
-                timeout_keep_alive=lim.keep_alive_timeout, timeout_graceful_shutdown=lim.shutdown_timeout,
-                ssl_certfile=lim.ssl_certfile, ssl_keyfile=lim.ssl_keyfile)
+    tls = tls_context(lim.ssl_certfile, lim.ssl_keyfile) if lim.ssl_certfile and lim.ssl_keyfile else None
+    sock = listen_socket(host, port)
+    app = DetectApp(detector, cfg)
+    http = protocol_class(cfg.read_timeout, lim, tls, app.count, lambda reason: app.metrics.closed.labels(reason).inc())
+    server = uvicorn.Server(uvicorn.Config(app.asgi(), log_level=log_level, http=http,
+                                           timeout_keep_alive=lim.keep_alive_timeout,
+                                           timeout_graceful_shutdown=lim.shutdown_timeout))
+    try:
+        server.run(sockets=[sock])
+    except KeyboardInterrupt:  # uvicorn raises SIGINT again once it has shut down
+        pass
+    if not server.started:
+        sys.exit(3)  # uvicorn's start-up failure status: the lifespan (warm-up) failed

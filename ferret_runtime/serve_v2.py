@@ -54,12 +54,10 @@ class V2Routes:
         return None
 
     def v2_guard(self, request: Any, model: bool = True) -> Any:
-        """The uncounted answer for a metadata request that is not authorized or names another model."""
-        from starlette.responses import JSONResponse
-
+        """The (counted) answer for a metadata request that is not authorized or names another model."""
         a = None if self.authorized(request) else self.unauthorized()
         a = a or (self.v2_model_error(request) if model else None)
-        return None if a is None else JSONResponse({"error": a.message}, status_code=a.status, headers=a.headers)
+        return None if a is None else self.error(a.status, a.kind, a.message, a.headers)
 
     async def v2_server(self, request: Any) -> Any:
         from starlette.responses import JSONResponse
@@ -74,13 +72,18 @@ class V2Routes:
     async def v2_ready(self, _: Any) -> Any:
         from starlette.responses import Response
 
+        if not self.ready:
+            self.count(400, "not_ready")
         return Response(status_code=200 if self.ready else 400)  # the protocol: 200 true, 4xx false, empty body
 
     async def v2_model_ready(self, request: Any) -> Any:
         from starlette.responses import Response
 
         known = self.v2_model_error(request) is None
-        return Response(status_code=200 if known and self.ready else (400 if known else 404))
+        status = 200 if known and self.ready else (400 if known else 404)
+        if status != 200:
+            self.count(status, "not_ready" if known else "unknown_model")
+        return Response(status_code=status)  # the protocol: an empty body
 
     async def v2_metadata(self, request: Any) -> Any:
         from starlette.responses import JSONResponse
@@ -108,11 +111,13 @@ class V2Routes:
                 raise _answer()(415, "bad_request", f"Received Content-Encoding {request.headers['content-encoding']!r}; "
                                                   "expected identity (send the request uncompressed)")
             body = await self.read_body(request, held)
-            try:
-                req = kserve.parse_infer_request(body, request.headers.get(kserve.HEADER_LENGTH),
-                                                 max_images=self.cfg.max_parts)
+            try:  # CPU-bound (json.loads, flattening tensor data): in the parse thread, off the event loop
+                req = await self.off_loop(kserve.parse_infer_request, body, request.headers.get(kserve.HEADER_LENGTH),
+                                          max_images=self.cfg.max_parts, max_json=self.max_json)
             except kserve.ImagesOverLimit as e:
                 raise _answer()(413, "too_many_parts", str(e)) from None
+            except kserve.JsonOverLimit as e:
+                raise _answer()(413, "too_large", str(e)) from None
             except kserve.ProtocolError as e:
                 raise _answer()(400, "bad_request", str(e)) from None
             del body  # pixels are views of it, kept alive by the arrays; encoded images are copies
