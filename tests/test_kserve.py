@@ -205,6 +205,18 @@ def test_errors_are_v2_json_and_counted(srv, images):
         assert metric(after, key) - metric(metrics_before, key) == n, code
 
 
+def test_routes_we_lack_are_v2_errors_tritonclient_reads(srv):
+    from tritonclient.utils import InferenceServerException
+
+    c = _client(srv)
+    with pytest.raises(InferenceServerException, match="Received POST /v2/repository/index, not a route") as e:
+        c.get_model_repository_index()  # the model repository extension: not ours
+    assert e.value.status() == "404"
+    with pytest.raises(InferenceServerException, match="Received POST /v2/repository/models/ferret-s/load") as e:
+        c.load_model("ferret-s")
+    assert e.value.status() == "404"
+
+
 def test_tokens_and_overload_as_on_v1(model, images, tmp_path):
     keys = tmp_path / "keys.txt"
     keys.write_text("s3cret\n")
@@ -225,7 +237,7 @@ def test_tokens_and_overload_as_on_v1(model, images, tmp_path):
         # two images never fit a queue of one: 503 at once, as on /v1/detect
         assert r.status_code == 503 and r.headers["retry-after"] == "1" and "Received a request of 2 image" in r.json()["error"]
         metrics = httpx.get(srv.url + "/metrics", headers=auth).text
-    for code, n in (("200", 1), ("401", 1), ("503", 1)):
+    for code, n in (("200", 1), ("401", 2), ("503", 1)):  # the metadata's 401 is counted too
         assert metric(metrics, f'ferret_requests_total{{code="{code}"}}') == n, (code, metrics)
     assert metric(metrics, "ferret_images_total") == 1
 

@@ -5,7 +5,6 @@ Real servers on 127.0.0.1 and real clients (httpx, raw sockets); small timeouts 
 
 from __future__ import annotations
 
-import datetime
 import re
 import signal
 import socket
@@ -26,8 +25,8 @@ httpx = pytest.importorskip("httpx", reason="the tests' HTTP client is httpx (th
 pytest.importorskip("starlette", reason="ferret serve needs the 'serve' extra")
 
 from .conftest import run_ferret  # noqa: E402
-from .serving import (HOST, flat_png, free_port, metric, open_upload, png, read_until_closed, server,  # noqa: E402
-                      tiny_ckpt)  # noqa: F401 (tiny_ckpt: a fixture)
+from .serving import (HOST, flat_png, free_port, metric, open_upload, png, read_until_closed, self_signed,  # noqa: E402
+                      server, tiny_ckpt)  # noqa: F401 (tiny_ckpt: a fixture)
 
 RSS_CEILING = 2 * 1024**3  # the documented peak for FerretNet-S with the defaults
 
@@ -164,13 +163,14 @@ def test_sigterm_with_a_stalled_upload_exits_within_the_shutdown_timeout(tiny_ck
 
 def test_requests_past_max_connections_get_503_and_probes_still_answer(tiny_ckpt):
     with server("-w", str(tiny_ckpt), "--max-connections", "4", "--read-timeout", "5") as srv:
-        held = [socket.create_connection((HOST, srv.port), timeout=10) for _ in range(4)]
+        idle = [socket.create_connection((HOST, srv.port), timeout=10) for _ in range(8)]  # idle ones do not count
+        held = [open_upload(srv.port, 100_000, b"\0" * 1000) for _ in range(4)]  # four requests in progress
         time.sleep(0.3)
         with httpx.Client(base_url=srv.url, timeout=30) as c:
             probe = c.get("/healthz")
         with httpx.Client(base_url=srv.url, timeout=30) as c:
             refused = c.post("/v1/detect", content=png(64))
-        for s in held:
+        for s in held + idle:
             s.close()
         time.sleep(0.3)
         with httpx.Client(base_url=srv.url, timeout=30) as c:
@@ -261,36 +261,11 @@ def test_empty_parts_refused_before_queueing_and_parts_capped(tiny_ckpt):
 
 
 # --------------------------------------------------------------------------- authentication and TLS
-def _self_signed(tmp: Path) -> tuple[Path, Path]:
-    """A certificate for 127.0.0.1 and its key, written as PEM."""
-    import ipaddress
-
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import NameOID
-
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "ferret test")])
-    now = datetime.datetime.now(datetime.timezone.utc)
-    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
-            .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(minutes=5))
-            .not_valid_after(now + datetime.timedelta(days=1))
-            .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address(HOST))]), critical=False)
-            .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-            .sign(key, hashes.SHA256()))
-    cert_path, key_path = tmp / "cert.pem", tmp / "key.pem"
-    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    key_path.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                           serialization.NoEncryption()))
-    return cert_path, key_path
-
-
 def test_bearer_tokens_over_tls(tiny_ckpt, tmp_path):
     pytest.importorskip("cryptography", reason="self-signed certificates (the 'dev' extra)")
-    cert, key = _self_signed(tmp_path)
+    cert, key = self_signed(tmp_path)
     keys = tmp_path / "keys.txt"
-    keys.write_text("first-secret-token\n\nsecond-secret-token\n")
+    keys.write_text("# ops: rotate monthly\nfirst-secret-token\n\nsecond-secret-token\n")
     ctx = ssl.create_default_context(cafile=str(cert))
     image = png(64)
     with server("-w", str(tiny_ckpt), "--api-key-file", str(keys), "--ssl-certfile", str(cert),
@@ -300,18 +275,19 @@ def test_bearer_tokens_over_tls(tiny_ckpt, tmp_path):
             missing = c.post("/v1/detect", content=image)
             wrong = c.post("/v1/detect", content=image, headers={"Authorization": "Bearer first-secret-tokex"})
             basic = c.post("/v1/detect", content=image, headers={"Authorization": "Basic first-secret-token"})
+            comment = c.post("/v1/detect", content=image, headers={"Authorization": "Bearer # ops: rotate monthly"})
             right = c.post("/v1/detect", content=image, headers={"Authorization": "Bearer second-secret-token"})
             closed_metrics = c.get("/metrics")
             metrics = c.get("/metrics", headers={"Authorization": "Bearer first-secret-token"})
         with pytest.raises(httpx.TransportError):
             httpx.get(f"http://{HOST}:{srv.port}/healthz", timeout=10)  # plain HTTP to the TLS port
     assert health.status_code == 200 and ready.status_code == 200
-    for r in (missing, wrong, basic, closed_metrics):
+    for r in (missing, wrong, basic, comment, closed_metrics):
         assert r.status_code == 401 and r.headers["www-authenticate"] == "Bearer"
         assert "secret" not in r.text and r.json()["error"].startswith("Received no valid bearer token")
     assert right.status_code == 200 and len(right.json()["results"]) == 1
     assert metrics.status_code == 200
-    assert metric(metrics.text, 'ferret_requests_total{code="401"}') == 3
+    assert metric(metrics.text, 'ferret_requests_total{code="401"}') == 5  # /metrics' own 401 too
     assert metric(metrics.text, 'ferret_requests_total{code="200"}') == 1
 
 
@@ -327,7 +303,9 @@ def test_metrics_public_opens_only_metrics(tiny_ckpt, tmp_path):
 def test_key_file_and_tls_usage_errors(tmp_path):
     ckpt = tmp_path / "x.pth"
     (tmp_path / "empty.txt").write_text("\n  \n")
+    (tmp_path / "comments.txt").write_text("# tokens for the ops team\n\n  # none yet\n")
     for path, want in ((tmp_path / "empty.txt", "with no token; expected one or more"),
+                       (tmp_path / "comments.txt", "with no token; expected one or more"),
                        (tmp_path / "absent.txt", "cannot read it (FileNotFoundError)"),
                        (tmp_path, "cannot read it (IsADirectoryError)")):
         proc = run_ferret("serve", "-w", str(ckpt), "--api-key-file", str(path))
@@ -337,6 +315,30 @@ def test_key_file_and_tls_usage_errors(tmp_path):
     assert proc.returncode == 2 and "only one of --ssl-certfile and --ssl-keyfile" in proc.stderr
     proc = run_ferret("serve", "-w", str(ckpt), "--read-timeout", "0")
     assert proc.returncode == 2 and "Received --read-timeout 0.0; expected > 0" in proc.stderr
+
+
+def test_tls_start_up_errors_are_one_line_before_the_model_loads(tmp_path):
+    pytest.importorskip("cryptography", reason="self-signed certificates (the 'dev' extra)")
+    cert, key = self_signed(tmp_path)
+    (tmp_path / "other").mkdir()
+    _, other_key = self_signed(tmp_path / "other")
+    (tmp_path / "locked").mkdir()
+    locked_cert, locked_key = self_signed(tmp_path / "locked", passphrase=b"open sesame")
+    for k in (key, other_key, locked_key):
+        k.chmod(0o600)
+    ckpt = tmp_path / "absent.pth"  # never opened: the TLS files are checked first
+    for c, k, want in ((cert, tmp_path / "missing.pem", f"Received --ssl-keyfile {tmp_path / 'missing.pem'}: no such file"),
+                       (cert, other_key, "that do not match; expected the certificate's own private key"),
+                       (locked_cert, locked_key, "protected by a passphrase; expected an unencrypted key")):
+        proc = run_ferret("serve", "-w", str(ckpt), "--ssl-certfile", str(c), "--ssl-keyfile", str(k))
+        assert proc.returncode == 2 and want in proc.stderr, proc.stderr
+        assert len(proc.stderr.strip().splitlines()) == 1 and "Traceback" not in proc.stderr, proc.stderr
+    key.chmod(0o644)  # readable by every user: a warning, then the start-up goes on (to the absent model)
+    proc = run_ferret("serve", "-w", str(ckpt), "--ssl-certfile", str(cert), "--ssl-keyfile", str(key))
+    warning, error = proc.stderr.strip().splitlines()
+    assert warning == (f"[serve] warning: --ssl-keyfile {key} is readable by other users (mode 644); expected 600 "
+                       f"(chmod 600 {key})")
+    assert proc.returncode == 2 and "absent.pth" in error
 
 
 def _option_help(out: str) -> dict[str, str]:
@@ -358,6 +360,7 @@ def test_help_documents_every_limit_with_its_default():
     helps = _option_help(run_ferret("serve", "--help").stdout)
     for flag, default in (("--max-inflight-mb", "256.0"), ("--max-parts", "64"), ("--max-pixels", "40000000"),
                           ("--read-timeout", "10.0"), ("--max-connections", "256"), ("--keep-alive-timeout", "5.0"),
+                          ("--max-idle-connections", "512"), ("--max-header-kb", "16.0"), ("--max-json-mb", "1.0"),
                           ("--shutdown-timeout", "20.0"), ("--max-body-mb", "32.0"), ("--max-queue", "256"),
                           ("--api-key-file", "no authentication"), ("--ssl-certfile", "plain HTTP"),
                           ("--metrics-public", "False")):
