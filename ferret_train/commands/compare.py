@@ -138,11 +138,11 @@ def run(args: argparse.Namespace) -> int:
     from ferret_runtime.errors import ConfigError
     from ferret_runtime.fileio import atomic_write
 
-    from .calibrate import _pooled
+    from .calibrate import pooled
 
     if args.show_flips < 0:
         raise ConfigError(f"Received --show-flips {args.show_flips}; expected >= 0")
-    samples, _ = _pooled(args.data)
+    samples, _ = pooled(args.data)
     options = open_options(args)
     rows = []
     with tqdm(total=len(samples) * len(args.models), unit="img", file=sys.stderr, disable=None, leave=False) as bar:

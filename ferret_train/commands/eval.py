@@ -103,7 +103,7 @@ def run(args: argparse.Namespace) -> int:
         specs.setdefault("jpeg", [])
         specs["jpeg"] = sorted(set(specs["jpeg"]) | {float(args.format_quality)})
     subsets = find_subsets(args.data, {"0_real": 0, "1_fake": 1})
-    _check_classes(subsets, args.data)
+    check_classes(subsets, args.data)
     model = args.weights or args.model
     runs = 1 + sum(len([s for s in v if s != 0]) for v in specs.values())
     total = runs * sum(len(v) for v in subsets.values())
@@ -164,7 +164,7 @@ def _specs(args: argparse.Namespace) -> dict[str, list[float]]:
     return parse_specs(args.perturb)
 
 
-def _check_classes(subsets: dict[str, list], root: str | Path) -> None:
+def check_classes(subsets: dict[str, list], root: str | Path) -> None:
     """A subset without real or without fake images has no AP and no TPR at an FPR: name it."""
     from ferret_runtime.errors import ConfigError
 
