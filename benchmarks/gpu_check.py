@@ -235,19 +235,19 @@ def check_env(result: Result) -> None:
     import torch
 
     from ferret_runtime import cuda
-    from ferret_runtime.kernels import launch
+    from ferret_runtime.kernels.nvrtc import nvrtc_version
 
     info = cuda.device_info(0)
-    nvrtc, driver = launch.nvrtc_version(), launch.driver_version()
+    nvrtc, driver = nvrtc_version(), cuda.driver_version()
     result.env.update(gpu=info.name, sm=info.sm, memory_gb=round(info.total_memory / 2**30, 1),
                       driver_cuda="%d.%d" % driver, nvrtc="%d.%d" % nvrtc, torch=torch.__version__,
                       torch_cuda=torch.version.cuda, python=platform.python_version())
     result.add("env", "gpu", None, f"{info.name} (sm_{info.sm.replace('.', '')}, {info.total_memory / 2**30:.0f} GiB)")
     result.add("env", "driver / nvrtc", None, f"CUDA {driver[0]}.{driver[1]} / NVRTC {nvrtc[0]}.{nvrtc[1]}")
     try:
-        launch.check_nvrtc_driver("ptx", nvrtc, driver)
+        nvrtc.check_nvrtc_driver("ptx", nvrtc, driver)
         result.add("env", "nvrtc <= driver (PTX loads)", True, "yes")
-    except launch.CudaError as e:  # the runtime's CUBINs still load; the plugin's PTX would not
+    except cuda.CudaError as e:  # the runtime's CUBINs still load; the plugin's PTX would not
         result.add("env", "nvrtc <= driver (PTX loads)", False, str(e))
     result.add("env", "torch sees the GPU", torch.cuda.is_available(), torch.__version__)
 
@@ -381,14 +381,14 @@ def check_plugin(result: Result) -> None:
     from cuda.bindings import driver as drv
 
     from ferret_export import trt_plugin
+    from ferret_runtime.cuda import call
     from ferret_runtime.kernels import launch
-    from ferret_runtime.kernels.launch import _call
 
     ptx = trt_plugin.compile_trt_ptx()  # refused in one line when NVRTC is newer than the driver
     result.add("plugin", "PTX size (all entries)", None, f"{len(ptx) / 1e3:.0f} KB")
     module = launch.get_module(0)
     with module.current():
-        mod = _call("cuModuleLoadData", drv.cuModuleLoadData, ptx + b"\0")  # JIT by the driver, as TensorRT does
+        mod = call("cuModuleLoadData", drv.cuModuleLoadData, ptx + b"\0")  # JIT by the driver, as TensorRT does
         try:
             for func, k, residual in (("median", 3, True), ("median", 3, False), ("excmed", 5, False), ("max", 7, True)):
                 for dtype in (torch.float32, torch.float16):
@@ -397,18 +397,18 @@ def check_plugin(result: Result) -> None:
                     got = trt_plugin.aot_launch(tuple(x.shape), str(dtype).removeprefix("torch."), func, k,
                                                 trt_plugin.OPS[op], cdiv=lambda a, b: -(-a // b), minimum=min)
                     out = torch.empty_like(x)
-                    fn = _call("cuModuleGetFunction", drv.cuModuleGetFunction, mod, got.kernel.encode())
+                    fn = call("cuModuleGetFunction", drv.cuModuleGetFunction, mod, got.kernel.encode())
                     values = [ctypes.c_void_p(x.data_ptr()), *map(ctypes.c_int, got.extra_args),
                               ctypes.c_void_p(out.data_ptr())]  # TensorRT's order: inputs, extra ints, outputs
                     params = (ctypes.c_void_p * len(values))(*(ctypes.addressof(v) for v in values))
                     torch.cuda.synchronize()
-                    _call("cuLaunchKernel", drv.cuLaunchKernel, fn, *got.grid, *got.block, got.shared_mem,
+                    call("cuLaunchKernel", drv.cuLaunchKernel, fn, *got.grid, *got.block, got.shared_mem,
                           drv.CUstream(torch.cuda.current_stream().cuda_stream), ctypes.addressof(params), 0)
                     torch.cuda.synchronize()
                     want = _lpd_gpu(x, func, k, residual)
                     result.add("plugin", f"{got.kernel} {func} k={k}", bool(torch.equal(out, want)), "== runtime kernel")
         finally:
-            _call("cuModuleUnload", drv.cuModuleUnload, mod)
+            call("cuModuleUnload", drv.cuModuleUnload, mod)
 
 
 # ---------------------------------------------------------------------------------------- 5. torch

@@ -39,7 +39,7 @@ import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from ferret_runtime.kernels import launch, source_hash
+from ferret_runtime.kernels import launch, nvrtc, source_hash
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results" / "static"
@@ -87,7 +87,7 @@ def build_cubin(arch: int = ARCH, kernels: tuple[str, ...] | None = None, window
     """lpd.cu compiled by NVRTC for sm_{arch} as the runtime compiles it (no disk cache): ``kernels`` only,
     lpd_generic for ``window`` only, as LpdModule loads them."""
     with tempfile.TemporaryDirectory() as tmp:
-        return launch.compile_lpd(arch, "cubin", cache=Path(tmp), kernels=kernels, window=window).data
+        return nvrtc.compile_lpd(arch, "cubin", cache=Path(tmp), kernels=kernels, window=window).data
 
 
 def runtime_builds(arch: int = ARCH) -> list[tuple[str, bytes]]:
@@ -389,7 +389,7 @@ def table(figures: list[KernelFigures]) -> str:
 
 
 def record(figures: list[KernelFigures], nvrtc: tuple[int, int]) -> dict:
-    return {"arch": f"sm_{ARCH}", "compiler": "NVRTC %d.%d" % nvrtc, "source_hash": source_hash(*launch.NVRTC_OPTIONS),
+    return {"arch": f"sm_{ARCH}", "compiler": "NVRTC %d.%d" % nvrtc, "source_hash": source_hash(*nvrtc.NVRTC_OPTIONS),
             "method": __doc__.split("\n\n")[1].strip(), "kernels": [asdict(f) for f in figures],
             "goals": GOALS, "goals_met": goals_met(figures)}
 
@@ -410,7 +410,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     figures = current()
     print(table(figures))
-    rec = record(figures, launch.nvrtc_version())
+    rec = record(figures, nvrtc.nvrtc_version())
     if args.check:
         old = load_recorded()
         same = old["kernels"] == rec["kernels"]

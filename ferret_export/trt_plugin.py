@@ -29,8 +29,9 @@ from typing import Any, Callable, List, Tuple, Union
 
 from ferret_runtime.errors import ConfigError
 from ferret_runtime.kernels import cache_dir, read_source, source_hash, variant_id, write_atomic
-from ferret_runtime.kernels.launch import (MAX_GRID_YZ, NVRTC_OPTIONS, CudaError, check_nvrtc_driver, driver_version,
-                                           launch_config, nvrtc_compile, nvrtc_version, selection_options, tile_shape)
+from ferret_runtime.kernels.launch import MAX_GRID_YZ, launch_config, tile_shape
+from ferret_runtime.kernels.nvrtc import NVRTC_OPTIONS, check_nvrtc_driver, nvrtc_compile, nvrtc_version, selection_options
+from ferret_runtime.cuda import CudaError, driver_version
 from ferret_runtime.lpd_spec import check_window
 
 from .onnx_graph import PLUGIN_DOMAIN, PLUGIN_OP

@@ -1,4 +1,5 @@
-"""CUDA memory, streams and events as owned objects, through cuda-python's driver API (torch-free).
+"""The CUDA driver through cuda-python (torch-free): one status check for every call (``call``,
+``CudaError``), the driver's version, compute capabilities, and memory, streams and events as owned objects.
 
 The pattern of TensorRT's ``samples/python/common_runtime.py``: pinned host and device buffers
 allocated once and paired by the caller, streams as context managers, every status other than
@@ -20,7 +21,74 @@ from typing import Any, Iterator
 
 import numpy as np
 
-from .kernels.launch import CudaError, _bindings, _call  # one status check for every cuda-python call
+from .errors import ConfigError, FerretError
+
+
+# ------------------------------------------------------------------- cuda-python: imports, status checks
+class CudaError(FerretError):
+    """A CUDA driver or NVRTC call that did not succeed, or cuda-python/the driver missing."""
+
+    def __init__(self, message: str, call: str = "", result: Any = None):
+        super().__init__(message)
+        self.call, self.result = call, result
+
+
+def parse_arch(arch: int | str | tuple[int, int]) -> int:
+    """80 from 80, 'sm_80', '8.0' or (8, 0)."""
+    try:
+        if isinstance(arch, tuple):
+            value = arch[0] * 10 + arch[1]
+        elif isinstance(arch, str):
+            s = arch.lower().removeprefix("sm_").removeprefix("compute_")
+            value = int(s.replace(".", "")) if "." in s else int(s)
+        else:
+            value = int(arch)
+    except (TypeError, ValueError, IndexError):
+        value = -1
+    if value < 50:
+        raise ConfigError(f"Received arch {arch!r}; expected a compute capability such as 80, 'sm_90' or (9, 0)")
+    return value
+
+
+def bindings(name: str) -> Any:
+    try:
+        import importlib
+
+        return importlib.import_module(f"cuda.bindings.{name}")
+    except ImportError as e:
+        raise CudaError(f"Received no cuda-python ({e}); expected it installed: pip install 'ferretnet-deploy[gpu]'") from None
+
+
+def status_text(result: Any) -> str:
+    """'CUDA_ERROR_NO_DEVICE (100: no CUDA-capable device is detected)' for a CUresult or nvrtcResult."""
+    name = getattr(result, "name", str(result))
+    try:
+        if type(result).__name__ == "nvrtcResult":
+            return f"{name} ({int(result)})"
+        err, text = bindings("driver").cuGetErrorString(result)
+        return f"{name} ({int(result)}: {text.decode()})" if int(err) == 0 else f"{name} ({int(result)})"
+    except Exception:  # describing an error must not raise another one
+        return f"{name} ({int(result)})"
+
+
+def call(call: str, fn: Any, *args: Any) -> Any:
+    """Run one cuda-python call; its status (first item of the returned tuple) must be success."""
+    try:
+        out = fn(*args)
+    except RuntimeError as e:  # cuda.pathfinder's DynamicLibNotFoundError: libcuda or libnvrtc missing
+        lib = "NVRTC library" if call.startswith("nvrtc") else "CUDA driver"
+        hint = "pip install nvidia-cuda-nvrtc" if lib == "NVRTC library" else "an NVIDIA driver and a GPU"
+        raise CudaError(f"{call}: received no {lib} ({str(e).splitlines()[0]}); expected {hint}", call) from None
+    status, *values = out if isinstance(out, tuple) else (out,)
+    if int(status) != 0:
+        raise CudaError(f"{call}: received {status_text(status)}; expected success", call, status)
+    return values[0] if len(values) == 1 else tuple(values)
+
+
+def driver_version() -> tuple[int, int]:
+    """The CUDA version the installed driver supports, e.g. (13, 0); CudaError without a driver."""
+    v = call("cuDriverGetVersion", bindings("driver").cuDriverGetVersion)
+    return int(v) // 1000, int(v) % 1000 // 10
 
 
 @dataclass(frozen=True)
@@ -40,31 +108,31 @@ class DeviceInfo:
 
 
 def _driver() -> Any:
-    drv = _bindings("driver")
-    _call("cuInit", drv.cuInit, 0)
+    drv = bindings("driver")
+    call("cuInit", drv.cuInit, 0)
     return drv
 
 
 def device_count() -> int:
     """Number of CUDA devices; CudaError when cuda-python or the driver is missing."""
-    return _call("cuDeviceGetCount", _driver().cuDeviceGetCount)
+    return call("cuDeviceGetCount", _driver().cuDeviceGetCount)
 
 
 def device_info(index: int = 0) -> DeviceInfo:
     """Name, compute capability and memory of one device."""
     drv = _driver()
-    count = _call("cuDeviceGetCount", drv.cuDeviceGetCount)
+    count = call("cuDeviceGetCount", drv.cuDeviceGetCount)
     if not 0 <= index < count:
         raise CudaError(f"Received device index {index}; expected 0..{count - 1} ({count} CUDA device(s) visible)",
                         "cuDeviceGet")
-    dev = _call("cuDeviceGet", drv.cuDeviceGet, index)
+    dev = call("cuDeviceGet", drv.cuDeviceGet, index)
     attr = drv.CUdevice_attribute
-    major = _call("cuDeviceGetAttribute", drv.cuDeviceGetAttribute, attr.CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR, dev)
-    minor = _call("cuDeviceGetAttribute", drv.cuDeviceGetAttribute, attr.CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MINOR, dev)
-    raw = _call("cuDeviceGetName", drv.cuDeviceGetName, 256, dev)
+    major = call("cuDeviceGetAttribute", drv.cuDeviceGetAttribute, attr.CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR, dev)
+    minor = call("cuDeviceGetAttribute", drv.cuDeviceGetAttribute, attr.CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MINOR, dev)
+    raw = call("cuDeviceGetName", drv.cuDeviceGetName, 256, dev)
     name = bytes(raw).split(b"\0", 1)[0].decode(errors="replace").strip()
-    total = _call("cuDeviceTotalMem", drv.cuDeviceTotalMem, dev)
-    version = _call("cuDriverGetVersion", drv.cuDriverGetVersion)
+    total = call("cuDeviceTotalMem", drv.cuDeviceTotalMem, dev)
+    version = call("cuDriverGetVersion", drv.cuDriverGetVersion)
     return DeviceInfo(index, name, (int(major), int(minor)), int(total), int(version))
 
 
@@ -74,8 +142,8 @@ class Context:
     def __init__(self, device: int = 0):
         self._drv = _driver()
         self.device = device
-        self._dev = _call("cuDeviceGet", self._drv.cuDeviceGet, device)
-        self._ctx: Any = _call("cuDevicePrimaryCtxRetain", self._drv.cuDevicePrimaryCtxRetain, self._dev)
+        self._dev = call("cuDeviceGet", self._drv.cuDeviceGet, device)
+        self._ctx: Any = call("cuDevicePrimaryCtxRetain", self._drv.cuDevicePrimaryCtxRetain, self._dev)
 
     @property
     def closed(self) -> bool:
@@ -86,16 +154,16 @@ class Context:
         """Push this context for the calls inside (contexts are per thread), pop it after."""
         if self._ctx is None:
             raise CudaError(f"Received a closed Context for device {self.device}; expected an open one")
-        _call("cuCtxPushCurrent", self._drv.cuCtxPushCurrent, self._ctx)
+        call("cuCtxPushCurrent", self._drv.cuCtxPushCurrent, self._ctx)
         try:
             yield
         finally:
-            _call("cuCtxPopCurrent", self._drv.cuCtxPopCurrent)
+            call("cuCtxPopCurrent", self._drv.cuCtxPopCurrent)
 
     def close(self) -> None:
         if self._ctx is not None:
             self._ctx = None
-            _call("cuDevicePrimaryCtxRelease", self._drv.cuDevicePrimaryCtxRelease, self._dev)
+            call("cuDevicePrimaryCtxRelease", self._drv.cuDevicePrimaryCtxRelease, self._dev)
 
     def __enter__(self) -> "Context":
         return self
@@ -154,7 +222,7 @@ class PinnedBuffer(_Owned):
         super().__init__(context)
         self.nbytes = _check_nbytes(nbytes, "pinned buffer")
         with context.current():
-            self._handle = _call("cuMemHostAlloc", self._drv.cuMemHostAlloc, self.nbytes, 0)
+            self._handle = call("cuMemHostAlloc", self._drv.cuMemHostAlloc, self.nbytes, 0)
 
     @property
     def ptr(self) -> int:
@@ -171,7 +239,7 @@ class PinnedBuffer(_Owned):
         return np.frombuffer(raw, dtype=dtype, count=count).reshape(shape)
 
     def _free(self, handle: Any) -> None:
-        _call("cuMemFreeHost", self._drv.cuMemFreeHost, handle)
+        call("cuMemFreeHost", self._drv.cuMemFreeHost, handle)
 
 
 class DeviceBuffer(_Owned):
@@ -181,14 +249,14 @@ class DeviceBuffer(_Owned):
         super().__init__(context)
         self.nbytes = _check_nbytes(nbytes, "device buffer")
         with context.current():
-            self._handle = _call("cuMemAlloc", self._drv.cuMemAlloc, self.nbytes)
+            self._handle = call("cuMemAlloc", self._drv.cuMemAlloc, self.nbytes)
 
     @property
     def ptr(self) -> int:
         return int(self._live())
 
     def _free(self, handle: Any) -> None:
-        _call("cuMemFree", self._drv.cuMemFree, handle)
+        call("cuMemFree", self._drv.cuMemFree, handle)
 
 
 class Stream(_Owned):
@@ -197,7 +265,7 @@ class Stream(_Owned):
     def __init__(self, context: Context):
         super().__init__(context)
         with context.current():
-            self._handle = _call("cuStreamCreate", self._drv.cuStreamCreate,
+            self._handle = call("cuStreamCreate", self._drv.cuStreamCreate,
                                  int(self._drv.CUstream_flags.CU_STREAM_NON_BLOCKING))
 
     @property
@@ -207,10 +275,10 @@ class Stream(_Owned):
 
     def synchronize(self) -> None:
         with self.context.current():
-            _call("cuStreamSynchronize", self._drv.cuStreamSynchronize, self._live())
+            call("cuStreamSynchronize", self._drv.cuStreamSynchronize, self._live())
 
     def _free(self, handle: Any) -> None:
-        _call("cuStreamDestroy", self._drv.cuStreamDestroy, handle)
+        call("cuStreamDestroy", self._drv.cuStreamDestroy, handle)
 
 
 class Event(_Owned):
@@ -220,23 +288,23 @@ class Event(_Owned):
         super().__init__(context)
         flags = 0 if timing else int(self._drv.CUevent_flags.CU_EVENT_DISABLE_TIMING)
         with context.current():
-            self._handle = _call("cuEventCreate", self._drv.cuEventCreate, flags)
+            self._handle = call("cuEventCreate", self._drv.cuEventCreate, flags)
 
     def record(self, stream: Stream) -> None:
         with self.context.current():
-            _call("cuEventRecord", self._drv.cuEventRecord, self._live(), stream._live())
+            call("cuEventRecord", self._drv.cuEventRecord, self._live(), stream._live())
 
     def synchronize(self) -> None:
         with self.context.current():
-            _call("cuEventSynchronize", self._drv.cuEventSynchronize, self._live())
+            call("cuEventSynchronize", self._drv.cuEventSynchronize, self._live())
 
     def elapsed_ms(self, end: "Event") -> float:
         """Milliseconds from this event to ``end`` (both recorded and completed)."""
         with self.context.current():
-            return float(_call("cuEventElapsedTime", self._drv.cuEventElapsedTime, self._live(), end._live()))
+            return float(call("cuEventElapsedTime", self._drv.cuEventElapsedTime, self._live(), end._live()))
 
     def _free(self, handle: Any) -> None:
-        _call("cuEventDestroy", self._drv.cuEventDestroy, handle)
+        call("cuEventDestroy", self._drv.cuEventDestroy, handle)
 
 
 def _check_copy(nbytes: int, *buffers: PinnedBuffer | DeviceBuffer) -> int:
@@ -252,11 +320,11 @@ def copy_htod_async(dst: DeviceBuffer, src: PinnedBuffer, nbytes: int, stream: S
     """Enqueue ``nbytes`` from pinned host memory to the device on ``stream``."""
     nbytes = _check_copy(nbytes, dst, src)
     with stream.context.current():
-        _call("cuMemcpyHtoDAsync", stream._drv.cuMemcpyHtoDAsync, dst._live(), src.ptr, nbytes, stream._live())
+        call("cuMemcpyHtoDAsync", stream._drv.cuMemcpyHtoDAsync, dst._live(), src.ptr, nbytes, stream._live())
 
 
 def copy_dtoh_async(dst: PinnedBuffer, src: DeviceBuffer, nbytes: int, stream: Stream) -> None:
     """Enqueue ``nbytes`` from the device to pinned host memory on ``stream``."""
     nbytes = _check_copy(nbytes, dst, src)
     with stream.context.current():
-        _call("cuMemcpyDtoHAsync", stream._drv.cuMemcpyDtoHAsync, dst.ptr, src._live(), nbytes, stream._live())
+        call("cuMemcpyDtoHAsync", stream._drv.cuMemcpyDtoHAsync, dst.ptr, src._live(), nbytes, stream._live())

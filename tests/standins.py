@@ -11,14 +11,14 @@ from __future__ import annotations
 import numpy as np
 
 from ferret_runtime import cuda
-from ferret_runtime.kernels import host, launch
+from ferret_runtime.kernels import host, launch, nvrtc
 
 def _driver_for_local_nvrtc() -> int:
     """A driver as new as the NVRTC installed here, as a working deployment has (the engine refuses
     plugin PTX from a newer NVRTC: tested on its own with an explicit older driver)."""
     try:
-        major, minor = launch.nvrtc_version()
-    except launch.CudaError:
+        major, minor = nvrtc.nvrtc_version()
+    except cuda.CudaError:
         return 13000
     return major * 1000 + minor * 10
 

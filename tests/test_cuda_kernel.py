@@ -9,6 +9,7 @@ against the CPU.
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import itertools
 import json
 import math
@@ -23,7 +24,8 @@ import pytest
 import torch
 
 from ferret_runtime.errors import ConfigError
-from ferret_runtime.kernels import SOURCE_PATH, VARIANT_IDS, host, launch, read_source
+from ferret_runtime import cuda
+from ferret_runtime.kernels import SOURCE_PATH, VARIANT_IDS, host, launch, nvrtc, read_source
 from ferret_runtime.lpd_spec import LPD_SPECS, MEDIAN9_NETWORK, MEDIAN9_OUTPUT
 from ferret_runtime.preprocess import MEAN, STD, center_crop, load_image, normalize
 from ferret_runtime.samples import natural_image
@@ -404,7 +406,7 @@ def test_launch_and_host_modules_import_without_torch():
 # ------------------------------------------------------------------------------------------------
 
 
-ptxas_usage = launch.ptxas_usage  # {'lpd_residual_f32': {'registers': 40, 'stack': 0, ...}, ...}
+ptxas_usage = nvrtc.ptxas_usage  # {'lpd_residual_f32': {'registers': 40, 'stack': 0, ...}, ...}
 
 
 @pytest.fixture(scope="module")
@@ -436,41 +438,41 @@ def test_nvcc_builds_without_spills(nvcc_builds, arch):
 @pytest.fixture(scope="module")
 def nvrtc_ok():
     try:
-        return launch.nvrtc_version()
-    except launch.CudaError as e:
+        return nvrtc.nvrtc_version()
+    except cuda.CudaError as e:
         pytest.skip(f"NVRTC unavailable: {e}")
 
 
 @pytest.mark.parametrize("arch", [80, 90])
 def test_nvrtc_compiles_ptx_on_the_cpu(nvrtc_ok, tmp_path, arch):
-    first = launch.compile_lpd(arch, "ptx", cache=tmp_path)
+    first = nvrtc.compile_lpd(arch, "ptx", cache=tmp_path)
     ptx = first.data.decode(errors="replace")
     assert not first.from_cache and first.path.is_file()
     assert re.search(rf"\.target sm_{arch}\b", ptx)
     assert sorted(re.findall(r"\.entry (\w+)", ptx)) == sorted(f"{k}_{s}" for k in launch.KERNELS for s in ("f32", "f16"))
-    again = launch.compile_lpd(arch, "ptx", cache=tmp_path)
+    again = nvrtc.compile_lpd(arch, "ptx", cache=tmp_path)
     assert again.from_cache and again.data == first.data
     # a new process finds the file instead of compiling (the cache survives a restart)
-    code = f"from ferret_runtime.kernels import launch; c = launch.compile_lpd({arch}, 'ptx', cache=__import__('pathlib').Path({str(tmp_path)!r})); print(c.from_cache, c.path)"
+    code = f"from ferret_runtime.kernels import nvrtc; c = nvrtc.compile_lpd({arch}, 'ptx', cache=__import__('pathlib').Path({str(tmp_path)!r})); print(c.from_cache, c.path)"
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert proc.returncode == 0 and proc.stdout.split() == ["True", str(first.path)], proc.stderr
 
 
 def test_nvrtc_errors_are_named(nvrtc_ok, monkeypatch, tmp_path):
-    monkeypatch.setattr(launch, "read_source", lambda: "extern \"C\" __global__ void broken( { }")
-    with pytest.raises(launch.KernelCompileError, match="nvrtcCompileProgram: received NVRTC_ERROR_COMPILATION .* expected success"):
-        launch.compile_lpd(80, "ptx", cache=tmp_path / "other")
+    monkeypatch.setattr(nvrtc, "read_source", lambda: "extern \"C\" __global__ void broken( { }")
+    with pytest.raises(nvrtc.KernelCompileError, match="nvrtcCompileProgram: received NVRTC_ERROR_COMPILATION .* expected success"):
+        nvrtc.compile_lpd(80, "ptx", cache=tmp_path / "other")
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error raised where no CUDA driver is installed")
 def test_no_driver_raises_a_named_cuda_error():
     try:
-        import cuda.bindings.driver  # noqa: F401
+        importlib.import_module("cuda.bindings.driver")  # not `import cuda...`: that would shadow ferret_runtime.cuda
     except ImportError:
-        with pytest.raises(launch.CudaError, match="Received no cuda-python"):
+        with pytest.raises(cuda.CudaError, match="Received no cuda-python"):
             launch.LpdModule(0)
         return
-    with pytest.raises(launch.CudaError, match=r"cuInit: received (no CUDA driver|CUDA_ERROR_NO_DEVICE)"):
+    with pytest.raises(cuda.CudaError, match=r"cuInit: received (no CUDA driver|CUDA_ERROR_NO_DEVICE)"):
         launch.LpdModule(0)
 
 
@@ -693,13 +695,13 @@ def test_gpu_ferretnet_with_the_op_gives_reference_logits(authors_ckpt, referenc
 
 
 def test_nvrtc_newer_than_the_driver_is_refused_in_one_line():
-    with pytest.raises(launch.CudaError, match=r"^Received NVRTC 13\.5 PTX for a driver of CUDA 13\.0; expected a driver "
+    with pytest.raises(cuda.CudaError, match=r"^Received NVRTC 13\.5 PTX for a driver of CUDA 13\.0; expected a driver "
                                                r"for CUDA 13\.5 or newer, or pip install 'nvidia-cuda-nvrtc==13\.0\.\*'$"):
-        launch.check_nvrtc_driver("ptx", (13, 5), (13, 0))
-    launch.check_nvrtc_driver("cubin", (13, 5), (13, 0))  # CUBINs load within a major version
-    launch.check_nvrtc_driver("ptx", (13, 0), (13, 2))
-    with pytest.raises(launch.CudaError, match=r"Received NVRTC 14\.0 CUBINs for a driver of CUDA 13\.0; .*'nvidia-cuda-nvrtc<14'"):
-        launch.check_nvrtc_driver("cubin", (14, 0), (13, 0))
+        nvrtc.check_nvrtc_driver("ptx", (13, 5), (13, 0))
+    nvrtc.check_nvrtc_driver("cubin", (13, 5), (13, 0))  # CUBINs load within a major version
+    nvrtc.check_nvrtc_driver("ptx", (13, 0), (13, 2))
+    with pytest.raises(cuda.CudaError, match=r"Received NVRTC 14\.0 CUBINs for a driver of CUDA 13\.0; .*'nvidia-cuda-nvrtc<14'"):
+        nvrtc.check_nvrtc_driver("cubin", (14, 0), (13, 0))
 
 
 def test_plugin_ptx_refused_on_an_older_driver(monkeypatch, tmp_path):
@@ -707,7 +709,7 @@ def test_plugin_ptx_refused_on_an_older_driver(monkeypatch, tmp_path):
 
     monkeypatch.setattr(trt_plugin, "driver_version", lambda: (13, 0))
     monkeypatch.setattr(trt_plugin, "nvrtc_version", lambda: (13, 5))
-    with pytest.raises(launch.CudaError, match=r"NVRTC 13\.5 PTX for a driver of CUDA 13\.0"):
+    with pytest.raises(cuda.CudaError, match=r"NVRTC 13\.5 PTX for a driver of CUDA 13\.0"):
         trt_plugin.compile_trt_ptx(cache=tmp_path)
 
 
@@ -728,17 +730,17 @@ def test_unwritable_cache_falls_back(monkeypatch, tmp_path):
 def test_compile_with_an_unwritable_cache(nvrtc_ok, tmp_path):
     blocked = tmp_path / "file-not-dir"
     blocked.write_text("")
-    built = launch.compile_lpd(90, "cubin", cache=blocked / "kernels", kernels=("lpd_residual_f32",))
+    built = nvrtc.compile_lpd(90, "cubin", cache=blocked / "kernels", kernels=("lpd_residual_f32",))
     assert not built.from_cache and built.data[:4] == b"\x7fELF" and not built.path.exists()
 
 
 def test_only_the_needed_kernel_is_compiled(nvrtc_ok, tmp_path):
     # the cold start of the median 3x3 path: one kernel, well under a second (all twelve: several seconds)
-    one = launch.compile_lpd(90, "ptx", cache=tmp_path, kernels=("lpd_residual_f32",))
+    one = nvrtc.compile_lpd(90, "ptx", cache=tmp_path, kernels=("lpd_residual_f32",))
     assert re.findall(r"\.entry (\w+)", one.data.decode()) == ["lpd_residual_f32"]
     assert one.seconds < 1.0, one.seconds
-    k5 = launch.compile_lpd(90, "ptx", cache=tmp_path, kernels=("lpd_generic_f32",), window=5).data.decode()
-    assert "lpd_generic_f32" in k5 and len(k5) < len(launch.compile_lpd(90, "ptx", cache=tmp_path,
+    k5 = nvrtc.compile_lpd(90, "ptx", cache=tmp_path, kernels=("lpd_generic_f32",), window=5).data.decode()
+    assert "lpd_generic_f32" in k5 and len(k5) < len(nvrtc.compile_lpd(90, "ptx", cache=tmp_path,
                                                                         kernels=("lpd_generic_f32",)).data)
 
 

@@ -15,7 +15,9 @@ import types
 
 import pytest
 
+from ferret_runtime import cuda
 from ferret_runtime.kernels import SOURCE_PATH, launch, read_source
+from ferret_runtime.kernels import nvrtc as nvrtc_api
 
 KERNELS = sorted(f"{k}_{s}" for k in launch.KERNELS for s in ("f32", "f16"))
 DEPLOYED = {75, 80, 86, 89, 90}  # T4, A100, A10/A40/RTX 30, L4/L40/RTX 40, H100/H200
@@ -37,8 +39,8 @@ def blocks_per_sm(kernel: str, arch: int) -> int:
 @pytest.fixture(scope="module")
 def nvrtc() -> tuple[tuple[int, int], tuple[int, ...]]:
     try:
-        return launch.nvrtc_version(), launch.nvrtc_supported_archs()
-    except launch.CudaError as e:
+        return nvrtc_api.nvrtc_version(), nvrtc_api.nvrtc_supported_archs()
+    except cuda.CudaError as e:
         pytest.skip(f"NVRTC unavailable: {e}")
 
 
@@ -60,7 +62,7 @@ def cubin_logs(archs) -> dict[int, str]:
 
     def build(arch: int) -> tuple[int, str]:
         log: list[str] = []
-        launch.nvrtc_compile(read_source(), SOURCE_PATH.name, f"sm_{arch}", "cubin", f"lpd.cu for sm_{arch}",
+        nvrtc_api.nvrtc_compile(read_source(), SOURCE_PATH.name, f"sm_{arch}", "cubin", f"lpd.cu for sm_{arch}",
                              ("--ptxas-options=-v",), log=log)
         return arch, log[0]
 
@@ -71,7 +73,7 @@ def cubin_logs(archs) -> dict[int, str]:
 def check_report(arch: int, log: str, kernels: list[str], blocks, allowed_warnings: str = "") -> list[str]:
     """What is wrong with one ptxas report: a kernel missing, a spill, a stack frame, more registers than
     ``blocks(kernel)`` blocks of 256 threads leave, a warning (but the ``allowed_warnings`` pattern)."""
-    usage, problems = launch.ptxas_usage(log), []
+    usage, problems = nvrtc_api.ptxas_usage(log), []
     if sorted(usage) != kernels:
         problems.append(f"sm_{arch}: kernels {sorted(usage)}")
     for name, u in sorted(usage.items()):
@@ -91,7 +93,7 @@ def test_every_kernel_builds_for_every_arch_without_spills(cubin_logs):
     problems = [p for arch, log in sorted(cubin_logs.items())
                 for p in check_report(arch, log, KERNELS, lambda kernel: blocks_per_sm(kernel, arch))]
     for arch, log in sorted(cubin_logs.items()):
-        usage = launch.ptxas_usage(log)
+        usage = nvrtc_api.ptxas_usage(log)
         print(f"sm_{arch}: " + ", ".join(f"{k} {u['registers']}" for k, u in sorted(usage.items())))
     assert not problems, "\n".join(problems)
 
@@ -101,8 +103,8 @@ def test_a_kernel_built_for_sm80_only_is_caught(nvrtc):
     source = read_source().replace("#ifdef FERRET_F16X2\n__device__ __forceinline__ unsigned int ferret_cvt_f16x2",
                                    "#if 1\n__device__ __forceinline__ unsigned int ferret_cvt_f16x2", 1)
     assert source != read_source()
-    with pytest.raises(launch.KernelCompileError, match=r"cvt\.f16x2\.f32' requires \.target sm_80"):
-        launch.nvrtc_compile(source, SOURCE_PATH.name, "sm_75", "cubin", "lpd.cu, unguarded",
+    with pytest.raises(nvrtc_api.KernelCompileError, match=r"cvt\.f16x2\.f32' requires \.target sm_80"):
+        nvrtc_api.nvrtc_compile(source, SOURCE_PATH.name, "sm_75", "cubin", "lpd.cu, unguarded",
                              ("-DFERRET_ONLY", "-DFERRET_WANT_normalize_f16"))
 
 
@@ -129,8 +131,8 @@ def _nvjitlink():
         version = tuple(nvjitlink.version())  # loads libnvJitLink
     except Exception as e:  # ImportError, or the library missing
         pytest.skip(f"compiling PTX needs nvJitLink (pip install nvidia-nvjitlink): {type(e).__name__}: {e}")
-    if version < tuple(launch.nvrtc_version()):  # it reads PTX ISA versions up to its own
-        pytest.skip(f"nvJitLink {version} is older than NVRTC {launch.nvrtc_version()}, whose PTX it cannot read")
+    if version < tuple(nvrtc_api.nvrtc_version()):  # it reads PTX ISA versions up to its own
+        pytest.skip(f"nvJitLink {version} is older than NVRTC {nvrtc_api.nvrtc_version()}, whose PTX it cannot read")
     return nvjitlink
 
 
@@ -178,26 +180,26 @@ V100 = ("GPU 0 (Tesla V100-SXM2-16GB) is sm_70; NVRTC 13.0 builds lpd.cu for sm_
 
 
 def test_a_v100_is_refused_in_one_line():
-    with pytest.raises(launch.CudaError) as info:
-        launch.check_arch(70, (13, 0), CUDA13_ARCHS, gpu="GPU 0 (Tesla V100-SXM2-16GB)")
+    with pytest.raises(cuda.CudaError) as info:
+        nvrtc_api.check_arch(70, (13, 0), CUDA13_ARCHS, gpu="GPU 0 (Tesla V100-SXM2-16GB)")
     assert str(info.value) == V100
     # NVRTC 12 still builds for it, so nothing is refused there
-    launch.check_arch(70, (12, 9), (50, 52, 53, 60, 61, 62, 70, 72, 75, 80, 86, 87, 89, 90))
-    with pytest.raises(launch.CudaError, match=r"^Received sm_130; NVRTC 13\.0 builds lpd\.cu for sm_75 to sm_121, "
+    nvrtc_api.check_arch(70, (12, 9), (50, 52, 53, 60, 61, 62, 70, 72, 75, 80, 86, 87, 89, 90))
+    with pytest.raises(cuda.CudaError, match=r"^Received sm_130; NVRTC 13\.0 builds lpd\.cu for sm_75 to sm_121, "
                                                r"not yet for sm_130: expected a newer NVRTC"):
-        launch.check_arch(130, (13, 0), CUDA13_ARCHS)
-    with pytest.raises(launch.CudaError, match=r"^Received sm_101; .* but not sm_101 \(it lists 75, 80, "):
-        launch.check_arch(101, (13, 0), CUDA13_ARCHS)  # Thor: sm_110 since CUDA 13
+        nvrtc_api.check_arch(130, (13, 0), CUDA13_ARCHS)
+    with pytest.raises(cuda.CudaError, match=r"^Received sm_101; .* but not sm_101 \(it lists 75, 80, "):
+        nvrtc_api.check_arch(101, (13, 0), CUDA13_ARCHS)  # Thor: sm_110 since CUDA 13
 
 
 def test_this_nvrtc_takes_every_arch_it_lists(nvrtc, tmp_path):
     version, supported = nvrtc
     for arch in supported:
-        launch.check_arch(arch)
+        nvrtc_api.check_arch(arch)
     if version[0] >= 13:
         for target in ("cubin", "ptx"):  # before NVRTC runs
-            with pytest.raises(launch.CudaError, match=r"^Received sm_70; NVRTC 13\.\d+ builds lpd\.cu for sm_75 to "):
-                launch.compile_lpd(70, target, cache=tmp_path, kernels=("lpd_residual_f32",))
+            with pytest.raises(cuda.CudaError, match=r"^Received sm_70; NVRTC 13\.\d+ builds lpd\.cu for sm_75 to "):
+                nvrtc_api.compile_lpd(70, target, cache=tmp_path, kernels=("lpd_residual_f32",))
 
 
 def test_the_runtime_refuses_a_v100_before_compiling(monkeypatch):
@@ -213,10 +215,11 @@ def test_the_runtime_refuses_a_v100_before_compiling(monkeypatch):
         cuDeviceGetAttribute=lambda a, dev: (0, {"major": 7, "minor": 0}[a]),
         cuDeviceGetName=lambda size, dev: (0, b"Tesla V100-SXM2-16GB" + b"\0" * (size - 20)),
         cuDriverGetVersion=untouched, cuDevicePrimaryCtxRetain=untouched)
-    monkeypatch.setattr(launch, "_bindings", lambda name: drv if name == "driver" else untouched())
+    monkeypatch.setattr(launch, "bindings", lambda name: drv if name == "driver" else untouched())
+    monkeypatch.setattr(nvrtc_api, "nvrtc_version", lambda: (13, 0))
+    monkeypatch.setattr(nvrtc_api, "nvrtc_supported_archs", lambda: CUDA13_ARCHS)
     monkeypatch.setattr(launch, "nvrtc_version", lambda: (13, 0))
-    monkeypatch.setattr(launch, "nvrtc_supported_archs", lambda: CUDA13_ARCHS)
     monkeypatch.setattr(launch, "compile_lpd", untouched)
-    with pytest.raises(launch.CudaError) as info:
+    with pytest.raises(cuda.CudaError) as info:
         launch.LpdModule(0)
     assert str(info.value) == V100

@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 
 from benchmarks import sass_static
-from ferret_runtime.kernels import launch
+from ferret_runtime import cuda
+from ferret_runtime.kernels import launch, nvrtc
 
 SASS = """
         Function : k
@@ -69,9 +70,9 @@ def test_occupancy_on_sm90():
 @pytest.fixture(scope="module")
 def figures():
     try:
-        launch.nvrtc_version()
+        nvrtc.nvrtc_version()
         sass_static.find_tool("cuobjdump")
-    except (launch.CudaError, FileNotFoundError) as e:
+    except (cuda.CudaError, FileNotFoundError) as e:
         pytest.skip(f"needs NVRTC and cuobjdump: {e}")
     return sass_static.current()
 

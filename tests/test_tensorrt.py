@@ -43,7 +43,7 @@ from ferret_runtime import cli, cuda, sidecar
 from ferret_runtime.backends import tensorrt as trt_backend
 from ferret_runtime.errors import ConfigError, FerretError
 from ferret_runtime.fileio import sha256
-from ferret_runtime.kernels import VARIANT_IDS, host, launch
+from ferret_runtime.kernels import VARIANT_IDS, host, launch, nvrtc
 from ferret_runtime.lpd_spec import LPD_SPECS
 from ferret_runtime.preprocess import normalize
 from ferret_train import create_model
@@ -499,8 +499,8 @@ def test_aot_launch_refuses_what_the_kernels_cannot_do():
 @pytest.fixture(scope="module")
 def trt_ptx(tmp_path_factory):
     try:
-        launch.nvrtc_version()
-    except launch.CudaError as e:
+        nvrtc.nvrtc_version()
+    except cuda.CudaError as e:
         pytest.skip(f"NVRTC unavailable: {e}")
     return trt_plugin.compile_trt_ptx(cache=tmp_path_factory.mktemp("ptx")).decode()
 
@@ -1377,7 +1377,7 @@ def test_gpu_preprocessing_without_nvrtc_is_a_clear_error(fake_trt, graphs, tmp_
                                      log=_quiet).path
 
     def no_nvrtc(device=0):
-        raise launch.CudaError("nvrtcVersion: received no NVRTC library (libnvrtc.so.13 not found)")
+        raise cuda.CudaError("nvrtcVersion: received no NVRTC library (libnvrtc.so.13 not found)")
 
     monkeypatch.setattr(launch, "get_module", no_nvrtc)
     with pytest.raises(ConfigError, match=r"m\.engine: GPU preprocessing needs lpd\.cu compiled by NVRTC .*libnvrtc"

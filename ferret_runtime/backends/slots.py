@@ -25,6 +25,7 @@ from typing import Any
 
 import numpy as np
 
+from ..cuda import CudaError
 from ..errors import ConfigError, FerretError
 from .base import Backend, Pending, as_logits, external_lpd
 
@@ -79,7 +80,7 @@ class SlotBackend(Backend):
         external = external_lpd(info, str(self.path))
         try:
             self._module = launch.get_module(index)  # NVRTC-compiled on first use, cached on disk per GPU
-        except launch.CudaError as e:
+        except CudaError as e:
             raise ConfigError(f"{self.path}: GPU preprocessing needs lpd.cu compiled by NVRTC ({e}); expected "
                               "cuda-python with NVRTC (pip install 'ferretnet-deploy[gpu]'), or gpu_preprocess=False "
                               "to prepare batches on the host") from None

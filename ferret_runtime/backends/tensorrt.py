@@ -24,6 +24,7 @@ from typing import Any, Mapping
 import numpy as np
 
 from .. import sidecar
+from ..cuda import CudaError
 from ..errors import ConfigError, FerretError
 from ..metadata import check_logit_output
 from .base import ModelInfo
@@ -89,7 +90,7 @@ def check_engine_compat(engine: Mapping[str, Any], trt_version: str, gpu_name: s
 def check_plugin_ptx(plugin: Mapping[str, Any], driver: tuple[int, int], source: str = "engine") -> None:
     """Refuse an engine whose plugin PTX came from an NVRTC newer than this driver: the driver's JIT
     would reject it inside TensorRT with an opaque error at the first run."""
-    from ..kernels import launch
+    from ..kernels.nvrtc import check_nvrtc_driver
 
     raw = plugin.get("ptx_nvrtc")
     if not raw:
@@ -99,8 +100,8 @@ def check_plugin_ptx(plugin: Mapping[str, Any], driver: tuple[int, int], source:
     except ValueError:
         raise ConfigError(f"{source}: received plugin ptx_nvrtc {raw!r}; expected 'MAJOR.MINOR'") from None
     try:
-        launch.check_nvrtc_driver("ptx", nvrtc, driver)  # type: ignore[arg-type]
-    except launch.CudaError as e:
+        check_nvrtc_driver("ptx", nvrtc, driver)  # type: ignore[arg-type]
+    except CudaError as e:
         raise ConfigError(f"{source}: its ferret::lpd plugin: {e}; or rebuild the engine with that NVRTC") from None
 
 

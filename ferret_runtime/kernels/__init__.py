@@ -5,7 +5,7 @@
 - ``host``: g++ compiles the same file for the CPU (``-DFERRET_HOST_BUILD``) into C functions
   that run the kernels' per-pixel and per-block code, so CPU tests check the kernels' math.
 - nvcc and NVRTC compile it in the tests for every architecture NVRTC lists (sm_75 and newer under
-  CUDA 13; a V100, sm_70, is refused in one line by ``launch.check_arch``), to check register use and
+  CUDA 13; a V100, sm_70, is refused in one line by ``nvrtc.check_arch``), to check register use and
   spills; the float16 kernels' instructions have host implementations, so their lanes are tested too.
 
 Nothing here imports torch or cuda-python at import time.

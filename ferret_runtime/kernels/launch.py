@@ -1,4 +1,4 @@
-"""Launching lpd.cu on a GPU: launch tuples, NVRTC compilation with a disk cache, and the driver API.
+"""Launching lpd.cu on a GPU: launch tuples, and the module in a device's context (the driver API).
 
 Torch-free: tensors travel as device pointers (ints) and streams as ``CUstream`` handles (ints), so
 PyTorch (``tensor.data_ptr()``, ``torch.cuda.current_stream().cuda_stream``) and any other CUDA
@@ -12,16 +12,17 @@ import ctypes
 import functools
 import math
 import re
-import time
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
-from ..errors import ConfigError, FerretError
+from ..cuda import CudaError, bindings, call, driver_version, parse_arch
+from ..errors import ConfigError
 from ..lpd_spec import check_window
 from ..preprocess import MEAN, STD
-from . import SOURCE_PATH, cache_dir, read_source, source_hash, variant_id, write_atomic
+from . import variant_id
+from .nvrtc import CompiledModule, check_arch, check_nvrtc_driver, compile_lpd, nvrtc_version
 
 # Must agree with lpd.cu (a test parses FERRET_ROWS_PER_THREAD, FERRET_MAX_THREADS and FERRET_RES_* there).
 BLOCK: tuple[int, int, int] = (32, 8, 1)  # lpd_generic: a warp per row, coalesced loads and stores
@@ -43,24 +44,6 @@ KERNEL_ARGS: dict[str, tuple[str, ...]] = {
     "preprocess_lpd": ("ptr", "ptr", "int", "int", "int", *("float",) * 6),  # image, out, N, H, W, mean, std
     "normalize": ("ptr", "ptr", "int", "int", "int", *("float",) * 6),  # the same, without the LPD
 }
-# No --use_fast_math: IEEE division keeps normalisation bit-identical to numpy's.
-NVRTC_OPTIONS: tuple[str, ...] = ("--std=c++17",)
-
-
-class CudaError(FerretError):
-    """A CUDA driver or NVRTC call that did not succeed, or cuda-python/the driver missing."""
-
-    def __init__(self, message: str, call: str = "", result: Any = None):
-        super().__init__(message)
-        self.call, self.result = call, result
-
-
-class KernelCompileError(CudaError):
-    """NVRTC rejected lpd.cu; ``log`` holds the compiler's output."""
-
-    def __init__(self, message: str, log: str):
-        super().__init__(f"{message}\n{log}", call="nvrtcCompileProgram")
-        self.log = log
 
 
 @dataclass(frozen=True)
@@ -102,23 +85,6 @@ def dtype_name(dtype: Any) -> str:
         return str(dtype).removeprefix("torch.")
 
 
-def parse_arch(arch: int | str | tuple[int, int]) -> int:
-    """80 from 80, 'sm_80', '8.0' or (8, 0)."""
-    try:
-        if isinstance(arch, tuple):
-            value = arch[0] * 10 + arch[1]
-        elif isinstance(arch, str):
-            s = arch.lower().removeprefix("sm_").removeprefix("compute_")
-            value = int(s.replace(".", "")) if "." in s else int(s)
-        else:
-            value = int(arch)
-    except (TypeError, ValueError, IndexError):
-        value = -1
-    if value < 50:
-        raise ConfigError(f"Received arch {arch!r}; expected a compute capability such as 80, 'sm_90' or (9, 0)")
-    return value
-
-
 def launch_config(kernel: str, shape: tuple[int, ...], dtype: Any, arch: int | str | tuple[int, int],
                   k: int = 3) -> LaunchConfig:
     """The grid, block and shared memory for ``kernel`` on ``shape`` ((N, C, H, W), or (N, H, W, 3)
@@ -140,7 +106,7 @@ def _launch_config(kernel: str, shape: tuple[int, ...], name: str, arch: int, k:
     else:
         if len(shape) != 4:
             raise ConfigError(f"Received shape {shape} for {kernel}; expected (N, C, H, W)")
-        (n, c, h, w), planes, channels = shape, shape[0] * shape[1], 1
+        (_, _, h, w), planes, channels = shape, shape[0] * shape[1], 1
     if min(shape) < 1 or max(shape) > MAX_INT:
         raise ConfigError(f"Received shape {shape}; expected sizes from 1 to {MAX_INT} (callers skip empty tensors)")
     k = check_window(k)
@@ -165,205 +131,6 @@ def _launch_config(kernel: str, shape: tuple[int, ...], name: str, arch: int, k:
 
 
 # ------------------------------------------------------------------------------------------------
-# cuda-python: deferred imports, status checks
-# ------------------------------------------------------------------------------------------------
-
-
-def _bindings(name: str) -> Any:
-    try:
-        import importlib
-
-        return importlib.import_module(f"cuda.bindings.{name}")
-    except ImportError as e:
-        raise CudaError(f"Received no cuda-python ({e}); expected it installed: pip install 'ferretnet-deploy[gpu]'") from None
-
-
-def _status_text(result: Any) -> str:
-    """'CUDA_ERROR_NO_DEVICE (100: no CUDA-capable device is detected)' for a CUresult or nvrtcResult."""
-    name = getattr(result, "name", str(result))
-    try:
-        if type(result).__name__ == "nvrtcResult":
-            return f"{name} ({int(result)})"
-        err, text = _bindings("driver").cuGetErrorString(result)
-        return f"{name} ({int(result)}: {text.decode()})" if int(err) == 0 else f"{name} ({int(result)})"
-    except Exception:  # describing an error must not raise another one
-        return f"{name} ({int(result)})"
-
-
-def _call(call: str, fn: Any, *args: Any) -> Any:
-    """Run one cuda-python call; its status (first item of the returned tuple) must be success."""
-    try:
-        out = fn(*args)
-    except RuntimeError as e:  # cuda.pathfinder's DynamicLibNotFoundError: libcuda or libnvrtc missing
-        lib = "NVRTC library" if call.startswith("nvrtc") else "CUDA driver"
-        hint = "pip install nvidia-cuda-nvrtc" if lib == "NVRTC library" else "an NVIDIA driver and a GPU"
-        raise CudaError(f"{call}: received no {lib} ({str(e).splitlines()[0]}); expected {hint}", call) from None
-    status, *values = out if isinstance(out, tuple) else (out,)
-    if int(status) != 0:
-        raise CudaError(f"{call}: received {_status_text(status)}; expected success", call, status)
-    return values[0] if len(values) == 1 else tuple(values)
-
-
-# ------------------------------------------------------------------------------------------------
-# NVRTC: lpd.cu -> PTX or CUBIN, cached on disk per (source, options, arch, NVRTC version)
-# ------------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class CompiledModule:
-    """NVRTC output: PTX text or a CUBIN for one arch, and whether it came from the disk cache."""
-
-    data: bytes
-    target: str
-    arch: int
-    path: Path
-    from_cache: bool
-    seconds: float = 0.0  # NVRTC's time for this build (0 when read from the cache)
-
-
-def nvrtc_version() -> tuple[int, int]:
-    return _call("nvrtcVersion", _bindings("nvrtc").nvrtcVersion)
-
-
-def nvrtc_supported_archs() -> tuple[int, ...]:
-    """The compute capabilities this NVRTC builds CUBINs for (nvrtcGetSupportedArchs): NVRTC 13.x from 75
-    (Turing) up, since CUDA 13 no longer targets Maxwell, Pascal and Volta; NVRTC 12.x from 50."""
-    return tuple(sorted(int(a) for a in _call("nvrtcGetSupportedArchs", _bindings("nvrtc").nvrtcGetSupportedArchs)))
-
-
-def check_arch(arch: int, nvrtc: tuple[int, int] | None = None, supported: tuple[int, ...] | None = None,
-               gpu: str = "") -> None:
-    """Refuse, in one line and before NVRTC fails on it, an arch this NVRTC does not build for.
-
-    ``gpu`` names the device ("GPU 0 (Tesla V100-SXM2-16GB)") when the arch is a device's. A V100 (sm_70)
-    or older under CUDA 13 is told to use CUDA 12, whose NVRTC still targets it (lpd.cu itself needs
-    nothing newer: its sm_80 instructions have fallbacks), or to run the LPD in the model's graph.
-    """
-    nvrtc = nvrtc or nvrtc_version()
-    supported = tuple(supported or nvrtc_supported_archs())
-    if arch in supported:
-        return
-    lo, hi = min(supported), max(supported)
-    what = f"{gpu} is sm_{arch}" if gpu else f"Received sm_{arch}"
-    builds = f"NVRTC {nvrtc[0]}.{nvrtc[1]} builds lpd.cu for sm_{lo} to sm_{hi}"
-    if arch < lo and arch >= 50 and nvrtc[0] >= 13:
-        message = (f"{what}; {builds} (CUDA 13 dropped Maxwell, Pascal and Volta): for this GPU use CUDA 12, whose "
-                   "NVRTC still builds for it (pip install 'cuda-python>=12.8,<13' nvidia-cuda-nvrtc-cu12, with a driver "
-                   "for CUDA 12 or newer), or run the LPD in the model's graph (ONNX Runtime or PyTorch) instead")
-    elif arch < lo:
-        message = f"{what}; {builds}: too old for these kernels; run the LPD in the model's graph instead"
-    elif arch > hi:
-        message = f"{what}; {builds}, not yet for sm_{arch}: expected a newer NVRTC (pip install -U nvidia-cuda-nvrtc)"
-    else:
-        message = f"{what}; {builds} but not sm_{arch} (it lists {', '.join(map(str, supported))})"
-    raise CudaError(message, "nvrtcGetSupportedArchs")
-
-
-def driver_version() -> tuple[int, int]:
-    """The CUDA version the installed driver supports, e.g. (13, 0); CudaError without a driver."""
-    v = _call("cuDriverGetVersion", _bindings("driver").cuDriverGetVersion)
-    return int(v) // 1000, int(v) % 1000 // 10
-
-
-def check_nvrtc_driver(target: str, nvrtc: tuple[int, int], driver: tuple[int, int]) -> None:
-    """Refuse a build the driver cannot load, before compiling it.
-
-    PTX is JIT-compiled by the driver, which rejects a PTX ISA newer than its own (NVRTC 13.5 writes
-    ``.version 9.5``; a 13.0 driver stops at 9.0). A CUBIN is machine code: within one CUDA major
-    version it loads on an older driver (minor version compatibility), across majors it does not.
-    """
-    newer = nvrtc > driver if target == "ptx" else nvrtc[0] > driver[0]
-    if newer:
-        need = "%d.%d" % nvrtc if target == "ptx" else "%d.0" % nvrtc[0]
-        pin = ("'nvidia-cuda-nvrtc==%d.%d.*'" % driver) if target == "ptx" else ("'nvidia-cuda-nvrtc<%d'" % (driver[0] + 1))
-        raise CudaError(f"Received NVRTC {nvrtc[0]}.{nvrtc[1]} {'PTX' if target == 'ptx' else 'CUBINs'} for a driver of "
-                        f"CUDA {driver[0]}.{driver[1]}; expected a driver for CUDA {need} or newer, or pip install {pin}",
-                        "cuDriverGetVersion")
-
-
-def nvrtc_compile(source: str, name: str, gpu: str, target: str, what: str, options: tuple[str, ...] = (),
-                  log: list[str] | None = None) -> bytes:
-    """``source`` compiled by NVRTC for ``gpu`` ('sm_XX' for a CUBIN, 'compute_XX' for PTX) with
-    NVRTC_OPTIONS and ``options``; KernelCompileError with NVRTC's log when it fails (``what`` names the build).
-    ``log``, a list, receives NVRTC's log of a build that succeeds (with ``--ptxas-options=-v``: registers
-    and spills per kernel, see :func:`ptxas_usage`)."""
-    nvrtc = _bindings("nvrtc")
-    prog = _call("nvrtcCreateProgram", nvrtc.nvrtcCreateProgram, source.encode(), name.encode(), 0, [], [])
-
-    def program_log() -> str:
-        size = _call("nvrtcGetProgramLogSize", nvrtc.nvrtcGetProgramLogSize, prog)
-        text = b" " * size
-        _call("nvrtcGetProgramLog", nvrtc.nvrtcGetProgramLog, prog, text)
-        return text.decode(errors="replace").rstrip("\0 ")
-
-    try:
-        opts = [f"--gpu-architecture={gpu}".encode(), *(o.encode() for o in (*NVRTC_OPTIONS, *options))]
-        status, = nvrtc.nvrtcCompileProgram(prog, len(opts), opts)
-        if int(status) != 0:
-            raise KernelCompileError(f"nvrtcCompileProgram: received {_status_text(status)} for {what}; expected "
-                                     "success", program_log())
-        if log is not None:
-            log.append(program_log())
-        get_size, get = ((nvrtc.nvrtcGetCUBINSize, nvrtc.nvrtcGetCUBIN) if target == "cubin"
-                         else (nvrtc.nvrtcGetPTXSize, nvrtc.nvrtcGetPTX))
-        size = _call(get_size.__name__, get_size, prog)
-        data = b" " * size
-        _call(get.__name__, get, prog, data)
-    finally:
-        _call("nvrtcDestroyProgram", nvrtc.nvrtcDestroyProgram, prog)
-    return data
-
-
-def ptxas_usage(log: str) -> dict[str, dict[str, int]]:
-    """ptxas's -v report per kernel: {'lpd_residual_f32': {'registers': 40, 'stack': 0, 'spill_stores': 0,
-    'spill_loads': 0}, ...}, from nvcc's, NVRTC's (--ptxas-options=-v) or nvJitLink's (-Xptxas=-v) log."""
-    usage: dict[str, dict[str, int]] = {}
-    entry = None
-    for line in log.splitlines():
-        if m := re.search(r"Compiling entry function '(\w+)'", line):
-            entry = usage.setdefault(m.group(1), {})
-        elif entry is not None and (m := re.search(r"(\d+) bytes stack frame, (\d+) bytes spill stores, "
-                                                   r"(\d+) bytes spill loads", line)):
-            entry.update(stack=int(m.group(1)), spill_stores=int(m.group(2)), spill_loads=int(m.group(3)))
-        elif entry is not None and (m := re.search(r"Used (\d+) registers", line)):
-            entry["registers"] = int(m.group(1))
-    return usage
-
-
-def selection_options(kernels: tuple[str, ...] | None = None, window: int = 0) -> tuple[str, ...]:
-    """NVRTC options building only ``kernels`` (all when None), lpd_generic for ``window`` only (0: every window)."""
-    opts = () if kernels is None else ("-DFERRET_ONLY", *(f"-DFERRET_WANT_{k}" for k in sorted(kernels)))
-    return (*opts, f"-DFERRET_WINDOW={check_window(window)}") if window else opts
-
-
-def compile_lpd(arch: int | str | tuple[int, int], target: str = "cubin", cache: Path | None = None,
-                kernels: tuple[str, ...] | None = None, window: int = 0) -> CompiledModule:
-    """lpd.cu compiled by NVRTC for ``arch`` (CUBIN: sm_XX machine code; PTX: compute_XX), cached on disk.
-
-    ``kernels`` (e.g. ``('lpd_residual_f32',)``) builds only those, ``window`` lpd_generic for one
-    window size: one kernel compiles in a fraction of a second where all of them take seconds.
-    NVRTC needs no GPU or driver, so this also runs on CPU-only machines.
-    """
-    if target not in ("cubin", "ptx"):
-        raise ConfigError(f"Received target {target!r}; expected 'cubin' or 'ptx'")
-    arch = parse_arch(arch)
-    major, minor = nvrtc_version()
-    check_arch(arch, (major, minor))  # NVRTC's list holds for compute_XX (PTX) as for sm_XX
-    options = selection_options(kernels, window)
-    key = source_hash(*NVRTC_OPTIONS, *options, f"nvrtc{major}.{minor}")
-    what = "all" if kernels is None else "-".join(sorted(kernels)) + (f"-k{window}" if window else "")
-    path = (cache or cache_dir()) / f"lpd-{key}-sm{arch}-nvrtc{major}{minor}-{what}.{target}"
-    if path.is_file():
-        return CompiledModule(path.read_bytes(), target, arch, path, from_cache=True)
-    gpu = f"sm_{arch}" if target == "cubin" else f"compute_{arch}"
-    start = time.perf_counter()
-    data = nvrtc_compile(read_source(), SOURCE_PATH.name, gpu, target, f"{SOURCE_PATH.name} with {gpu}", options)
-    seconds = time.perf_counter() - start
-    write_atomic(path, data)  # best effort: a cache that cannot be written costs a rebuild, not a failure
-    return CompiledModule(data, target, arch, path, from_cache=False, seconds=seconds)
-
-
-# ------------------------------------------------------------------------------------------------
 # Driver API: the module in a device's primary context, launches on a caller's stream
 # ------------------------------------------------------------------------------------------------
 
@@ -375,23 +142,23 @@ class LpdModule:
     uses), each compiled (or read from the disk cache) and loaded on its first launch, alone."""
 
     def __init__(self, device: int = 0, cache: Path | None = None):
-        self._drv = drv = _bindings("driver")
-        _call("cuInit", drv.cuInit, 0)
+        self._drv = drv = bindings("driver")
+        call("cuInit", drv.cuInit, 0)
         self.device, self._cache = device, cache
-        self._dev = _call("cuDeviceGet", drv.cuDeviceGet, device)
+        self._dev = call("cuDeviceGet", drv.cuDeviceGet, device)
         attr = drv.CUdevice_attribute
-        major = _call("cuDeviceGetAttribute", drv.cuDeviceGetAttribute,
+        major = call("cuDeviceGetAttribute", drv.cuDeviceGetAttribute,
                       attr.CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR, self._dev)
-        minor = _call("cuDeviceGetAttribute", drv.cuDeviceGetAttribute,
+        minor = call("cuDeviceGetAttribute", drv.cuDeviceGetAttribute,
                       attr.CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MINOR, self._dev)
         self.arch = major * 10 + minor
-        name = _call("cuDeviceGetName", drv.cuDeviceGetName, 256, self._dev)
+        name = call("cuDeviceGetName", drv.cuDeviceGetName, 256, self._dev)
         self.name = bytes(name).split(b"\0", 1)[0].decode(errors="replace").strip()
         check_arch(self.arch, gpu=f"GPU {device} ({self.name})")  # e.g. a V100 under CUDA 13: one line, no NVRTC log
         self.driver = driver_version()
         check_nvrtc_driver("cubin", nvrtc_version(), self.driver)
         self.compiled: dict[tuple[str, int], CompiledModule] = {}
-        self._ctx = _call("cuDevicePrimaryCtxRetain", drv.cuDevicePrimaryCtxRetain, self._dev)
+        self._ctx = call("cuDevicePrimaryCtxRetain", drv.cuDevicePrimaryCtxRetain, self._dev)
         self._modules: dict[tuple[str, int], Any] = {}
         self._functions: dict[tuple[str, int], Any] = {}
         self._params: dict[tuple[str, tuple[Any, ...]], tuple[int, Any, list[Any]]] = {}
@@ -401,11 +168,11 @@ class LpdModule:
     @contextmanager
     def current(self) -> Iterator[None]:
         """Make this device's primary context current for the calls inside."""
-        _call("cuCtxPushCurrent", self._drv.cuCtxPushCurrent, self._ctx)
+        call("cuCtxPushCurrent", self._drv.cuCtxPushCurrent, self._ctx)
         try:
             yield
         finally:
-            _call("cuCtxPopCurrent", self._drv.cuCtxPopCurrent)
+            call("cuCtxPopCurrent", self._drv.cuCtxPopCurrent)
 
     def function(self, name: str, window: int = 0) -> Any:
         """The CUfunction of kernel ``name`` (lpd_generic: its build for ``window``), loaded on first use."""
@@ -416,14 +183,14 @@ class LpdModule:
             compiled = compile_lpd(self.arch, "cubin", self._cache, kernels=(name,), window=window)
             with self.current():
                 try:
-                    module = _call("cuModuleLoadData", self._drv.cuModuleLoadData, compiled.data)
+                    module = call("cuModuleLoadData", self._drv.cuModuleLoadData, compiled.data)
                 except CudaError as e:
                     raise CudaError(f"{e} (loading {compiled.path.name}, a CUBIN for sm_{self.arch} from NVRTC "
                                     "%d.%d, on a driver for CUDA %d.%d; a CUBIN loads on any driver of its CUDA major "
                                     "version, so suspect the file: delete it and it is rebuilt)"
                                     % (*nvrtc_version(), *self.driver), e.call, e.result) from None
                 self._modules[key] = module
-                self._functions[key] = _call("cuModuleGetFunction", self._drv.cuModuleGetFunction, module, name.encode())
+                self._functions[key] = call("cuModuleGetFunction", self._drv.cuModuleGetFunction, module, name.encode())
             self.compiled[key] = compiled
         return self._functions[key]
 
@@ -446,7 +213,7 @@ class LpdModule:
             self._params[key] = params = (ctypes.addressof(array), array, values)  # the array keeps its values alive
         fn = self.function(cfg.name, cfg.window)
         with self.current():
-            _call("cuLaunchKernel", self._drv.cuLaunchKernel, fn, *cfg.grid, *cfg.block, cfg.shared_mem_bytes,
+            call("cuLaunchKernel", self._drv.cuLaunchKernel, fn, *cfg.grid, *cfg.block, cfg.shared_mem_bytes,
                   self._drv.CUstream(stream), params[0], 0)
 
     def close(self) -> None:
@@ -455,10 +222,10 @@ class LpdModule:
             return
         with self.current():
             for module in self._modules.values():
-                _call("cuModuleUnload", self._drv.cuModuleUnload, module)
+                call("cuModuleUnload", self._drv.cuModuleUnload, module)
         self._modules, self._functions = {}, {}
         self._ctx = None
-        _call("cuDevicePrimaryCtxRelease", self._drv.cuDevicePrimaryCtxRelease, self._dev)
+        call("cuDevicePrimaryCtxRelease", self._drv.cuDevicePrimaryCtxRelease, self._dev)
 
     def __enter__(self) -> "LpdModule":
         return self
