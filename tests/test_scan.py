@@ -4,6 +4,8 @@ result (each path exactly once); sources and parts; the same Scorer on a local R
 from __future__ import annotations
 
 import json
+import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -66,6 +68,12 @@ def _assert_equals_detect(rows: list[dict], detected: list[dict], *, atol: float
             assert abs(r["logit"] - d["logit"]) <= atol and abs(r["prob_fake"] - d["prob_fake"]) <= atol
 
 
+def _listed(parts: Path) -> list[str]:
+    """The parts a scan's manifest records (replaced atomically: whole or absent)."""
+    manifest = parts / "manifest.json"
+    return sorted(json.loads(manifest.read_text())["parts"]) if manifest.exists() else []
+
+
 def _scan(*args: str) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-m", "ferret_runtime.cli", "scan", *args], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
@@ -89,12 +97,13 @@ def test_scan_equals_detect_and_a_killed_scan_resumes_to_the_same_rows(model, fo
             "--batch-size", "4", "--workers", "1", "--streams", "1"]
     victim = _scan(*args)
     deadline = time.monotonic() + 120
-    while len(list(parts.glob("part-*.parquet"))) < 3:
+    while len(_listed(parts)) < 3:
         assert victim.poll() is None and time.monotonic() < deadline, victim.stderr.read() if victim.poll() else "slow"
         time.sleep(0.01)
     victim.send_signal(signal.SIGKILL)
     victim.wait()
-    committed = list(parts.glob("part-*.parquet"))
+    committed = _listed(parts)  # committed: written, then recorded in the manifest (a later file is scored again)
+    assert all((parts / name).is_file() for name in committed)
     assert not out.exists() and 3 <= len(committed) < (N_IMAGES + 1) // 8, "killed mid-way"
     (parts / ".part-999999.parquet.abc123.tmp").write_bytes(b"torn")  # what a kill inside a write leaves
     resumed = run_ferret("scan", *args)
@@ -151,16 +160,31 @@ def test_a_list_source_with_missing_files_and_uris_and_another_model_refused(mod
 def test_ray_scan_with_two_actors_equals_detect(model, folder, detected, tmp_path):
     ray = pytest.importorskip("ray", reason="the 'ray' extra")
     pytest.importorskip("ray.data", reason="the 'ray' extra")
-    # a small local instance (2 CPUs, 100 MB object store); run_scan uses an initialised Ray as it is
-    ray.init(num_cpus=2, object_store_memory=100 * 1024**2, include_dashboard=False, logging_level="ERROR",
-             log_to_driver=False)
+    from ferret_runtime.integrations.ray import init_local
+
+    # a small local instance (2 CPUs, 100 MB object store) on 127.0.0.1 only (ray.init with
+    # _node_ip_address="127.0.0.1" alone advertises the external interface: Ray swaps loopback for it);
+    # run_scan uses an initialised Ray as it is
+    init_local(num_cpus=2, object_store_memory=100 * 1024**2, include_dashboard=False, logging_level="ERROR",
+               log_to_driver=False)
+    odd = tmp_path / "names"
+    odd.mkdir()
+    odd_name = os.fsdecode(bytes(odd) + b"/\xff-0000.png")  # a file name that is not UTF-8
+    shutil.copyfile(next(folder.rglob("0000.png")), odd_name)
     try:
+        addresses = {n["NodeManagerAddress"] for n in ray.nodes()} | {ray.get_runtime_context().gcs_address}
         out = tmp_path / "ray.parquet"
         summary = run_scan(folder, out, model, ray_address="auto", concurrency=2, part_rows=64, batch_size=16,
                            quiet=True, log=lambda *_: None, device="cpu", streams=1, workers=1)
         used = ray.cluster_resources()
+        odd_summary = run_scan(odd, tmp_path / "odd.parquet", model, ray_address="auto", concurrency=1,
+                               quiet=True, log=lambda *_: None, device="cpu", streams=1, workers=1)
     finally:
         ray.shutdown()
+    assert {a.rsplit(":", 1)[0] for a in addresses} == {"127.0.0.1"}, addresses
+    assert odd_summary.rows == 1 and not odd_summary.errors
+    (row,) = _rows(tmp_path / "odd.parquet")
+    assert row["path_bytes"] == os.fsencode(odd_name) and row["path"] == str(odd) + "/\\xff-0000.png"
     assert summary.rows == N_IMAGES + 1 and summary.scored == N_IMAGES + 1 and len(summary.errors) == 1
     assert used.get("CPU") == 2
     # other batch compositions than detect's: equal up to float32 reassociation
