@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from ferret_runtime import kserve
+from ferret_runtime.serve import kserve
 from ferret_runtime.preprocess import load_image
 from ferret_runtime.samples import natural_image
 

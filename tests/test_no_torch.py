@@ -138,7 +138,7 @@ def test_the_walk_finds_every_module_on_disk():
     on_disk = {".".join(("ferret_runtime", *p.relative_to(root).with_suffix("").parts)).removesuffix(".__init__")
                for p in root.rglob("*.py")}
     assert set(RUNTIME_MODULES) == on_disk
-    assert {"ferret_runtime.cli", "ferret_runtime.serve", "ferret_runtime.backends.tensorrt",
+    assert {"ferret_runtime.cli", "ferret_runtime.serve", "ferret_runtime.serve.core", "ferret_runtime.backends.tensorrt",
             "ferret_runtime.kernels.launch"} <= set(RUNTIME_MODULES)
 
 

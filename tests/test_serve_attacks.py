@@ -25,7 +25,7 @@ import pytest
 httpx = pytest.importorskip("httpx", reason="the tests' HTTP client is httpx (the 'dev' extra)")
 pytest.importorskip("starlette", reason="ferret serve needs the 'serve' extra")
 
-from ferret_runtime import kserve  # noqa: E402
+from ferret_runtime.serve import kserve  # noqa: E402
 
 from .conftest import small_onnx  # noqa: E402
 from .serving import HOST, metric, open_upload, png, read_until_closed, self_signed, server  # noqa: E402

@@ -1,4 +1,4 @@
-"""The KServe v2 (Open Inference Protocol) routes of ``ferret serve``: a mixin of ``serve.DetectApp``.
+"""The KServe v2 (Open Inference Protocol) routes of ``ferret serve``: a mixin of ``core.DetectApp``.
 
 Metadata, config and probes here; inference through the app's own core (``admit``, ``read_body``,
 ``classify_items``, ``answered``), so v2 and /v1/detect share every limit, error and metric. The
@@ -13,13 +13,14 @@ from typing import Any
 
 import numpy as np
 
-from . import __version__, kserve
+from .. import __version__
+from . import kserve
 
 V2_VERSION = "1"  # the one version of the one model a server holds
 
 
 def _answer() -> Any:
-    from .serve import _Answer  # serve imports this module: the answer type is looked up at call time
+    from .core import _Answer  # serve imports this module: the answer type is looked up at call time
 
     return _Answer
 

@@ -14,7 +14,7 @@ import threading
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import ConfigError
+from ..errors import ConfigError
 
 log = logging.getLogger("uvicorn.error")  # uvicorn configures its handler and level
 OVER_CAPACITY = "ferret_over_capacity"  # set in the request state by the protocol for requests past the cap

@@ -15,7 +15,7 @@ Binary data (Triton's ``extension_binary_data.md``): the JSON header is ``Infere
 bytes long, the tensors whose input carries ``"binary_data_size"`` follow it in input order (little-endian,
 row-major; a BYTES element is a 4-byte little-endian length and its bytes). Outputs are binary when
 their ``"binary_data"`` parameter says so, else when the request's ``"binary_data_output"`` does.
-Pure functions of bytes and numbers: no web framework here (``serve.py`` routes to them).
+Pure functions of bytes and numbers: no web framework here (``v2.py`` routes to them).
 
 Any request costs work linear in its size, and anything malformed is a ProtocolError naming the
 field: the JSON part is at most ``max_json`` bytes (json.loads holds the GIL throughout and builds
@@ -37,7 +37,7 @@ from typing import Any
 
 import numpy as np
 
-from .errors import FerretError
+from ..errors import FerretError
 
 IMAGES, PIXELS = "images", "pixels"
 LOGITS, PROB_FAKE, LABELS = "logits", "prob_fake", "labels"

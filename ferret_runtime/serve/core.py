@@ -16,7 +16,7 @@ Endpoints:
   ``/v2/models/<name>[/versions/1]/ready`` (open, for probes: 200 or 400, empty body); ``GET /v2``,
   ``/v2/models/<name>`` (metadata, with the ``ferret.*`` parameters) and ``/v2/models/<name>/config``
   (Triton's model configuration); ``POST /v2/models/<name>/infer``: the same handler core, limits,
-  errors (``{"error": ...}``) and metrics as /v1/detect, JSON or binary tensors (handlers in ``serve_v2.py``).
+  errors (``{"error": ...}``) and metrics as /v1/detect, JSON or binary tensors (handlers in ``v2.py``).
 
 Limits (each bounds one resource; every inference answer and every error answer of any route,
 unknown routes included, is counted in ``ferret_requests_total{code}``): request bodies accepted
@@ -47,13 +47,13 @@ from typing import Any
 
 import numpy as np
 
-from .batching import Closed, DynamicBatcher, Overloaded
-from .detector import Detector, Result
-from .fileio import sha256
+from ..batching import Closed, DynamicBatcher, Overloaded
+from ..detector import Detector, Result
+from ..fileio import sha256
 from .form_parts import FormError, TooManyParts, file_parts
 from .http_limits import OVER_CAPACITY, ByteBudget, ServerLimits, listen_socket, load_api_keys, log, tls_context
 from .http_protocol import protocol_class
-from .serve_v2 import V2_VERSION, V2Routes
+from .v2 import V2_VERSION, V2Routes
 
 __all__ = ["DETECT_PATH", "V2_VERSION", "DetectApp", "ServeConfig", "ServerLimits", "create_app", "load_api_keys", "serve"]
 
