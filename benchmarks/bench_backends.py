@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 import torch
 
-from ferret_export.bench_runners import steady_state
-from ferret_export.onnx_export import export_onnx
-from ferret_export.onnx_graph import GraphOptions
+from ferret_export.bench.runners import steady_state
+from ferret_export.onnx.export import export_onnx
+from ferret_export.onnx.graph import GraphOptions
 from ferret_runtime.backends.onnxruntime import OrtBackend
 from ferret_train import create_model
 from ferret_train.checkpoint import save_checkpoint

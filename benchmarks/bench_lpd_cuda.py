@@ -27,6 +27,7 @@ import numpy as np
 import pytest
 import torch
 
+from ferret_export.bench.timing import cuda_event_ms
 from ferret_runtime.kernels import host, launch
 from ferret_runtime.lpd_spec import LPD_SPECS
 from ferret_train.layers.lpd import lpd_fast, lpd_reference
@@ -70,16 +71,7 @@ def _event_ms(fn) -> float:
     """Median over ROUNDS of the CUDA-event time of ITERS back-to-back calls, per call, in ms."""
     for _ in range(WARMUP):
         _batches(fn)
-    times = []
-    for _ in range(ROUNDS):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        for _ in range(ITERS):
-            fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) / ITERS)
-    return statistics.median(times)
+    return statistics.median(cuda_event_ms(fn, iters=ITERS, rounds=ROUNDS))
 
 
 @pytest.mark.gpu

@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from ferret_export.bench_runners import steady_state
+from ferret_export.bench.runners import steady_state
 from ferret_runtime import Detector
 from ferret_runtime.backends.onnxruntime import OrtBackend
 from ferret_runtime.preprocess import load_image, normalize
@@ -39,8 +39,8 @@ from ferret_runtime.samples import natural_image
 def _export(model: str, tmp: Path, size: int) -> Path:
     import torch
 
-    from ferret_export.onnx_export import export_onnx
-    from ferret_export.onnx_graph import GraphOptions
+    from ferret_export.onnx.export import export_onnx
+    from ferret_export.onnx.graph import GraphOptions
     from ferret_train import create_model
     from ferret_train.checkpoint import save_checkpoint
 
@@ -149,7 +149,7 @@ def run(model: str = "ferretnet-s", n_images: int = 256, size: int = 256, batch:
         record = {"model": model, "image_size": size, "device": "cpu", "threads": threads,
                   "throughput": measure_throughput(onnx_path, images, batch, threads, repeats),
                   "serve": measure_serve(onnx_path, images, list(clients), requests_per_client)}
-    from ferret_export.benchmark import hardware
+    from ferret_export.bench.run import hardware
 
     record["hardware"] = hardware()
     return record

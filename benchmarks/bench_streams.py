@@ -25,7 +25,7 @@ import numpy as np
 from PIL import Image
 
 from benchmarks.bench_pipeline import best_rate
-from ferret_export.bench_runners import steady_state
+from ferret_export.bench.runners import steady_state
 from ferret_runtime import Detector
 from ferret_runtime.backends.onnxruntime import OrtBackend, cpu_cores, default_streams
 from ferret_runtime.preprocess import load_image, normalize
@@ -35,8 +35,8 @@ from ferret_runtime.samples import natural_image
 def _setup(model: str, tmp: Path, size: int, n_images: int) -> tuple[Path, Path, list[Path]]:
     import torch
 
-    from ferret_export.onnx_export import export_onnx
-    from ferret_export.onnx_graph import GraphOptions
+    from ferret_export.onnx.export import export_onnx
+    from ferret_export.onnx.graph import GraphOptions
     from ferret_train import create_model
     from ferret_train.checkpoint import save_checkpoint
 
@@ -94,7 +94,7 @@ def run(model: str = "ferretnet-b", n_images: int = 128, size: int = 256, batch:
             "pipeline_1_stream": _pipeline(onnx_path, paths, batch, 1, repeats, threads),
             f"pipeline_{streams}_streams": _pipeline(onnx_path, paths, batch, streams, repeats, threads),
         }
-    from ferret_export.benchmark import hardware
+    from ferret_export.bench.run import hardware
 
     base = rows["original_eager"]
     return {"model": model, "image_size": size, "batch": batch, "images": n_images, "threads": threads,

@@ -380,7 +380,7 @@ def check_plugin(result: Result) -> None:
     import torch
     from cuda.bindings import driver as drv
 
-    from ferret_export import trt_plugin
+    from ferret_export.tensorrt import plugin as trt_plugin
     from ferret_runtime.cuda import call
     from ferret_runtime.kernels import launch
 
@@ -413,7 +413,6 @@ def check_plugin(result: Result) -> None:
 
 # ---------------------------------------------------------------------------------------- 5. torch
 def check_torch(result: Result) -> None:
-    import numpy as np
     import torch
 
     from ferret_runtime.kernels import host
@@ -450,19 +449,9 @@ def check_torch(result: Result) -> None:
 def _timed(fn: Callable[[], Any], iters: int = 20, warmup: int = 1) -> float:
     """Milliseconds per call from CUDA events, the calls queued behind a GPU-side delay so the host's
     launch overhead overlaps the delay instead of being timed."""
-    import torch
+    from ferret_export.bench.timing import cuda_event_ms
 
-    for _ in range(warmup):
-        fn()
-    torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    torch.cuda._sleep(50_000_000)  # ~25 ms of GPU time: the launches below queue up meanwhile
-    start.record()
-    for _ in range(iters):
-        fn()
-    end.record()
-    end.synchronize()
-    return start.elapsed_time(end) / iters
+    return cuda_event_ms(fn, iters=iters, warmup=warmup, queue_behind=True)[0]
 
 
 def check_speed(result: Result, compile: bool = True) -> None:
@@ -495,7 +484,7 @@ def check_speed(result: Result, compile: bool = True) -> None:
                                                         dtype, MEAN, STD, stream=stream))
             result.add("speed", f"{kernel} {str(dtype)[6:]}", None,
                        f"{moved / ms / 1e6:,.0f} GB/s, {copy_ms / ms:.0%} of a copy of {moved / 2 / 1e6:.0f} MB")
-        del x, out, images, src, dst
+        x = out = images = src = dst = None  # free them before the next dtype (a del would confuse linters: lambdas above)
     torch.cuda.empty_cache()
     check_models(result, compile=compile)
 
@@ -637,14 +626,14 @@ def check_backends(result: Result) -> None:
         weights = _backend_weights(Path(tmp))
         authors = weights == REFERENCE / "ferretnet-s-median-3.pth"  # parity with the original logits only then
         if have_ort:
-            from ferret_export.onnx_export import export_onnx
-            from ferret_export.onnx_graph import GraphOptions
+            from ferret_export.onnx.export import export_onnx
+            from ferret_export.onnx.graph import GraphOptions
 
             onnx_path = Path(tmp) / "s.onnx"
             export_onnx(weights, onnx_path, GraphOptions(input_size=256), run_verify=False, log=lambda *_: None)
             _backend_rows(result, "onnxruntime-cuda", onnx_path, 1e-4, authors)
         if have_trt:
-            from ferret_export.tensorrt import export_and_build
+            from ferret_export.tensorrt.build import export_and_build
 
             for precision, tol in (("fp32", 1e-3), ("fp16", 5e-2)):
                 if result.left() < TRT_BUILD_S:
@@ -679,7 +668,7 @@ def _backend_rows(result: Result, name: str, model: Path, tol: float, authors: b
     the backend alone with its slots kept busy."""
     import numpy as np
 
-    from ferret_export.bench_runners import steady_state
+    from ferret_export.bench.runners import steady_state
     from ferret_runtime import Detector
 
     with Detector.open(model, device="cuda", crop=256) as det:

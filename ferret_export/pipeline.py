@@ -94,9 +94,9 @@ def quantize_verified(fp32: Path, out: Path, int8: Int8Options, verify_images: l
     """fp32 ONNX -> calibrated INT8 Q/DQ ONNX at ``out``, written only when int8 and fp32 labels agree
     on at least ``int8.min_agreement`` of the verification images (``verify_images``, else the
     calibration images). Returns the ``QuantResult``."""
-    from .int8_data import verify_int8
-    from .quantize import quantize_int8
-    from .verify import ParityError
+    from ferret_export.int8.data import verify_int8
+    from ferret_export.int8.quantize import quantize_int8
+    from ferret_export.verify import ParityError
 
     out.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix=".ferret-int8-", dir=out.parent) as tmp:
@@ -119,7 +119,7 @@ def to_onnx(weights: str | Path, out: str | Path, opts: Any, int8: Int8Options |
             verify_images: list | None = None, log: Callable[[str], None] = print, **export_options: Any) -> Path:
     """checkpoint -> ONNX verified against PyTorch (``opts``: ``GraphOptions``), then with ``int8``
     the fp32 graph (in a temporary directory beside ``out``) -> :func:`quantize_verified` -> ``out``."""
-    from .onnx_export import export_onnx
+    from ferret_export.onnx.export import export_onnx
 
     out = Path(out)
     if int8 is None:

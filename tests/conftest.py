@@ -116,8 +116,8 @@ def small_onnx(tmp: Path, name: str = "s.onnx", size: int = 64) -> Path:
     """A small real ONNX export: FerretNet-S with seeded random weights, fixed input ``size``."""
     import torch
 
-    from ferret_export.onnx_export import export_onnx
-    from ferret_export.onnx_graph import GraphOptions
+    from ferret_export.onnx.export import export_onnx
+    from ferret_export.onnx.graph import GraphOptions
     from ferret_train import create_model
     from ferret_train.checkpoint import save_checkpoint
 

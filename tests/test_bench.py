@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 
-from ferret_export.benchmark import SCHEMA, timings_summary
+from ferret_export.bench.run import SCHEMA, timings_summary
 
 from .conftest import run_ferret
 
@@ -77,7 +77,7 @@ def _saved_figures(monkeypatch, record, tmp_path):
     """The figures ``bench_report.plot`` saves, caught as they are saved (so already laid out and drawn)."""
     import matplotlib.figure
 
-    from ferret_export.bench_report import plot
+    from ferret_export.bench.report import plot
 
     saved, real = [], matplotlib.figure.Figure.savefig
 
@@ -159,3 +159,16 @@ def test_bench_plot_one_colour_per_backend(which, monkeypatch, tmp_path):
                     colours.setdefault(line.get_label(), set()).add(to_hex(line.get_color()))
         assert len(colours) >= 3 and all(len(c) == 1 for c in colours.values()), colours
         assert len({next(iter(c)) for c in colours.values()}) == len(colours), colours
+
+
+@pytest.mark.gpu
+def test_cuda_event_timer_measures_queued_gpu_work():
+    import torch
+
+    from ferret_export.bench.timing import cuda_event_ms
+
+    one = cuda_event_ms(lambda: torch.cuda._sleep(2_000_000), iters=1, rounds=3, warmup=1)
+    four = cuda_event_ms(lambda: torch.cuda._sleep(2_000_000), iters=4, rounds=3, queue_behind=True)
+    assert len(one) == 3 and len(four) == 3 and min(one) > 0
+    # per call: four queued sleeps of the same length take about as long each as one
+    assert 0.5 < sorted(four)[1] / sorted(one)[1] < 2.0

@@ -270,7 +270,7 @@ def test_bad_input_is_one_line_and_exit_2(proxy, quick, tmp_path, case):
 
 def test_a_calibrated_checkpoint_exports_with_its_calibration_and_the_triton_client_applies_it(proxy, quick,
                                                                                                   tmp_path):
-    from ferret_export.triton_client import logit_scaling
+    from ferret_export.triton.client import logit_scaling
     from ferret_runtime import Detector
 
     cal = tmp_path / "q-cal.pt"

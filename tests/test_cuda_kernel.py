@@ -705,7 +705,7 @@ def test_nvrtc_newer_than_the_driver_is_refused_in_one_line():
 
 
 def test_plugin_ptx_refused_on_an_older_driver(monkeypatch, tmp_path):
-    from ferret_export import trt_plugin
+    from ferret_export.tensorrt import plugin as trt_plugin
 
     monkeypatch.setattr(trt_plugin, "driver_version", lambda: (13, 0))
     monkeypatch.setattr(trt_plugin, "nvrtc_version", lambda: (13, 5))
@@ -747,7 +747,7 @@ def test_only_the_needed_kernel_is_compiled(nvrtc_ok, tmp_path):
 @pytest.mark.parametrize("kernel, window", [("trt_lpd_residual_f16", 0), ("trt_lpd_generic_f32", 3),
                                             ("trt_lpd_generic_f16", 7)])
 def test_plugin_node_ptx_is_small(nvrtc_ok, tmp_path, kernel, window):
-    from ferret_export import trt_plugin
+    from ferret_export.tensorrt import plugin as trt_plugin
 
     ptx = trt_plugin.compile_trt_ptx(cache=tmp_path, kernels=(kernel,), window=window)
     assert re.findall(rb"\.entry (\w+)", ptx) == [kernel.encode()] and len(ptx) <= 200_000, len(ptx)

@@ -22,11 +22,11 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, numpy_helper
 
-from ferret_export.onnx_export import export_onnx
-from ferret_export.onnx_graph import GraphOptions
-from ferret_export.int8_data import images_digest, select_images, verify_int8
-from ferret_export.int8_graph import cnn_nodes, equalize
-from ferret_export.quantize import QuantResult, quantize_int8
+from ferret_export.onnx.export import export_onnx
+from ferret_export.onnx.graph import GraphOptions
+from ferret_export.int8.data import images_digest, select_images, verify_int8
+from ferret_export.int8.graph import cnn_nodes, equalize
+from ferret_export.int8.quantize import QuantResult, quantize_int8
 from ferret_runtime import Detector
 from ferret_runtime.errors import ConfigError
 from ferret_runtime.metadata import decode
@@ -319,7 +319,7 @@ def test_cli_int8_fails_below_the_agreement_floor_and_writes_nothing(authors_ckp
 
 def test_quantize_verified_decodes_each_calibration_image_once(fp32_onnx, proxy, tmp_path, monkeypatch):
     """Calibration and its verification read the same drawn images: one decode each, not two."""
-    import ferret_export.int8_data as int8_data
+    import ferret_export.int8.data as int8_data
     from ferret_export.pipeline import Int8Options, quantize_verified
 
     decoded: list[Path] = []

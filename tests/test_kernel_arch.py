@@ -111,7 +111,7 @@ def test_a_kernel_built_for_sm80_only_is_caught(nvrtc):
 # ------------------------------------------------------------------------------------------------ TensorRT
 @pytest.fixture(scope="module")
 def trt_ptx(nvrtc, tmp_path_factory) -> bytes:
-    from ferret_export import trt_plugin
+    from ferret_export.tensorrt import plugin as trt_plugin
 
     assert trt_plugin.PTX_ARCH == 75
     return trt_plugin.compile_trt_ptx(cache=tmp_path_factory.mktemp("trt"))
@@ -157,7 +157,7 @@ def link_ptx(nvjitlink, ptx: bytes, arch: int) -> str:
 
 
 def test_plugin_ptx_compiles_for_every_arch_without_spills(trt_ptx, archs):
-    from ferret_export import trt_plugin
+    from ferret_export.tensorrt import plugin as trt_plugin
 
     nvjitlink = _nvjitlink()
     entries = sorted(f"{base}_{s}" for base in trt_plugin.TRT_KERNEL_ARGS for s in ("f32", "f16"))

@@ -146,7 +146,7 @@ def test_plain_json_request_of_pixels(srv, images, detected):
 
 def test_client_example_runs_unchanged_against_ferret_serve(srv, model, images, detected, tmp_path):
     """The file ``ferret export triton`` writes, as a program, pointed at ferret serve instead of Triton."""
-    from ferret_export.triton import CLIENT_EXAMPLE, write_triton_repo
+    from ferret_export.triton.repository import CLIENT_EXAMPLE, write_triton_repo
 
     write_triton_repo(model, tmp_path / "repo", name="ferret-s", log=lambda *_: None)
     proc = subprocess.run([sys.executable, str(tmp_path / "repo" / CLIENT_EXAMPLE), *map(str, images),

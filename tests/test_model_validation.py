@@ -26,8 +26,8 @@ from ferret_runtime.preprocess import Preprocess
 from ferret_train import create_model
 from ferret_train.checkpoint import load_checkpoint, save_checkpoint
 from ferret_train.models import FerretConfig, FerretNet
-from ferret_export.onnx_export import export_onnx
-from ferret_export.onnx_graph import GraphOptions
+from ferret_export.onnx.export import export_onnx
+from ferret_export.onnx.graph import GraphOptions
 
 from .conftest import REFERENCE, run_ferret
 

@@ -66,8 +66,8 @@ def test_cli_without_torch_says_which_extra_is_missing(tmp_path):
 
 
 def test_onnx_runtime_detects_without_torch(tmp_path):
-    from ferret_export.onnx_export import export_onnx
-    from ferret_export.onnx_graph import GraphOptions
+    from ferret_export.onnx.export import export_onnx
+    from ferret_export.onnx.graph import GraphOptions
     from ferret_runtime.samples import write_samples
     from ferret_train import create_model
     from ferret_train.checkpoint import save_checkpoint

@@ -16,8 +16,8 @@ from ferret_runtime.metadata import decode
 from ferret_runtime.preprocess import normalize
 from ferret_train import create_model
 from ferret_train.checkpoint import save_checkpoint
-from ferret_export.onnx_export import custom_domains, export_onnx
-from ferret_export.onnx_graph import GraphOptions, lpd_graph
+from ferret_export.onnx.export import custom_domains, export_onnx
+from ferret_export.onnx.graph import GraphOptions, lpd_graph
 from ferret_export.verify import ParityError
 
 from .conftest import lpd_tolerance, run_ferret
@@ -233,7 +233,7 @@ def test_external_lpd_refusals(tmp_path, capsys):
 
 # ------------------------------------------------------------------------------------------ errors
 def test_parity_failure_writes_nothing_and_keeps_old_file(tmp_path, monkeypatch):
-    import ferret_export.onnx_export as ex
+    import ferret_export.onnx.export as ex
 
     _, ckpt = _random_ckpt(tmp_path)
     out = tmp_path / "m.onnx"

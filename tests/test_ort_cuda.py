@@ -15,8 +15,8 @@ import onnxruntime as ort
 import pytest
 import torch
 
-from ferret_export.onnx_export import export_onnx
-from ferret_export.onnx_graph import GraphOptions
+from ferret_export.onnx.export import export_onnx
+from ferret_export.onnx.graph import GraphOptions
 from ferret_runtime import Detector, cuda
 from ferret_runtime.backends.onnxruntime import NO_SYNC, OrtBackend
 from ferret_runtime.errors import ConfigError

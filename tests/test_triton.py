@@ -17,9 +17,9 @@ import pytest
 import torch
 from PIL import Image
 
-from ferret_export.onnx_export import export_onnx
-from ferret_export.onnx_graph import GraphOptions
-from ferret_export.triton import CLIENT_EXAMPLE, describe_model, write_triton_repo
+from ferret_export.onnx.export import export_onnx
+from ferret_export.onnx.graph import GraphOptions
+from ferret_export.triton.repository import CLIENT_EXAMPLE, describe_model, write_triton_repo
 from ferret_runtime import sidecar
 from ferret_runtime import Detector
 from ferret_runtime.errors import ConfigError

@@ -22,7 +22,7 @@ def _names(text: str) -> tuple[str, ...]:
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    from ..benchmark import BACKENDS, DEFAULT_MODELS
+    from ferret_export.bench.run import BACKENDS, DEFAULT_MODELS
 
     p = sub.add_parser(
         "bench", help=HELP, description=HELP + ". Each cell: warm-up batches, then timed batches (CUDA events on a GPU); "
@@ -53,8 +53,8 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..bench_report import default_out_dir, main_log, paper_table, sweep_table, write_outputs
-    from ..benchmark import BACKENDS, BenchConfig, resolve_device, run_bench
+    from ferret_export.bench.report import default_out_dir, main_log, paper_table, sweep_table, write_outputs
+    from ferret_export.bench.run import BACKENDS, BenchConfig, resolve_device, run_bench
 
     device = resolve_device(args.device)
     gpu = device.startswith("cuda")

@@ -6,7 +6,7 @@ import argparse
 
 from ferret_runtime.commands import HelpFormatter
 
-from ._int8 import add_int8_arguments, int8_options, precision
+from ferret_export.commands._int8 import add_int8_arguments, int8_options, precision
 
 HELP = "ONNX with standard operators only (ONNX Runtime, TensorRT's parser, any consumer)"
 
@@ -58,8 +58,8 @@ def add_parser(formats: argparse._SubParsersAction) -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..onnx_graph import GraphOptions
-    from ..pipeline import check_request, to_onnx
+    from ferret_export.onnx.graph import GraphOptions
+    from ferret_export.pipeline import check_request, to_onnx
 
     int8 = int8_options(args)
     check_request("onnx", precision=precision(args), lpd=args.lpd, int8=int8, fp16=args.fp16)

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from ferret_runtime.commands import HelpFormatter
 
-from ._int8 import add_int8_arguments, int8_options, precision
+from ferret_export.commands._int8 import add_int8_arguments, int8_options, precision
 
 HELP = "build a TensorRT engine from an exported .onnx or a checkpoint (verified against ONNX Runtime first)"
 
@@ -16,7 +16,7 @@ def _triple(option: str):
     def parse(text: str) -> tuple[int, int, int]:
         from ferret_runtime.errors import ConfigError
 
-        from ..trt_profile import parse_triple
+        from ferret_export.tensorrt.profile import parse_triple
 
         try:
             return parse_triple(text, option)
@@ -78,7 +78,7 @@ def _parser(formats: argparse._SubParsersAction) -> argparse.ArgumentParser:
 
 def _add_build_arguments(p: argparse.ArgumentParser) -> None:
     """The source, the output and the build's own options."""
-    from ..tensorrt import DEFAULT_BATCH, DEFAULT_WORKSPACE_MB
+    from ferret_export.tensorrt.build import DEFAULT_BATCH, DEFAULT_WORKSPACE_MB
 
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--onnx", metavar="M", help="graph exported by 'ferret export onnx' (its precision and LPD mode "
@@ -103,7 +103,7 @@ def _add_build_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from ferret_runtime.errors import ConfigError
 
-    from ..tensorrt import build_engine, export_and_build
+    from ferret_export.tensorrt.build import build_engine, export_and_build
 
     options = dict(batch=args.batch, workspace_mb=args.workspace_mb, timing_cache=args.timing_cache,
                    hardware_compat=args.hardware_compat, verify=args.verify)

@@ -55,7 +55,7 @@ def _batch_sizes(text: str) -> list[int]:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..triton import DEFAULT_PREFERRED, write_triton_repo
+    from ferret_export.triton.repository import DEFAULT_PREFERRED, write_triton_repo
 
     preferred = None if args.preferred_batch == list(DEFAULT_PREFERRED) else args.preferred_batch
     write_triton_repo(args.model, args.repo, name=args.name, max_batch=args.max_batch, instances=args.instances,

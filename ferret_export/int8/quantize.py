@@ -52,10 +52,10 @@ from ferret_runtime.fileio import atomic_write
 from ferret_runtime.metadata import PREFIX, decode
 from ferret_runtime.preprocess import Preprocess
 
-from .int8_data import DecodedImages, Normalized, decode_images, graph_input, images_digest, select_images
-from .int8_graph import (QDQ_OPS, WEIGHTED_OPS, QuantizationError, cnn_nodes, equalize, insert_residual_qdq,
+from ferret_export.int8.data import DecodedImages, Normalized, decode_images, graph_input, images_digest, select_images
+from ferret_export.int8.graph import (QDQ_OPS, WEIGHTED_OPS, QuantizationError, cnn_nodes, equalize, insert_residual_qdq,
                          quantized_inputs, residual_adds)
-from .onnx_graph import PLUGIN_DOMAIN
+from ferret_export.onnx.graph import PLUGIN_DOMAIN
 
 METHODS = ("entropy", "percentile", "minmax")
 ENTROPY_BINS = 512  # TensorRT uses 2048; ORT's KL search in Python then takes ~1 s per tensor

@@ -55,8 +55,8 @@ class Context:
         if _is_ferret(self.name):
             from ferret_train.checkpoint import save_checkpoint
 
-            from .onnx_export import export_onnx
-            from .onnx_graph import GraphOptions
+            from ferret_export.onnx.export import export_onnx
+            from ferret_export.onnx.graph import GraphOptions
 
             ckpt = save_checkpoint(self.tmp / f"{self.name}.pth", self.model)
             export_onnx(ckpt, out, GraphOptions(input_size=self.size, dynamic_hw=False), run_verify=False,
@@ -173,7 +173,7 @@ def _trt_runner(ctx: Context, backend: str, batch: int) -> Runner:
                     "and time it with --backends pipeline on that engine")
     from ferret_runtime.backends.tensorrt import TrtBackend
 
-    from .tensorrt import export_and_build
+    from ferret_export.tensorrt.build import export_and_build
 
     engine = ctx.tmp / f"{ctx.name}-{precision}-b{batch}.engine"
     if not engine.exists():

@@ -8,7 +8,7 @@ it and renamed into place, so a polling server never sees half a model)::
     REPO/NAME/1/model.onnx          platform "onnxruntime_onnx"   (from a .onnx)
     REPO/NAME/1/model.plan          platform "tensorrt_plan"      (from a .engine or .plan)
     REPO/NAME/README.md             the exact preprocessing a client must apply, and how to serve it
-    REPO/client_example.py          ``ferret_export.triton_client``, with this model's defaults: a
+    REPO/client_example.py          ``ferret_export.triton.client``, with this model's defaults: a
                                     numpy + tritonclient.http client (torch-free) that reads the
                                     preprocessing from the server's config, so it works for every
                                     FerretNet model in the repository
@@ -17,7 +17,7 @@ Input and output names, dtypes and shapes come from the ONNX graph itself (``onn
 preprocessing from its ``ferret.*`` metadata. A TensorRT engine cannot be inspected without
 TensorRT, so an engine ``M.engine`` (or ``M.plan``) must have its sidecar ``M.engine.json`` next to
 it (format: ``ferret_runtime.sidecar``). With a profile there, ``--max-batch`` must not exceed the
-profile's largest batch. The text files come from ``triton_templates``.
+profile's largest batch. The model file is read by ``triton.model``, the text files come from ``triton.templates``.
 """
 
 from __future__ import annotations
@@ -28,19 +28,14 @@ import shutil
 import tempfile
 import uuid
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
-from typing import Any
 
-from ferret_runtime import sidecar
 from ferret_runtime.errors import ConfigError
 from ferret_runtime.fileio import atomic_copy, atomic_write, fsync_dir, sha256
-from ferret_runtime.sidecar import TensorSpec
 
-from .onnx_model import describe_onnx
-from .pipeline import FORMATS
-from .triton_templates import KINDS, TRITON_TYPES, config_text, readme_text, triton_dims
+from ferret_export.triton.model import ModelDescription, describe_model
+from ferret_export.triton.templates import KINDS, TRITON_TYPES, config_text, readme_text, triton_dims
 
 DEFAULT_NAME = "ferretnet"
 DEFAULT_MAX_BATCH = 64
@@ -48,66 +43,7 @@ DEFAULT_PREFERRED = (8, 16, 32)
 DEFAULT_QUEUE_DELAY_US = 500
 VERSION = "1"
 CLIENT_EXAMPLE = "client_example.py"
-ONNX_SUFFIXES, ENGINE_SUFFIXES = FORMATS["onnx"].suffixes, FORMATS["tensorrt"].suffixes
-PLATFORMS = {"onnx": ("onnxruntime_onnx", "model.onnx"), "tensorrt": ("tensorrt_plan", "model.plan")}
 _NAME_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.\-]*")
-
-
-@dataclass(frozen=True)
-class ModelDescription:
-    """What the repository needs to know about a model file."""
-
-    path: Path
-    kind: str  # "onnx" or "tensorrt"
-    props: dict[str, str]  # the ferret.* metadata as strings, as in metadata_props
-    meta: dict[str, Any]  # the same, decoded (ferret_runtime.metadata.decode)
-    inputs: tuple[TensorSpec, ...]
-    outputs: tuple[TensorSpec, ...]
-    extra_files: tuple[str, ...] = ()  # ONNX external-data files, relative to the model's folder
-    tensorrt_version: str | None = None
-
-    @property
-    def platform(self) -> str:
-        return PLATFORMS[self.kind][0]
-
-    @property
-    def filename(self) -> str:
-        return PLATFORMS[self.kind][1]
-
-
-# ----------------------------------------------------------------------------------------- reading
-def describe_model(path: str | os.PathLike) -> ModelDescription:
-    """Read names, dtypes, shapes and metadata from a .onnx, or from a TensorRT engine's sidecar."""
-    path = Path(path)
-    suffix = path.suffix.lower()
-    if suffix not in ONNX_SUFFIXES + ENGINE_SUFFIXES:
-        raise ConfigError(f"{path}: received a model with suffix {path.suffix!r}; expected .onnx, .engine or .plan "
-                          "(export a checkpoint first: ferret export onnx)")
-    if not path.is_file():
-        raise ConfigError(f"{path}: no such model file")
-    desc = _describe_onnx(path) if suffix in ONNX_SUFFIXES else _describe_engine(path)
-    if desc.meta["lpd_mode"] == "external":
-        raise ConfigError(f"{path}: received a model without its LPD (ferret.lpd_mode=external), whose input is the LPD "
-                          "residual the ferret runtime computes; expected a model with the LPD inside for Triton "
-                          "(export with --lpd portable, or --lpd plugin for a TensorRT engine)")
-    return desc
-
-
-def _describe_onnx(path: Path) -> ModelDescription:
-    model = describe_onnx(path)
-    if model.meta["lpd_mode"] == "plugin":
-        raise ConfigError(f"{path}: received an ONNX model with the ferret::lpd plugin node (ferret.lpd_mode=plugin); "
-                          "expected a portable export for Triton's onnxruntime backend (export without --lpd plugin, "
-                          "or build a TensorRT engine from it and pass the .engine)")
-    return ModelDescription(path, "onnx", model.props, model.meta, model.inputs, model.outputs, model.external_files)
-
-
-def _describe_engine(engine: Path) -> ModelDescription:
-    side = sidecar.read(engine, "a TensorRT engine's input names, shapes and ferret.* metadata are read from this "
-                        f"sidecar (TensorRT cannot be assumed here), expected next to {engine.name} as written by the "
-                        "toolkit's TensorRT export (format: ferret_runtime/sidecar.py)", require_engine=False)
-    return ModelDescription(engine, "tensorrt", side.props, side.meta, side.inputs, side.outputs,
-                            tensorrt_version=side.tensorrt_version)
 
 
 # -------------------------------------------------------------------------------------- validation
@@ -163,13 +99,13 @@ def _check_model(desc: ModelDescription, max_batch: int, kind: str) -> None:
 
 # ------------------------------------------------------------------------------------------ client
 def client_example_text(desc: ModelDescription, *, name: str) -> str:
-    """``ferret_export/triton_client.py`` with this model's name, preprocessing and threshold as its defaults."""
+    """``ferret_export/triton/client.py`` with this model's name, preprocessing and threshold as its defaults."""
     pre = desc.meta["preprocess"]
     dtype = desc.inputs[0].dtype if desc.inputs[0].dtype in ("float32", "float16", "uint8") else pre.dtype
     defaults = {"MODEL_NAME": name, "THRESHOLD": float(desc.meta["threshold"]),
                 "PREPROCESS": {"crop": pre.crop, "mean": list(pre.mean), "std": list(pre.std), "layout": pre.layout,
                                "dtype": dtype}}
-    lines = resources.files(__package__).joinpath("triton_client.py").read_text(encoding="utf-8").splitlines()
+    lines = resources.files(__package__).joinpath("client.py").read_text(encoding="utf-8").splitlines()
     for key, value in defaults.items():
         (i,) = [i for i, line in enumerate(lines) if line.startswith(key + " = ")]  # exactly one
         lines[i] = f"{key} = {value!r}" + ("  # noqa: E501" if key == "PREPROCESS" else "")

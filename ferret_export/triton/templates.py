@@ -10,7 +10,7 @@ from ferret_runtime import __version__
 from ferret_runtime.sidecar import TensorSpec
 
 if TYPE_CHECKING:
-    from .triton import ModelDescription
+    from ferret_export.triton.model import ModelDescription
 
 KINDS = {"gpu": "KIND_GPU", "cpu": "KIND_CPU"}
 # numpy dtype name -> Triton data type

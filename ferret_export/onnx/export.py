@@ -19,8 +19,8 @@ from ferret_runtime.metadata import encode
 from ferret_runtime.preprocess import Preprocess, find_images, load_image, median_residual, normalize, prepare
 from ferret_runtime.samples import write_samples
 
-from .onnx_graph import GraphOptions, build_graph
-from .verify import Comparison, ParityError, Tolerance, compare
+from ferret_export.onnx.graph import GraphOptions, build_graph
+from ferret_export.verify import Comparison, ParityError, Tolerance, compare
 
 # fp16: float16's epsilon (~1e-3) as rtol, since out-of-distribution inputs (noise) reach logits of ~35
 TOLERANCE = {"fp32": Tolerance(1e-4), "fp16": Tolerance(2e-2, 1e-3)}

@@ -20,7 +20,7 @@ import sys
 import numpy as np
 from PIL import Image
 
-# The export rewrites these three lines with the exported model's values (ferret_export.triton.client_example_text).
+# The export rewrites these three lines with the exported model's values (ferret_export.triton.repository.client_example_text).
 MODEL_NAME = 'ferretnet'
 PREPROCESS = {'crop': 256, 'mean': [0.48145466, 0.4578275, 0.40821073], 'std': [0.26862954, 0.26130258, 0.27577711], 'layout': 'NCHW', 'dtype': 'float32'}  # noqa: E501
 THRESHOLD = 0.5

@@ -3,7 +3,7 @@
 The CNN after the LPD residual may be quantised, the LPD network before it never (:func:`cnn_nodes`);
 residual Adds get their own Q/DQ pair so TensorRT fuses them into the convolution
 (:func:`residual_adds`, :func:`insert_residual_qdq`); :func:`equalize` evens out channel ranges
-first. The reasons and measurements are in ``ferret_export.quantize``'s docstring.
+first. The reasons and measurements are in ``ferret_export.int8.quantize``'s docstring.
 """
 
 from __future__ import annotations

@@ -34,7 +34,7 @@ from ferret_runtime.kernels.nvrtc import NVRTC_OPTIONS, check_nvrtc_driver, nvrt
 from ferret_runtime.cuda import CudaError, driver_version
 from ferret_runtime.lpd_spec import check_window
 
-from .onnx_graph import PLUGIN_DOMAIN, PLUGIN_OP
+from ferret_export.onnx.graph import PLUGIN_DOMAIN, PLUGIN_OP
 
 PLUGIN_NAMESPACE = PLUGIN_DOMAIN
 OPS: dict[str, bool] = {PLUGIN_OP: False, "lpd_residual": True}  # op name -> the output is the residual x - lpd(x)

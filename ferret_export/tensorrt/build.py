@@ -26,12 +26,12 @@ from ferret_runtime import sidecar
 from ferret_runtime.errors import ConfigError, FerretError
 from ferret_runtime.fileio import atomic_write
 
-from .onnx_model import OnnxModel, describe_onnx
-from .pipeline import Int8Options, check_out, check_request
-from .trt_profile import (DEFAULT_BATCH, Profile, check_buildable, engine_record, lpd_mode, profile_shapes,
+from ferret_export.onnx.model import OnnxModel, describe_onnx
+from ferret_export.pipeline import Int8Options, check_out, check_request
+from ferret_export.tensorrt.profile import (DEFAULT_BATCH, Profile, check_buildable, engine_record, lpd_mode, profile_shapes,
                           resolve_lpd, sidecar_content)
-from .trt_verify import TOLERANCE, verify_engine
-from .verify import Comparison
+from ferret_export.tensorrt.verify import TOLERANCE, verify_engine
+from ferret_export.verify import Comparison
 
 __all__ = ["DEFAULT_BATCH", "DEFAULT_WORKSPACE_MB", "BuildResult", "build_engine", "export_and_build"]
 
@@ -188,7 +188,7 @@ def _build(trt: Any, model: OnnxModel, profile: Profile, *, workspace_mb: int, t
 
 def _prepare_plugin(model: OnnxModel, profile: Profile) -> dict[str, Any]:
     """Check the kernel's limits, register ferret::lpd; the sidecar's record of the plugin."""
-    from . import trt_plugin
+    from ferret_export.tensorrt import plugin as trt_plugin
 
     _check_plugin_launch(model, profile)
     trt_plugin.register_plugin()
@@ -199,7 +199,7 @@ def _check_plugin_launch(model: OnnxModel, profile: Profile) -> None:
     """The kernel's limits (launch_config's checks) at the profile's largest shape, before building."""
     from ferret_runtime.kernels.launch import launch_config
 
-    from .trt_plugin import PTX_ARCH
+    from ferret_export.tensorrt.plugin import PTX_ARCH
 
     n, *rest = profile.max
     h, w = rest[:2] if model.layout == "NHWC" else rest[1:]
@@ -227,8 +227,8 @@ def export_and_build(weights: str | Path, out_engine: str | Path, *, precision: 
     ``int8.calib_data``, which it then requires, and held to ``int8.min_agreement``).
     ``lpd=None`` means 'portable'. TensorRT and the GPU are checked before the (slower) export.
     """
-    from .onnx_graph import GraphOptions
-    from .pipeline import to_onnx
+    from ferret_export.onnx.graph import GraphOptions
+    from ferret_export.pipeline import to_onnx
 
     lpd = lpd_mode(lpd) or "portable"
     check_request("tensorrt", precision=precision, lpd=lpd, int8=int8)

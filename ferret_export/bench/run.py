@@ -30,7 +30,7 @@ import numpy as np
 
 from ferret_runtime.errors import ConfigError
 
-from .bench_runners import RUNNERS, Context, Skip
+from ferret_export.bench.runners import RUNNERS, Context, Skip
 
 # The backends a user can name, in table order. "pipeline" is the whole ferret_runtime path
 # (encoded PNG bytes in, results out) over ONNX Runtime; the others time the model alone.
@@ -87,18 +87,9 @@ def time_fn(fn: Callable[[], Any], warmup: int, iters: int, cuda: bool = False) 
     for _ in range(warmup):
         fn()
     if cuda:
-        import torch
+        from ferret_export.bench.timing import cuda_event_ms
 
-        torch.cuda.synchronize()
-        out = []
-        for _ in range(iters):
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            end.synchronize()
-            out.append(start.elapsed_time(end) / 1e3)
-        return out
+        return [ms / 1e3 for ms in cuda_event_ms(fn, rounds=iters)]
     out = []
     for _ in range(iters):
         t0 = time.perf_counter()

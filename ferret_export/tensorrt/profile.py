@@ -11,9 +11,9 @@ from ferret_runtime import __version__
 from ferret_runtime.errors import ConfigError
 from ferret_runtime.sidecar import ENGINE_KEY, LPD_ALIASES
 
-from .onnx_model import OnnxModel
-from .pipeline import LPD_MODES, PRECISIONS  # portable: standard layers; plugin: ferret::lpd; external: no LPD
-from .trt_plugin import PLUGIN_CONTROL_ATTRS
+from ferret_export.onnx.model import OnnxModel
+from ferret_export.pipeline import LPD_MODES, PRECISIONS  # portable: standard layers; plugin: ferret::lpd; external: no LPD
+from ferret_export.tensorrt.plugin import PLUGIN_CONTROL_ATTRS
 
 DEFAULT_BATCH: tuple[int, int, int] = (1, 64, 256)
 MIN_HW = 8  # as 'ferret export onnx --input-size'
@@ -71,7 +71,7 @@ def resolve_lpd(model: OnnxModel, lpd: str | None) -> str:
         raise ConfigError(f"Received --lpd {lpd} for {model.path.name}, a graph with {what}; expected --lpd {graph}, or "
                           f"a graph exported with 'ferret export onnx --lpd {lpd}' (or --weights W, which exports one)")
     if graph == "plugin":
-        from .trt_plugin import ATTRIBUTES, OPS, PLUGIN_NAMESPACE, check_attributes
+        from ferret_export.tensorrt.plugin import ATTRIBUTES, OPS, PLUGIN_NAMESPACE, check_attributes
 
         for op, attrs in model.plugin_nodes:
             if op not in OPS or attrs.get("plugin_namespace", b"").decode() not in ("", PLUGIN_NAMESPACE):

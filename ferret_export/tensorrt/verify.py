@@ -26,9 +26,9 @@ from ferret_runtime.lpd_spec import get_lpd_spec
 from ferret_runtime.preprocess import Preprocess, find_images, load_image, median_residual, normalize, prepare
 from ferret_runtime.samples import natural_image
 
-from .onnx_model import STANDARD_DOMAINS, OnnxModel
-from .trt_profile import Profile, hw_axes
-from .verify import Comparison, ParityError, Tolerance, compare
+from ferret_export.onnx.model import STANDARD_DOMAINS, OnnxModel
+from ferret_export.tensorrt.profile import Profile, hw_axes
+from ferret_export.verify import Comparison, ParityError, Tolerance, compare
 
 TOLERANCE = {"fp32": Tolerance(1e-3, 1e-3), "fp16": Tolerance(5e-2, 5e-3), "int8": Tolerance(2.5e-1, 5e-2)}
 
@@ -38,7 +38,7 @@ def portable_reference(model_path: Path) -> Any:
     import onnx
     from onnx import TensorProto, helper
 
-    from .onnx_graph import GraphBuilder, lpd_nodes
+    from ferret_export.onnx.graph import GraphBuilder, lpd_nodes
 
     proto = onnx.load(str(model_path))
     opset = next(o.version for o in proto.opset_import if o.domain in STANDARD_DOMAINS)
