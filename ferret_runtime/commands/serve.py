@@ -95,8 +95,8 @@ def run(args: argparse.Namespace) -> int:
     except ImportError as e:
         raise ConfigError(f"ferret serve needs the 'serve' extra (missing {e.name}): pip install 'ferretnet-deploy[serve]'") from None
     from ..detector import Detector
-    from ..serve.http_limits import fit_fd_limit, key_file_warning, tls_context
     from ..serve import ServeConfig, ServerLimits, load_api_keys, serve
+    from ..serve.http_limits import fit_fd_limit, key_file_warning, tls_context
 
     for name in ("max_batch", "max_queue", "workers", "max_parts", "max_pixels", "max_connections",
                  "max_idle_connections"):
