@@ -134,7 +134,8 @@ class Rule:
     - ``needs``: "gpu" or "trt": run only where one is available, else skipped with that reason;
     - ``replace``: (old, new) substitutions, then ``append``: words added at the end;
     - ``server``: run as a server (started, probed on /readyz, stopped at the end of its block);
-    - ``exit``: the exit statuses that pass (default 0), for commands whose page says they exit otherwise.
+    - ``exit``: the exit statuses that pass (default 0), for commands whose page says they exit otherwise,
+      and ``output``: a regex their output must then match (``make`` exits 2 for any failing recipe).
     """
 
     pattern: str
@@ -145,6 +146,7 @@ class Rule:
     append: tuple[str, ...] = ()
     server: bool = False
     exit: tuple[int, ...] | None = None
+    output: str | None = None
 
     def matches(self, shown: Shown) -> bool:
         return re.search(self.pattern, shown.plain) is not None
@@ -165,17 +167,16 @@ RULES: list[Rule] = [
     Rule(r"ferret export tensorrt|--model \S+\.engine", "needs TensorRT and a GPU", needs="trt"),
     Rule(r"^ferret bench --device cuda", "needs a CUDA GPU", needs="gpu"),
     Rule(r"^make gpu-check$", "without a GPU it must say so in one line and exit 2 (the page's exit statuses)",
-         exit=(2,)),
+         exit=(2,), output=r"(?m)^gpu-check: no GPU: .*expected an NVIDIA driver and a GPU$"),
     # stand-ins
     Rule(r"^tritonserver ", "Triton Inference Server is not installable here; `ferret serve` speaks the same "
          "protocol, so the client line after it runs against that, on the model the export wrote",
          replace=(("tritonserver --model-repository=models",
                    "ferret serve -m models/ferretnet/1/model.onnx --model-name ferretnet"),), server=True),
-    Rule(r'ray\.init\(address="auto"\)', "no Ray cluster or S3 bucket here: a local instance on 127.0.0.1 "
-         "(init_local, what `ferret scan --ray local` starts) on 2 CPUs, one actor (Ray's read tasks need a CPU too: "
-         "with two actors they would wait forever), on the local images",
-         replace=(('import predict_dataset', 'import init_local, predict_dataset'),
-                  ('ray.init(address="auto")', 'init_local(num_cpus=2, include_dashboard=False)'),
+    Rule(r'ray\.init\(address="auto"\)', "no Ray cluster or S3 bucket here: a local instance (on 127.0.0.1: the "
+         "harness sets RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0) of 2 CPUs with one actor (Ray's read tasks need a CPU "
+         "too: with two actors they would wait forever), on the local images",
+         replace=(('ray.init(address="auto")', 'ray.init(num_cpus=2, include_dashboard=False)'),
                   ("s3://bucket/images/", "photos/"), ("concurrency=4", "concurrency=1"))),
     Rule(r"--host 0\.0\.0\.0", "tests listen on 127.0.0.1 only", replace=(("--host 0.0.0.0", "--host 127.0.0.1"),)),
     Rule(r"--ray auto", "no Ray cluster runs here: a throwaway local instance (the same code path), 2 actors on 2 "

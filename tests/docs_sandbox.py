@@ -1,6 +1,6 @@
 """The folder the docs' commands run in: small real stand-ins under the names the pages use.
 
-Built once per session (``build``), then mirrored per block (``mirror``): real folders, each file a symlink
+Built once per session (``build``, with the CLI where it can: module moves leave it alone), then mirrored per block (``mirror``): real folders, each file a symlink
 except the small model files, which are copied, so a block that overwrites one (``-o ferretnet-s.onnx``)
 replaces its own copy and never the shared file behind a link. The authors' checkpoint, the reference
 images and the reference clip are links to ../shared/reference, never copies.
@@ -13,7 +13,7 @@ images and the reference clip are links to ../shared/reference, never copies.
 | ferretnet-s.onnx, s.onnx, s-fp16.onnx, s-int8.onnx | best.pt exported at 64x64 (fp32, fp16, INT8) |
 | data/train, data/val, val/, test/, ForenSynths/ | a proxy dataset of 64-pixel images: 20 + 20 train, 110 + 110 val (calibration needs 100 real), 10 + 10 per test decoder |
 | configs/, Makefile | the repository's |
-| models/client_example.py | ferret_export/triton_client.py, as `ferret export triton` copies it |
+| models/client_example.py | the client `ferret export triton` writes |
 | manifest.parquet | a `path` column naming the reference images (absolute paths: Ray's workers run elsewhere) |
 | keys.txt, cert.pem, key.pem | one API token; a self-signed certificate for 127.0.0.1 |
 """
@@ -22,6 +22,8 @@ from __future__ import annotations
 
 import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 from PIL import Image
@@ -38,23 +40,33 @@ def _link(target: Path, name: Path) -> None:
     name.symlink_to(target.resolve(), target_is_directory=target.is_dir())
 
 
-def _models(out: Path, calib: list[Path]) -> None:
+def _ferret(*args: str, cwd: Path) -> None:
+    """The stand-ins are made by the CLI itself (its public interface: module moves do not touch it)."""
+    proc = subprocess.run([sys.executable, "-m", "ferret_runtime.cli", *args], cwd=cwd, capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode == 0, f"building the docs sandbox: ferret {' '.join(args)}: {proc.stderr[-3000:]}"
+
+
+def _models(out: Path) -> None:
     import torch
 
-    from ferret_export.onnx_export import export_onnx
-    from ferret_export.onnx_graph import GraphOptions
-    from ferret_export.quantize import quantize_int8
     from ferret_runtime.preprocess import Preprocess
     from ferret_train import create_model
     from ferret_train.checkpoint import save_checkpoint
 
     torch.manual_seed(0)
-    best = save_checkpoint(out / "best.pt", create_model("ferretnet-s").eval(), preprocess=Preprocess(crop=64))
-    quiet = dict(log=lambda *_: None)
-    export_onnx(best, out / "s.onnx", GraphOptions(input_size=64), run_verify=False, **quiet)
-    export_onnx(best, out / "s-fp16.onnx", GraphOptions(input_size=64, fp16=True), run_verify=False, **quiet)
-    quantize_int8(out / "s.onnx", out / "s-int8.onnx", calib, n_images=32, **quiet)
+    save_checkpoint(out / "best.pt", create_model("ferretnet-s").eval(), preprocess=Preprocess(crop=64))
+    small = ("-w", "best.pt", "--input-size", "64")
+    _ferret("export", "onnx", *small, "-o", "s.onnx", "--no-verify", cwd=out)
+    _ferret("export", "onnx", *small, "-o", "s-fp16.onnx", "--fp16", "--no-verify", cwd=out)
+    _ferret("export", "onnx", *small, "-o", "s-int8.onnx", "--int8", "--calib-data", "data/train",
+            "--calib-images", "32", cwd=out)
     shutil.copy(out / "s.onnx", out / "ferretnet-s.onnx")
+    # the client `ferret export triton` writes beside its models (a repository of its own: the Triton page's
+    # export must find models/ without a model in it)
+    _ferret("export", "triton", "--model", "s.onnx", "--repo", "_triton", cwd=out)
+    (out / "models").mkdir()
+    shutil.copy(out / "_triton" / "client_example.py", out / "models" / "client_example.py")
 
 
 def _data(out: Path) -> None:
@@ -84,11 +96,9 @@ def build(out: Path, reference: Path) -> Path:
     _data(out / "_data")
     for name in ("data", "val", "test", "ForenSynths"):
         (out / "_data" / name).rename(out / name)
-    _models(out, sorted((out / "data" / "train").rglob("*.png")))
+    _models(out)
     _link(ROOT / "configs", out / "configs")
     _link(ROOT / "Makefile", out / "Makefile")
-    (out / "models").mkdir()
-    shutil.copy(ROOT / "ferret_export" / "triton_client.py", out / "models" / "client_example.py")
     _manifest(out / "manifest.parquet", [out / "photos" / img.name for img in images])
     (out / "keys.txt").write_text("docs-test-token\n")
     self_signed(out)
