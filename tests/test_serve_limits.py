@@ -108,6 +108,22 @@ def test_inflight_byte_budget_503_while_a_stalled_upload_holds_it(tiny_ckpt):
     assert metric(metrics, 'ferret_requests_total{code="408"}') == 1
 
 
+def test_a_reservation_takes_only_what_the_budget_holds_and_gives_it_back_once():
+    from ferret_runtime.serve.core import ByteBudget
+
+    budget = ByteBudget(10)
+    first, second = budget.reservation(), budget.reservation()
+    assert first.take(6) and first.take(2) and first.held == 8
+    assert not second.take(3)  # 8 + 3 > 10: refused, and nothing taken
+    assert second.held == 0 and budget.used == 8
+    assert second.take(2) and budget.used == 10
+    first.release()
+    first.release()  # a stray second release gives nothing back: it never frees other requests' bytes
+    assert first.held == 0 and budget.used == 2
+    second.release()
+    assert budget.used == 0
+
+
 # --------------------------------------------------------------------------- connections
 def test_slow_loris_connections_closed_within_the_read_timeout_while_others_are_served(tiny_ckpt):
     n = 60

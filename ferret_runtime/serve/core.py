@@ -20,6 +20,7 @@ import asyncio
 import functools
 import hmac
 import sys
+import threading
 from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -32,7 +33,7 @@ from ..batching import Closed, DynamicBatcher, Overloaded
 from ..detector import Detector, Result
 from ..fileio import sha256
 from .form_parts import FormError, TooManyParts, file_parts
-from .http_limits import OVER_CAPACITY, ByteBudget, log
+from .http_limits import OVER_CAPACITY, log
 
 if TYPE_CHECKING:
     from starlette.requests import Request
@@ -91,6 +92,49 @@ class Metrics:
         from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
         return generate_latest(self.registry), CONTENT_TYPE_LATEST
+
+
+class ByteBudget:
+    """Bytes of request bodies accepted and not yet answered, up to a limit; thread-safe."""
+
+    def __init__(self, limit: int):
+        self.limit, self.used = limit, 0
+        self._lock = threading.Lock()
+
+    def reserve(self, n: int) -> bool:
+        with self._lock:
+            if self.used + n > self.limit:
+                return False
+            self.used += n
+            return True
+
+    def release(self, n: int) -> None:
+        with self._lock:
+            self.used -= n
+
+    def reservation(self) -> Reservation:
+        """An empty reservation for one request."""
+        return Reservation(self)
+
+
+class Reservation:
+    """One request's share of a :class:`ByteBudget`: it grows as the body arrives and is given back
+    whole, once, when the request is answered."""
+
+    def __init__(self, budget: ByteBudget):
+        self.budget, self.held = budget, 0
+
+    def take(self, n: int) -> bool:
+        """Reserve ``n`` more bytes; False, and nothing taken, when the budget cannot hold them."""
+        if not self.budget.reserve(n):
+            return False
+        self.held += n
+        return True
+
+    def release(self) -> None:
+        """Give every byte back (a second call gives back nothing)."""
+        held, self.held = self.held, 0
+        self.budget.release(held)
 
 
 class Answer(Exception):
@@ -171,17 +215,17 @@ class DataPlane:
         if not self.authorized(request):
             raise self.unauthorized()
 
-    async def read_body(self, request: Request, held: list[int]) -> bytes:
+    async def read_body(self, request: Request, reservation: Reservation) -> bytes:
         """The whole body within ``read_timeout`` (else 408), ``max_body`` (else 413) and the byte budget
-        (else 503; reserved into ``held`` as it arrives)."""
+        (else 503; taken into ``reservation`` as it arrives)."""
         try:
-            return await asyncio.wait_for(self._read_body(request, held), self.cfg.read_timeout)
+            return await asyncio.wait_for(self._read_body(request, reservation), self.cfg.read_timeout)
         except asyncio.TimeoutError:  # not the builtin TimeoutError before Python 3.11
             raise Answer(408, "read_timeout", f"Received an incomplete body after {self.cfg.read_timeout:g} s; "
                                               "expected the whole body within that (--read-timeout)",
                          {"Connection": "close"}) from None
 
-    async def _read_body(self, request: Request, held: list[int]) -> bytes:
+    async def _read_body(self, request: Request, reservation: Reservation) -> bytes:
         cfg, length = self.cfg, request.headers.get("content-length", "")
         if length.isascii() and length.isdigit() and len(length) < 19 and int(length) > self.max_body:
             raise Answer(413, "too_large", f"Received a body of {int(length)} bytes; expected at most "
@@ -192,11 +236,10 @@ class DataPlane:
             if size > self.max_body:
                 raise Answer(413, "too_large", f"Received a body over {cfg.max_body_mb:g} MB; expected at most that "
                                                "(--max-body-mb)")
-            if not self.budget.reserve(len(chunk)):
+            if not reservation.take(len(chunk)):
                 raise Answer(503, "inflight_bytes", f"Received a body while {self.budget.used} bytes of other "
                                                     f"requests are in flight; expected at most {cfg.max_inflight_mb:g}"
                                                     " MB in all (server overloaded, retry later)", self._retry)
-            held[0] += len(chunk)
             chunks.append(chunk)
         return b"".join(chunks)
 
@@ -240,21 +283,22 @@ class DataPlane:
             raise Answer(400, "bad_image", "; ".join(r.error for r in bad))
         return list(results)
 
-    async def answered(self, request: Request, handle: Callable[[list[int]], Awaitable[Response]]) -> Response:
-        """Run ``handle(held)`` and turn every outcome into one counted answer: an error status, a
+    async def answered(self, request: Request, handle: Callable[[Reservation], Awaitable[Response]]) -> Response:
+        """Run ``handle(reservation)`` and turn every outcome into one counted answer: an error status, a
         disconnect (one log line, no traceback), a shutdown timeout (503), a server fault (500)."""
         from starlette.requests import ClientDisconnect
         from starlette.responses import Response
 
-        held = [0]  # budget bytes this request reserved, released once it is answered
+        reservation = self.budget.reservation()  # the request's body bytes, given back once it is answered
         try:
-            return await handle(held)
+            return await handle(reservation)
         except Answer as a:
             return self.answer(a)
         except ClientDisconnect:
             self.metrics.disconnects.inc()
             client = request.client
-            log.info("[serve] client %s disconnected after %d bytes of its request", client and client.host, held[0])
+            log.info("[serve] client %s disconnected after %d bytes of its request", client and client.host,
+                     reservation.held)
             return Response(status_code=499)  # never sent: uvicorn drops answers to a closed connection
         except asyncio.CancelledError:
             # uvicorn cancels requests still running when --shutdown-timeout expires: answer, do not 500
@@ -265,7 +309,7 @@ class DataPlane:
             return self.error(500, "internal",
                               "Received an unexpected server error; expected none (see the server log)")
         finally:
-            self.budget.release(held[0])
+            reservation.release()
 
     # ------------------------------------------------------------------------------ start and stop
     async def start(self) -> None:

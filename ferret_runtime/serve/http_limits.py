@@ -1,4 +1,4 @@
-"""What bounds ``ferret serve`` below the app: connections, header deadlines, TLS, body bytes, tokens.
+"""What bounds ``ferret serve`` below the app: connections, header deadlines, TLS, tokens, open files.
 
 The settings, the API keys and the TLS context are checked before the model loads (one line,
 exit 2); the protocol that enforces the connection limits is ``http_protocol.py``.
@@ -10,7 +10,6 @@ import logging
 import os
 import socket
 import ssl
-import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -119,21 +118,3 @@ def listen_socket(host: str, port: int) -> socket.socket:
                           "a free port on an address of this machine") from None
     return sock
 
-
-class ByteBudget:
-    """Bytes of request bodies accepted and not yet answered, up to a limit; thread-safe."""
-
-    def __init__(self, limit: int):
-        self.limit, self.used = limit, 0
-        self._lock = threading.Lock()
-
-    def reserve(self, n: int) -> bool:
-        with self._lock:
-            if self.used + n > self.limit:
-                return False
-            self.used += n
-            return True
-
-    def release(self, n: int) -> None:
-        with self._lock:
-            self.used -= n

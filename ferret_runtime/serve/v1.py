@@ -17,7 +17,7 @@ from __future__ import annotations
 import asyncio
 from typing import TYPE_CHECKING
 
-from .core import DataPlane
+from .core import DataPlane, Reservation
 
 if TYPE_CHECKING:
     from starlette.requests import Request
@@ -45,10 +45,10 @@ class V1Routes:
 
         core = self.core
 
-        async def handle(held: list[int]) -> Response:
+        async def handle(reservation: Reservation) -> Response:
             start = asyncio.get_running_loop().time()
             core.admit(request)
-            body = await core.read_body(request, held)
+            body = await core.read_body(request, reservation)
             items = await core.parts(request, body)
             del body  # the parts are copies: the joined body need not live while they wait for a batch
             results = await core.classify_items(items)

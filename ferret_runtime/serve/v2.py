@@ -19,7 +19,7 @@ import numpy as np
 
 from .. import __version__
 from . import kserve
-from .core import Answer, DataPlane
+from .core import Answer, DataPlane, Reservation
 
 if TYPE_CHECKING:
     from starlette.requests import Request
@@ -122,7 +122,7 @@ class V2Routes:
 
         core = self.core
 
-        async def handle(held: list[int]) -> Response:
+        async def handle(reservation: Reservation) -> Response:
             start = asyncio.get_running_loop().time()
             core.admit(request)
             wrong = self.v2_model_error(request)
@@ -131,7 +131,7 @@ class V2Routes:
             if request.headers.get("content-encoding", "identity").lower() != "identity":
                 raise Answer(415, "bad_request", f"Received Content-Encoding {request.headers['content-encoding']!r}; "
                                                  "expected identity (send the request uncompressed)")
-            body = await core.read_body(request, held)
+            body = await core.read_body(request, reservation)
             req = await self.parse(request, body)
             del body  # pixels are views of it, kept alive by the arrays; encoded images are copies
             self.check_pixels(req.items)
