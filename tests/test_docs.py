@@ -10,7 +10,6 @@
 
 from __future__ import annotations
 
-import ast
 import re
 import shlex
 import shutil
@@ -126,25 +125,6 @@ def test_architecture_lists_every_module_of_the_tree():
         if gone else ""])
     assert not message, message
     assert all(len(what.strip()) >= 5 for what in rows.values())
-
-
-def _imports(path: Path) -> set[str]:
-    """Top-level packages a module imports (absolute imports; relative ones stay in its own package)."""
-    out = set()
-    for node in ast.walk(ast.parse(path.read_text())):
-        if isinstance(node, ast.Import):
-            out |= {a.name.split(".")[0] for a in node.names}
-        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
-            out.add(node.module.split(".")[0])
-    return out
-
-
-def test_the_layering_the_architecture_page_states():
-    """ferret_runtime <- ferret_train <- ferret_export: nothing points back up."""
-    above = {"ferret_runtime": {"ferret_train", "ferret_export"}, "ferret_train": {"ferret_export"}, "ferret_export": set()}
-    wrong = [f"{m} imports {sorted(_imports(ROOT / m) & above[m.split('/')[0]])}"
-             for m in sorted(_package_modules()) if m.endswith(".py") and _imports(ROOT / m) & above[m.split("/")[0]]]
-    assert not wrong, "\n".join(wrong)
 
 
 # --- the built manual ------------------------------------------------------------------------------------
