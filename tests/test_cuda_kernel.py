@@ -23,8 +23,8 @@ import numpy as np
 import pytest
 import torch
 
-from ferret_runtime.errors import ConfigError
 from ferret_runtime import cuda
+from ferret_runtime.errors import ConfigError
 from ferret_runtime.kernels import SOURCE_PATH, VARIANT_IDS, host, launch, nvrtc, read_source
 from ferret_runtime.lpd_spec import LPD_SPECS, MEDIAN9_NETWORK, MEDIAN9_OUTPUT
 from ferret_runtime.preprocess import MEAN, STD, center_crop, load_image, normalize
@@ -134,7 +134,8 @@ def test_compiled_selection_with_ties(func, k):
 
 
 def test_host_wrappers_name_bad_inputs():
-    with pytest.raises(ConfigError, match=r"Received x as ndarray of dtype float64 and shape \(1, 1, 2, 2\); expected a float32"):
+    with pytest.raises(ConfigError, match=r"Received x as ndarray of dtype float64 and shape \(1, 1, 2, 2\); "
+                                          r"expected a float32"):
         host.lpd_residual_host(np.zeros((1, 1, 2, 2)))
     with pytest.raises(ConfigError, match="Received LPD function 'origin'"):
         host.lpd_residual_host(np.zeros((1, 1, 2, 2), np.float32), "origin")
@@ -310,7 +311,8 @@ def test_sliding_median_equals_the_network(data):
     np.testing.assert_array_equal(got, torch_residual(x, "median", 3))
 
 
-@pytest.mark.parametrize("shape", [(1, 2, 200, 300), (2, 1, 131, 200), (1, 1, 140, 301)], ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("shape", [(1, 2, 200, 300), (2, 1, 131, 200), (1, 1, 140, 301)],
+                         ids=lambda s: "x".join(map(str, s)))
 def test_emulated_residual_interior_and_edge_tiles(shape):
     # interior tiles (vector staging, no bounds checks) and border tiles side by side: the same residual;
     # an odd width (301) sends every tile down the edge path
@@ -336,7 +338,8 @@ def _float16_values(data: str, shape: tuple[int, ...], seed: int) -> np.ndarray:
 
 
 @pytest.mark.parametrize("data", ["zero-one", "ties", "signed-zeros", "float16"])
-@pytest.mark.parametrize("shape", [(2, 3, 200, 200), (1, 2, 131, 200), (1, 1, 140, 301)], ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("shape", [(2, 3, 200, 200), (1, 2, 131, 200), (1, 1, 140, 301)],
+                         ids=lambda s: "x".join(map(str, s)))
 def test_packed_pairs_equal_the_column_network(data, shape):
     # lpd_residual_f16 on sm_80+ runs each min/max on two rows of a column packed in a __half2 (full sorts of
     # row pairs shared down the column, the masked centres as their own pairs); on sm_75 one output at a time on
@@ -356,7 +359,8 @@ def test_packed_pairs_equal_the_column_network(data, shape):
         np.testing.assert_array_equal(pairs, torch_residual(x.astype(np.float32), "median", 3).astype(np.float16))
 
 
-@pytest.mark.parametrize("shape", [(2, 200, 300, 3), (1, 131, 200, 3), (1, 140, 301, 3)], ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("shape", [(2, 200, 300, 3), (1, 131, 200, 3), (1, 140, 301, 3)],
+                         ids=lambda s: "x".join(map(str, s)))
 def test_emulated_preprocess_interior_and_edge_tiles(shape):
     images = np.random.default_rng(6).integers(0, 256, shape, dtype=np.uint8)
     cfg = launch.launch_config("preprocess_lpd", shape, "float32", 90)
@@ -415,8 +419,9 @@ def nvcc_builds(tmp_path_factory):
     if nvcc is None:
         pytest.skip("nvcc (the CUDA toolkit) is not on PATH")
     out = tmp_path_factory.mktemp("nvcc")
-    procs = {arch: subprocess.Popen([nvcc, "-cubin", f"-arch=sm_{arch}", "-Xptxas", "-v", "-o", str(out / f"lpd{arch}.cubin"),
-                                     str(SOURCE_PATH)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    procs = {arch: subprocess.Popen([nvcc, "-cubin", f"-arch=sm_{arch}", "-Xptxas", "-v",
+                                     "-o", str(out / f"lpd{arch}.cubin"), str(SOURCE_PATH)],
+                                    stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
              for arch in (75, 80, 90)}  # all at once: about 5 s each
     return {arch: (p.wait(timeout=600), p.stdout.read()) for arch, p in procs.items()}
 
@@ -449,18 +454,21 @@ def test_nvrtc_compiles_ptx_on_the_cpu(nvrtc_ok, tmp_path, arch):
     ptx = first.data.decode(errors="replace")
     assert not first.from_cache and first.path.is_file()
     assert re.search(rf"\.target sm_{arch}\b", ptx)
-    assert sorted(re.findall(r"\.entry (\w+)", ptx)) == sorted(f"{k}_{s}" for k in launch.KERNELS for s in ("f32", "f16"))
+    assert sorted(re.findall(r"\.entry (\w+)", ptx)) == sorted(f"{k}_{s}" for k in launch.KERNELS
+                                                               for s in ("f32", "f16"))
     again = nvrtc.compile_lpd(arch, "ptx", cache=tmp_path)
     assert again.from_cache and again.data == first.data
     # a new process finds the file instead of compiling (the cache survives a restart)
-    code = f"from ferret_runtime.kernels import nvrtc; c = nvrtc.compile_lpd({arch}, 'ptx', cache=__import__('pathlib').Path({str(tmp_path)!r})); print(c.from_cache, c.path)"
+    code = (f"from ferret_runtime.kernels import nvrtc; c = nvrtc.compile_lpd({arch}, 'ptx', "
+            f"cache=__import__('pathlib').Path({str(tmp_path)!r})); print(c.from_cache, c.path)")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert proc.returncode == 0 and proc.stdout.split() == ["True", str(first.path)], proc.stderr
 
 
 def test_nvrtc_errors_are_named(nvrtc_ok, monkeypatch, tmp_path):
     monkeypatch.setattr(nvrtc, "read_source", lambda: "extern \"C\" __global__ void broken( { }")
-    with pytest.raises(nvrtc.KernelCompileError, match="nvrtcCompileProgram: received NVRTC_ERROR_COMPILATION .* expected success"):
+    with pytest.raises(nvrtc.KernelCompileError,
+                       match="nvrtcCompileProgram: received NVRTC_ERROR_COMPILATION .* expected success"):
         nvrtc.compile_lpd(80, "ptx", cache=tmp_path / "other")
 
 
@@ -695,12 +703,14 @@ def test_gpu_ferretnet_with_the_op_gives_reference_logits(authors_ckpt, referenc
 
 
 def test_nvrtc_newer_than_the_driver_is_refused_in_one_line():
-    with pytest.raises(cuda.CudaError, match=r"^Received NVRTC 13\.5 PTX for a driver of CUDA 13\.0; expected a driver "
-                                               r"for CUDA 13\.5 or newer, or pip install 'nvidia-cuda-nvrtc==13\.0\.\*'$"):
+    with pytest.raises(cuda.CudaError, match=r"^Received NVRTC 13\.5 PTX for a driver of CUDA 13\.0; "
+                                             r"expected a driver for CUDA 13\.5 or newer, "
+                                             r"or pip install 'nvidia-cuda-nvrtc==13\.0\.\*'$"):
         nvrtc.check_nvrtc_driver("ptx", (13, 5), (13, 0))
     nvrtc.check_nvrtc_driver("cubin", (13, 5), (13, 0))  # CUBINs load within a major version
     nvrtc.check_nvrtc_driver("ptx", (13, 0), (13, 2))
-    with pytest.raises(cuda.CudaError, match=r"Received NVRTC 14\.0 CUBINs for a driver of CUDA 13\.0; .*'nvidia-cuda-nvrtc<14'"):
+    with pytest.raises(cuda.CudaError,
+                       match=r"Received NVRTC 14\.0 CUBINs for a driver of CUDA 13\.0; .*'nvidia-cuda-nvrtc<14'"):
         nvrtc.check_nvrtc_driver("cubin", (14, 0), (13, 0))
 
 
@@ -735,10 +745,12 @@ def test_compile_with_an_unwritable_cache(nvrtc_ok, tmp_path):
 
 
 def test_only_the_needed_kernel_is_compiled(nvrtc_ok, tmp_path):
-    # the cold start of the median 3x3 path: one kernel, well under a second (all twelve: several seconds)
+    # the cold start of the median 3x3 path builds one kernel, not all of them: measured by what NVRTC
+    # emits, not by a wall time (that depends on the machine)
     one = nvrtc.compile_lpd(90, "ptx", cache=tmp_path, kernels=("lpd_residual_f32",))
     assert re.findall(r"\.entry (\w+)", one.data.decode()) == ["lpd_residual_f32"]
-    assert one.seconds < 1.0, one.seconds
+    every = nvrtc.compile_lpd(90, "ptx", cache=tmp_path)
+    assert len(re.findall(r"\.entry (\w+)", every.data.decode())) == 2 * len(launch.KERNELS) and 4 * len(one.data) < len(every.data)
     k5 = nvrtc.compile_lpd(90, "ptx", cache=tmp_path, kernels=("lpd_generic_f32",), window=5).data.decode()
     assert "lpd_generic_f32" in k5 and len(k5) < len(nvrtc.compile_lpd(90, "ptx", cache=tmp_path,
                                                                         kernels=("lpd_generic_f32",)).data)

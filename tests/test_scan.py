@@ -160,7 +160,7 @@ def test_a_list_source_with_missing_files_and_uris_and_another_model_refused(mod
 def test_ray_scan_with_two_actors_equals_detect(model, folder, detected, tmp_path):
     ray = pytest.importorskip("ray", reason="the 'ray' extra")
     pytest.importorskip("ray.data", reason="the 'ray' extra")
-    from ferret_runtime.integrations.ray import init_local
+    from ferret_runtime.scan import init_local
 
     # a small local instance (2 CPUs, 100 MB object store) on 127.0.0.1 only (ray.init with
     # _node_ip_address="127.0.0.1" alone advertises the external interface: Ray swaps loopback for it);

@@ -29,10 +29,9 @@ from .conftest import run_ferret, small_onnx
 pa = pytest.importorskip("pyarrow", reason="ferret scan writes Parquet with pyarrow (the 'scan' extra)")
 import pyarrow.parquet as pq  # noqa: E402
 
-from ferret_runtime import scan_fetch  # noqa: E402
-from ferret_runtime.scan import PartStore, Scorer, run_scan  # noqa: E402
-from ferret_runtime.scan_fetch import Fetcher  # noqa: E402
-from ferret_runtime.scan_store import ScanStorageError  # noqa: E402
+from ferret_runtime.scan import PartStore, ScanStorageError, Scorer, run_scan  # noqa: E402
+from ferret_runtime.scan import fetch as scan_fetch  # noqa: E402
+from ferret_runtime.scan.fetch import Fetcher  # noqa: E402
 
 N_IMAGES = 200
 
@@ -343,7 +342,7 @@ def test_a_full_disk_keeps_every_committed_part_and_the_rerun_completes(model, i
 
 
 def test_a_write_failing_mid_scan_keeps_the_parts_before_it(model, images, tmp_path, monkeypatch):
-    from ferret_runtime import scan_store
+    from ferret_runtime.scan import store as scan_store
 
     source = tmp_path / "list.txt"
     source.write_text("\n".join(str(p) for p in images[:20]) + "\n")

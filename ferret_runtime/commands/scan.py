@@ -16,7 +16,7 @@ from pathlib import Path
 from ferret_runtime.commands import HelpFormatter, add_streams_argument
 
 from ..errors import ConfigError
-from ..scan_fetch import FETCH_TIMEOUT_S, MAX_FETCH_BYTES
+from ..scan.fetch import FETCH_TIMEOUT_S, MAX_FETCH_BYTES
 
 EXIT_ERROR_ROWS, EXIT_USAGE, EXIT_STORAGE = 1, 2, 3
 
@@ -85,8 +85,7 @@ def run(args: argparse.Namespace) -> int:
         import pyarrow  # noqa: F401
     except ImportError:
         raise ConfigError("ferret scan writes Parquet with pyarrow: pip install 'ferretnet-deploy[scan]'") from None
-    from ..scan import run_scan
-    from ..scan_store import ScanStorageError
+    from ..scan import ScanStorageError, run_scan
 
     if args.workers < 1:
         raise ConfigError(f"Received --workers {args.workers}; expected >= 1")

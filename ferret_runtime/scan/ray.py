@@ -1,27 +1,31 @@
-"""Bulk inference on Ray Data: a callable class for ``Dataset.map_batches``, one Detector per actor.
+"""A scan's Ray path: a callable class for Ray Data's ``Dataset.map_batches``, one Detector per actor.
 
     import ray
-    from ferret_runtime.integrations.ray import predict_dataset
+    from ferret_runtime.scan import predict_dataset
 
     ds = ray.data.read_parquet("manifest.parquet")            # a "path" column (local paths or URIs), or
     ds = ray.data.read_binary_files("s3://bucket/images/", include_paths=True)  # "bytes" and "path"
     predict_dataset(ds, "ferretnet-s.onnx", concurrency=4).write_parquet("results/")
 
 Rows out: ``path, logit, prob_fake, label, error, model_sha256, scanned_at, path_bytes``
-(``ferret_runtime.scan_rows``). The model file (and local image paths) must be readable on every
-node. ``ferret scan --ray`` runs the same class, committing resumable parts as the results stream
-back. Ray itself is imported only by the functions that use it, so this module imports without the
-extra. :func:`init_local` starts a single-machine instance that talks over 127.0.0.1 only.
+(``ferret_runtime.scan.rows``). The model file (and local image paths) must be readable on every
+node. ``ferret scan --ray`` runs the same class through :func:`score_on_ray`, and the run commits
+resumable parts as the results stream back. Each actor scores with the ``scorer`` a local scan
+uses; this module never imports the run. Ray itself is imported only by the functions that use it,
+so this module imports without the extra. :func:`init_local` starts a single-machine instance that
+talks over 127.0.0.1 only.
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
-from ..scan import Scorer, batch_paths
+from ..errors import ConfigError
+from .rows import from_raw, raw
+from .scorer import Scorer, chunks
 
 
 class FerretPredictor:
@@ -35,6 +39,23 @@ class FerretPredictor:
     def __call__(self, batch: Any) -> Any:
         paths, blobs = batch_paths(batch, self.path_column, self.bytes_column)
         return self.scorer.score(paths, blobs)
+
+
+def batch_paths(batch: Any, path_column: str = "path", bytes_column: str = "bytes") -> tuple[list[str], list | None]:
+    """(paths, bytes or None) of a Ray Data batch: a pyarrow Table or a dict of numpy arrays (a
+    ``read_binary_files(..., include_paths=True)`` dataset brings the bytes along)."""
+    if hasattr(batch, "column_names"):
+        cols = batch.column_names
+        get = lambda c: batch.column(c).to_pylist()  # noqa: E731
+    else:
+        cols = list(batch)
+        get = lambda c: list(batch[c])  # noqa: E731
+    if path_column not in cols:
+        raise ConfigError(f"Received a batch with columns {cols}; expected a {path_column!r} column")
+    # a binary path column holds a name's exact bytes (ferret scan sends names that are not UTF-8 so)
+    paths = [from_raw(bytes(p)) if isinstance(p, (bytes, bytearray)) else str(p) for p in get(path_column)]
+    return paths, ([bytes(b) for b in get(bytes_column)] if bytes_column in cols else None)
+
 
 
 # Ray swaps 127.0.0.1 for the machine's external address (``resolve_ip_for_localhost``: a node must be
@@ -92,3 +113,29 @@ def predict_dataset(ds: Any, model: str | os.PathLike, *, concurrency: int = 2, 
     return ds.map_batches(FerretPredictor, fn_constructor_args=(str(model),), fn_constructor_kwargs=kwargs,
                           batch_size=batch_size, batch_format="pyarrow", compute=ActorPoolStrategy(size=concurrency),
                           num_cpus=num_cpus, num_gpus=gpus)
+
+
+def score_on_ray(todo: list[str], model: str | os.PathLike, sha: str, address: str, part_rows: int,
+                 batch_size: int, concurrency: int, num_gpus: float | None, num_cpus: float,
+                 options: dict[str, Any]) -> Iterable[Any]:
+    """Parts scored by Ray Data actors (:func:`predict_dataset`), as tables of rows that stream back to the run."""
+    try:
+        import ray
+    except ImportError as e:
+        raise ConfigError(f"--ray needs the 'ray' extra (missing {e.name}): pip install "
+                          "'ferretnet-deploy[ray]'") from None
+    import pyarrow as pa
+
+    if not ray.is_initialized():
+        if address == "local":
+            init_local(logging_level="WARNING", log_to_driver=False)
+        else:
+            ray.init(address=address, logging_level="WARNING", log_to_driver=False)
+    ray.data.DataContext.get_current().enable_progress_bars = False  # ours reports rows/s and ETA
+    # one block per part-sized slice: the actors share the work from the first block on; paths travel
+    # as their bytes (a name that is not UTF-8 is no Arrow string)
+    blocks = [pa.table({"path": pa.array([raw(p) for p in chunk], pa.binary())})
+              for chunk in chunks(todo, max(1, min(part_rows, -(-len(todo) // concurrency))))]
+    ds = predict_dataset(ray.data.from_arrow(blocks), model, model_sha256=sha, concurrency=concurrency,
+                         batch_size=batch_size, num_gpus=num_gpus, num_cpus=num_cpus, **options)
+    return ds.iter_batches(batch_size=part_rows, batch_format="pyarrow")

@@ -31,9 +31,9 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-from .errors import ConfigError, FerretError
-from .fileio import atomic_write
-from .scan_rows import conform, raw, schema
+from ..errors import ConfigError, FerretError
+from ..fileio import atomic_write
+from .rows import conform, raw, schema
 
 PART_PREFIX, PART_SUFFIX = "part-", ".parquet"
 MANIFEST, LOCK = "manifest.json", ".lock"
@@ -213,7 +213,7 @@ class PartStore:
         return table
 
     def done(self) -> set[bytes]:
-        """The inputs (their bytes, ``scan_rows.raw``) that already have a row."""
+        """The inputs (their bytes, ``rows.raw``) that already have a row."""
         return {b for t in self.tables() for b in t.column("path_bytes").to_pylist()}
 
     # ------------------------------------------------------------------------------------ writing

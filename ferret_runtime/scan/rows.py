@@ -1,6 +1,7 @@
 """The rows ``ferret scan`` writes: their Parquet schema, and file names that are not UTF-8.
 
-Beneath both the scorer (which makes rows) and the part store (which commits and merges them).
+Beneath the scorer (``scorer``, which makes rows), the part store (``store``, which commits and merges
+them) and the source reader (``source``, which reads a manifest's ``path_bytes``).
 
 Schema (one row per input, in the source's order):
 
