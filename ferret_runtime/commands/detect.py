@@ -12,6 +12,7 @@ from pathlib import Path
 
 from ..errors import ConfigError, FerretError
 from ..preprocess import DEFAULT_MAX_PIXELS, parse_crop
+from ..scan.rows import printable as _printable
 from ..tiling import add_tile_arguments, tile_options
 from ..video import VIDEO_SUFFIXES, is_video
 
@@ -69,15 +70,6 @@ def _table_row(r) -> str:
         text = r.error if r.error.startswith(f"{r.path}:") else f"{r.path}: {r.error}"
         return _printable(f"{'ERROR':<6} {'':>9} {'':>9}  {text}")
     return _printable(f"{r.label:<6} {r.prob_fake:9.4f} {r.logit:9.4f}  {r.path}")
-
-
-def _printable(line: str) -> str:
-    """A file name's undecodable bytes (the OS's surrogate escapes) shown as backslash escapes, never a crash."""
-    try:
-        raw = line.encode("utf-8", "surrogateescape")  # the name's original bytes again
-    except UnicodeEncodeError:  # a lone surrogate the OS did not make
-        return line.encode("utf-8", "backslashreplace").decode("utf-8")
-    return raw.decode("utf-8", "backslashreplace")
 
 
 def _json_line(d: dict) -> str:
