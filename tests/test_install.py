@@ -15,11 +15,13 @@ from __future__ import annotations
 import io
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
 import time
 import urllib.request
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -78,16 +80,37 @@ class Venv:
         return _run([str(self.python), "-c", code], self.cwd).returncode == 0
 
 
+def _source_tree(dest: Path) -> Path:
+    """The checkout's files as git sees them (tracked, and untracked but not ignored), copied to ``dest``:
+    building in the checkout would reuse an ignored build/ folder and ship modules that moved away."""
+    listed = subprocess.run(["git", "ls-files", "-co", "--exclude-standard", "-z"], cwd=ROOT, capture_output=True,
+                            check=True).stdout.decode().split("\0")
+    for rel in filter(None, listed):
+        src = ROOT / rel
+        if src.is_file():
+            (dest / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(src, dest / rel)
+    return dest
+
+
 @pytest.fixture(scope="module")
 def wheel(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("wheel")
-    proc = _run([sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w", str(out), str(ROOT)], out)
+    out, src = tmp_path_factory.mktemp("wheel"), _source_tree(tmp_path_factory.mktemp("src"))
+    proc = _run([sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w", str(out), str(src)], out)
     if proc.returncode != 0 and "Could not find a version" in proc.stderr:
         pytest.skip(f"pip cannot reach a package index for the build backend: {proc.stderr.strip()[-300:]}")
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "deprecat" not in proc.stderr.lower(), proc.stderr  # e.g. the old project.license table
     (whl,) = out.glob("ferretnet_deploy-*.whl")
     return whl
+
+
+def test_the_wheel_holds_exactly_the_packages_modules(wheel):
+    with zipfile.ZipFile(wheel) as z:
+        shipped = {n for n in z.namelist() if n.endswith((".py", ".cu")) and ".dist-info/" not in n}
+    tree = {str(p.relative_to(ROOT)) for pkg in ("ferret_runtime", "ferret_train", "ferret_export")
+            for p in (ROOT / pkg).rglob("*") if p.suffix in (".py", ".cu") and "__pycache__" not in p.parts}
+    assert shipped == tree, {"in the wheel only": sorted(shipped - tree), "in the tree only": sorted(tree - shipped)}
 
 
 @pytest.fixture(scope="module")
