@@ -137,8 +137,9 @@ def bench_preprocess_gpu(benchmark, dtype, impl):
     moved = images.numel() + images.numel() * torch.finfo(dtype).bits // 8  # uint8 read once, output written once
     ms, base_ms = _event_ms(fn), _event_ms(baseline)
     benchmark.extra_info.update(
-        ms_per_batch=round(ms, 4), images_per_s=round(PRE_SHAPE[0] / ms * 1e3), effective_GBps=round(moved / ms / 1e6, 1),
-        normalize_ms=round(base_ms, 4), speed_vs_normalize=round(base_ms / ms, 3))
+        ms_per_batch=round(ms, 4), images_per_s=round(PRE_SHAPE[0] / ms * 1e3),
+        effective_GBps=round(moved / ms / 1e6, 1), normalize_ms=round(base_ms, 4),
+        speed_vs_normalize=round(base_ms / ms, 3))
     print(f"\n{impl:9s} {benchmark.group}: {ms:.3f} ms/batch, {PRE_SHAPE[0] / ms * 1e3:,.0f} images/s, "
           f"{moved / ms / 1e6:,.0f} GB/s; {base_ms / ms:.2f}x the speed of normalize ({base_ms:.3f} ms)")
 

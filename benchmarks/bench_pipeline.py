@@ -84,7 +84,8 @@ def measure_throughput(onnx_path: Path, images: list[bytes], batch: int, threads
         pipeline = best_rate(n, lambda: det.predict(images), repeats)
     decode = best_rate(n, lambda: [load_image(b) for b in images], repeats)
     out = np.empty((batch, 3) + u8.shape[1:3], np.float32)
-    prep = best_rate(n, lambda: [normalize(u8[i : i + batch], out=out[: len(u8[i : i + batch])]) for i in range(0, n, batch)],
+    prep = best_rate(n, lambda: [normalize(u8[i : i + batch], out=out[: len(u8[i : i + batch])])
+                                 for i in range(0, n, batch)],
                  repeats)
     return {"images": n, "batch": batch, "backend_img_s": backend, "pipeline_img_s": pipeline,
             "pipeline_vs_backend": pipeline / backend,

@@ -117,7 +117,8 @@ def main() -> None:
     ap.add_argument("--size", type=int, default=256)
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--repeats", type=int, default=2)
-    ap.add_argument("--out", default=None, help="folder for streams-b<batch>.json (default: benchmarks/results/cpu-<cores>c)")
+    ap.add_argument("--out", default=None,
+                    help="folder for streams-b<batch>.json (default: benchmarks/results/cpu-<cores>c)")
     a = ap.parse_args()
     rec = run(a.model, a.images, a.size, a.batch, a.repeats, a.original_images)
     out = Path(a.out) if a.out else Path(__file__).parent / "results" / f"cpu-{os.cpu_count()}c"

@@ -47,10 +47,11 @@ import tempfile
 import time
 import traceback
 from collections import Counter
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
@@ -240,7 +241,7 @@ def check_env(result: Result) -> None:
     info = cuda.device_info(0)
     nvrtc, driver = nvrtc_version(), cuda.driver_version()
     result.env.update(gpu=info.name, sm=info.sm, memory_gb=round(info.total_memory / 2**30, 1),
-                      driver_cuda="%d.%d" % driver, nvrtc="%d.%d" % nvrtc, torch=torch.__version__,
+                      driver_cuda=f"{driver[0]}.{driver[1]}", nvrtc=f"{nvrtc[0]}.{nvrtc[1]}", torch=torch.__version__,
                       torch_cuda=torch.version.cuda, python=platform.python_version())
     result.add("env", "gpu", None, f"{info.name} (sm_{info.sm.replace('.', '')}, {info.total_memory / 2**30:.0f} GiB)")
     result.add("env", "driver / nvrtc", None, f"CUDA {driver[0]}.{driver[1]} / NVRTC {nvrtc[0]}.{nvrtc[1]}")
@@ -390,7 +391,8 @@ def check_plugin(result: Result) -> None:
     with module.current():
         mod = call("cuModuleLoadData", drv.cuModuleLoadData, ptx + b"\0")  # JIT by the driver, as TensorRT does
         try:
-            for func, k, residual in (("median", 3, True), ("median", 3, False), ("excmed", 5, False), ("max", 7, True)):
+            for func, k, residual in (("median", 3, True), ("median", 3, False), ("excmed", 5, False),
+                                      ("max", 7, True)):
                 for dtype in (torch.float32, torch.float16):
                     x = torch.from_numpy(_input((2, 3, 67, 129), k)).to(dtype).cuda()
                     op = "lpd_residual" if residual and func == "median" else "lpd"
@@ -406,7 +408,8 @@ def check_plugin(result: Result) -> None:
                           drv.CUstream(torch.cuda.current_stream().cuda_stream), ctypes.addressof(params), 0)
                     torch.cuda.synchronize()
                     want = _lpd_gpu(x, func, k, residual)
-                    result.add("plugin", f"{got.kernel} {func} k={k}", bool(torch.equal(out, want)), "== runtime kernel")
+                    result.add("plugin", f"{got.kernel} {func} k={k}", bool(torch.equal(out, want)),
+                               "== runtime kernel")
         finally:
             call("cuModuleUnload", drv.cuModuleUnload, mod)
 
@@ -467,24 +470,26 @@ def check_speed(result: Result, compile: bool = True) -> None:
             continue
         x = torch.randn((256, 3, 256, 256), device="cuda", dtype=dtype)
         out = torch.empty_like(x)
-        copy_ms = _timed(lambda: out.copy_(x))
+        copy_ms = _timed(lambda x=x, out=out: out.copy_(x))  # defaults: _timed calls it in this iteration
         for name, func, k, residual in (("lpd_residual", "median", 3, True), ("lpd_generic k3", "median", 3, False),
                                         ("lpd_generic k5", "median", 5, False), ("lpd_generic k7", "median", 7, False)):
-            ms = _timed(lambda: launch.lpd(module, x.data_ptr(), out.data_ptr(), tuple(x.shape), dtype, func, k,
-                                           residual, stream=stream))
+            ms = _timed(lambda x=x, out=out, dtype=dtype, func=func, k=k, residual=residual:
+                        launch.lpd(module, x.data_ptr(), out.data_ptr(), tuple(x.shape), dtype, func, k, residual,
+                                   stream=stream))
             gbs = 2 * x.numel() * x.element_size() / ms / 1e6
             result.add("speed", f"{name} {str(dtype)[6:]}", None, f"{gbs:,.0f} GB/s, {copy_ms / ms:.0%} of a copy")
         images = torch.randint(0, 256, (256, 256, 256, 3), dtype=torch.uint8, device="cuda")
         moved = images.numel() * (1 + x.element_size())  # uint8 read once, the output written once
         src = torch.empty(moved // 2, dtype=torch.uint8, device="cuda")
         dst = torch.empty_like(src)
-        copy_ms = _timed(lambda: dst.copy_(src))  # reads and writes `moved` bytes in all
+        copy_ms = _timed(lambda src=src, dst=dst: dst.copy_(src))  # reads and writes `moved` bytes in all
         for kernel in ("normalize", "preprocess_lpd"):
-            ms = _timed(lambda: getattr(launch, kernel)(module, images.data_ptr(), out.data_ptr(), tuple(images.shape),
-                                                        dtype, MEAN, STD, stream=stream))
+            ms = _timed(lambda kernel=kernel, images=images, out=out, dtype=dtype:
+                        getattr(launch, kernel)(module, images.data_ptr(), out.data_ptr(), tuple(images.shape),
+                                                dtype, MEAN, STD, stream=stream))
             result.add("speed", f"{kernel} {str(dtype)[6:]}", None,
                        f"{moved / ms / 1e6:,.0f} GB/s, {copy_ms / ms:.0%} of a copy of {moved / 2 / 1e6:.0f} MB")
-        x = out = images = src = dst = None  # free them before the next dtype (a del would confuse linters: lambdas above)
+        x = out = images = src = dst = None  # free them before the next dtype
     torch.cuda.empty_cache()
     check_models(result, compile=compile)
 
@@ -612,7 +617,8 @@ def check_backends(result: Result) -> None:
         import onnxruntime as ort
 
         have_ort = "CUDAExecutionProvider" in ort.get_available_providers()
-        result.add("backends", "onnxruntime-gpu", None, f"{ort.__version__}, CUDA provider {'yes' if have_ort else 'no'}")
+        result.add("backends", "onnxruntime-gpu", None,
+                   f"{ort.__version__}, CUDA provider {'yes' if have_ort else 'no'}")
     else:
         result.add("backends", "onnxruntime-gpu", None, "not installed")
     have_trt = importlib.util.find_spec("tensorrt") is not None
@@ -644,7 +650,8 @@ def check_backends(result: Result) -> None:
                 engine = Path(tmp) / f"s-{precision}.engine"
                 t0 = time.perf_counter()
                 export_and_build(weights, engine, precision=precision, batch=(1, 32, 64), log=lambda *_: None)
-                result.add("backends", f"tensorrt {precision} build (verified)", True, f"{time.perf_counter() - t0:.0f} s")
+                result.add("backends", f"tensorrt {precision} build (verified)", True,
+                           f"{time.perf_counter() - t0:.0f} s")
                 _backend_rows(result, f"tensorrt-{precision}", engine, tol, authors)
 
 

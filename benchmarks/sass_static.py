@@ -159,7 +159,7 @@ def basic_blocks(code: list[tuple[int, str]]) -> list[Block]:
     branch or EXIT; a conditional branch or EXIT falls through, an unconditional one does not."""
     index = {a: i for i, (a, _) in enumerate(code)}
     leaders = {0}
-    for i, (a, t) in enumerate(code):
+    for i, (_, t) in enumerate(code):
         target, _, ends = _branch(t)
         if ends and i + 1 < len(code):
             leaders.add(i + 1)
@@ -389,9 +389,9 @@ def table(figures: list[KernelFigures]) -> str:
 
 
 def record(figures: list[KernelFigures], nvrtc: tuple[int, int]) -> dict:
-    return {"arch": f"sm_{ARCH}", "compiler": "NVRTC %d.%d" % nvrtc, "source_hash": source_hash(*nvrtc.NVRTC_OPTIONS),
-            "method": __doc__.split("\n\n")[1].strip(), "kernels": [asdict(f) for f in figures],
-            "goals": GOALS, "goals_met": goals_met(figures)}
+    return {"arch": f"sm_{ARCH}", "compiler": f"NVRTC {nvrtc[0]}.{nvrtc[1]}",
+            "source_hash": source_hash(*nvrtc.NVRTC_OPTIONS), "method": __doc__.split("\n\n")[1].strip(),
+            "kernels": [asdict(f) for f in figures], "goals": GOALS, "goals_met": goals_met(figures)}
 
 
 def load_recorded(path: Path = RESULTS / "sm90.json") -> dict:
@@ -418,7 +418,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0 if same else 1
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "sm90.json").write_text(json.dumps(rec, indent=1) + "\n")
-    (RESULTS / "table.txt").write_text(f"sm_{ARCH}, {rec['compiler']}, lpd.cu {rec['source_hash']}\n" + table(figures) + "\n")
+    (RESULTS / "table.txt").write_text(f"sm_{ARCH}, {rec['compiler']}, lpd.cu {rec['source_hash']}\n"
+                                       + table(figures) + "\n")
     return 0
 
 

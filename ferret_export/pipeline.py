@@ -23,7 +23,7 @@ from typing import Any
 from ferret_runtime.errors import ConfigError
 
 PRECISIONS = ("fp32", "fp16", "int8")
-LPD_MODES = ("portable", "plugin", "external")
+LPD_MODES = ("portable", "plugin", "external")  # portable: standard layers; plugin: ferret::lpd; external: no LPD
 INT8_LPD = "portable"  # ONNX Runtime calibrates the INT8 graph, so it must run the LPD itself
 CALIB_METHODS = ("percentile", "entropy", "minmax")
 

@@ -157,8 +157,8 @@ def fit_threshold(z: np.ndarray, y: np.ndarray, rule: str, target_fpr: float = 0
     From sklearn's ROC (a point i labels ``z >= thresholds[i]`` fake): fpr, the point with the
     highest TPR whose FPR <= ``target_fpr`` (the lowest FPR among ties); accuracy, the point of
     maximum accuracy; eer, the point where FPR and FNR are closest (the first of ties each time: on
-    perfectly separated data every rule puts the threshold in the gap). The threshold is placed halfway to the next lower score, so
-    ``z > threshold`` labels exactly the same images as the point does.
+    perfectly separated data every rule puts the threshold in the gap). The threshold is placed halfway
+    to the next lower score, so ``z > threshold`` labels exactly the same images as the point does.
     """
     from sklearn.metrics import roc_curve
 

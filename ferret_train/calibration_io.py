@@ -44,7 +44,8 @@ def same_data(record: dict[str, Any] | None, samples: list[Sample], root: str | 
     data = (record or {}).get("data")
     if not isinstance(data, dict):
         return False
-    if (data.get("n_real"), data.get("n_fake")) != (sum(s.label == 0 for s in samples), sum(s.label == 1 for s in samples)):
+    if (data.get("n_real"), data.get("n_fake")) != (sum(s.label == 0 for s in samples),
+                                                    sum(s.label == 1 for s in samples)):
         return False
     return data.get("path") == str(Path(root).resolve()) or data.get("sha256") == data_digest(samples, root)
 

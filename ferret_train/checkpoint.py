@@ -94,7 +94,8 @@ def infer_config(state: dict[str, torch.Tensor], path: Path | str = "<state dict
     except KeyError as e:
         raise CheckpointError(f"{path}: missing key {e.args[0]!r}; not a FerretNet state dict") from None
     if w1.dim() != 4 or head.dim() != 2:
-        raise CheckpointError(f"{path}: received cbr1.0.weight {tuple(w1.shape)} and logit.1.weight {tuple(head.shape)}; "
+        raise CheckpointError(f"{path}: received cbr1.0.weight {tuple(w1.shape)} "
+                              f"and logit.1.weight {tuple(head.shape)}; "
                               "expected a 4-D convolution weight and a 2-D linear weight")
     stages: dict[int, set[int]] = {}
     for k in state:
@@ -118,19 +119,22 @@ def check_config(cfg: FerretConfig, path: Path, source: str = "model_config") ->
     """Type and range of every field, before anything is built; ``source`` names who said it."""
     _int_field(cfg.dim, "dim", 2, MAX_DIM, source, path)
     if cfg.dim % 2:
-        raise CheckpointError(f"{path}: {source} says dim {cfg.dim}; expected an even int (the stem has dim/2 channels)")
+        raise CheckpointError(f"{path}: {source} says dim {cfg.dim}; "
+                              "expected an even int (the stem has dim/2 channels)")
     if not isinstance(cfg.depths, tuple) or not 1 <= len(cfg.depths) <= MAX_STAGES:
-        raise CheckpointError(f"{path}: {source} says depths {list(cfg.depths) if isinstance(cfg.depths, tuple) else cfg.depths!r}; "
+        raise CheckpointError(f"{path}: {source} says depths "
+                              f"{list(cfg.depths) if isinstance(cfg.depths, tuple) else cfg.depths!r}; "
                               f"expected 1..{MAX_STAGES} stages")
     for d in cfg.depths:
         _int_field(d, "a stage depth", 1, MAX_BLOCKS, source, path)
     if cfg.num_classes != 1 or type(cfg.num_classes) is not int:
-        raise CheckpointError(f"{path}: {source} says num_classes {cfg.num_classes!r}; expected 1 (one logit per image: "
-                              "fake vs real)")
+        raise CheckpointError(f"{path}: {source} says num_classes {cfg.num_classes!r}; "
+                              "expected 1 (one logit per image: fake vs real)")
     if cfg.in_channels != 3 or type(cfg.in_channels) is not int:
         raise CheckpointError(f"{path}: {source} says in_channels {cfg.in_channels!r}; expected 3 (RGB)")
     if cfg.lpd_func not in LPD_FUNCS:
-        raise CheckpointError(f"{path}: {source} says lpd_func {cfg.lpd_func!r}; expected one of {', '.join(LPD_FUNCS)}")
+        raise CheckpointError(f"{path}: {source} says lpd_func {cfg.lpd_func!r}; "
+                              f"expected one of {', '.join(LPD_FUNCS)}")
     if cfg.window_size not in WINDOW_SIZES or type(cfg.window_size) is not int:
         raise CheckpointError(f"{path}: {source} says window_size {cfg.window_size!r}; expected one of {WINDOW_SIZES}")
     if not isinstance(cfg.arch, str) or not 0 < len(cfg.arch) <= 100:
@@ -191,7 +195,8 @@ def _check_shapes(cfg: FerretConfig, state: dict[str, torch.Tensor], path: Path)
         for k in set(state) & set(expected) if tuple(state[k].shape) != expected[k]
     )
     problems = [f"{label} ({len(v)}): {', '.join(v[:10])}{' ...' if len(v) > 10 else ''}"
-                for label, v in (("missing keys", missing), ("unexpected keys", unexpected), ("mis-shaped", shapes)) if v]
+                for label, v in (("missing keys", missing), ("unexpected keys", unexpected), ("mis-shaped", shapes))
+                if v]
     if problems:
         raise CheckpointError(f"{path}: does not match {cfg.arch}: " + "; ".join(problems))
 
@@ -219,7 +224,8 @@ def load_checkpoint(path: str | os.PathLike, *, lpd_func: str | None = None, win
         cfg, source = check_config(infer_config(state, path), path, "the state dict"), "original"
         m = _NAME_RE.search(path.name)
         if m:
-            cfg = FerretConfig(**{**cfg.to_dict(), "depths": cfg.depths, "lpd_func": m[1].lower(), "window_size": int(m[2])})
+            cfg = FerretConfig(**{**cfg.to_dict(), "depths": cfg.depths, "lpd_func": m[1].lower(),
+                                  "window_size": int(m[2])})
             lpd_source = "file name"
         else:
             lpd_source = "default"

@@ -40,7 +40,8 @@ def find_samples(root: str | Path, class_to_idx: dict[str, int]) -> list[Sample]
         raise ConfigError(f"{root}: no image files ({', '.join(IMAGE_SUFFIXES)}) found")
     samples = []
     for p in images:
-        label = next((class_to_idx[part] for part in reversed(p.relative_to(root).parts[:-1]) if part in class_to_idx), None)
+        label = next((class_to_idx[part] for part in reversed(p.relative_to(root).parts[:-1])
+                      if part in class_to_idx), None)
         if label is not None:
             samples.append(Sample(p, label))
     if not samples:
@@ -84,7 +85,8 @@ def augment(img: np.ndarray, cfg: AugmentCfg, rng: np.random.Generator) -> np.nd
         pil = (pil or Image.fromarray(img)).filter(ImageFilter.GaussianBlur(rng.uniform(*cfg.blur_sigma)))
     if cfg.jpeg_prob and rng.random() < cfg.jpeg_prob:
         buf = io.BytesIO()
-        (pil or Image.fromarray(img)).save(buf, format="JPEG", quality=int(rng.integers(cfg.jpeg_quality[0], cfg.jpeg_quality[1] + 1)))
+        (pil or Image.fromarray(img)).save(buf, format="JPEG",
+                                           quality=int(rng.integers(cfg.jpeg_quality[0], cfg.jpeg_quality[1] + 1)))
         pil = Image.open(io.BytesIO(buf.getvalue())).convert("RGB")
     return np.asarray(pil) if pil is not None else img
 

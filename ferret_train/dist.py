@@ -24,7 +24,7 @@ class Dist:
         return self.rank == 0
 
     @classmethod
-    def setup(cls, device_type: str) -> "Dist":
+    def setup(cls, device_type: str) -> Dist:
         world = int(os.environ.get("WORLD_SIZE", "1"))
         if world == 1:
             return cls()

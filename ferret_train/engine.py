@@ -26,11 +26,10 @@ from ferret_runtime.preprocess import Preprocess
 
 from .checkpoint import load_checkpoint, read_checkpoint, save_checkpoint
 from .config import TrainConfig, config_from_dict
-from .dist import Dist, pick_device
 from .data import ForenSynthsDataset, find_samples, find_subsets
+from .dist import Dist, pick_device
 from .evaluate import compute_metrics, format_table, summarize
 from .registry import create_model
-
 
 # The run directory's files written with atomic_write: a kill mid-write leaves '.NAME.<random>.tmp'
 RUN_FILES: tuple[str, ...] = ("last.pt", "best.pt", "metrics.jsonl")
@@ -61,16 +60,19 @@ class Trainer:
             resume = Path(resume)
             self.ckpt = read_checkpoint(resume)
             if "optimizer" not in self.ckpt:
-                raise CheckpointError(f"{resume}: not a training checkpoint (no optimizer state); use --init to fine-tune")
+                raise CheckpointError(f"{resume}: not a training checkpoint (no optimizer state); "
+                                      "use --init to fine-tune")
         self.cfg = cfg
         self.d = Dist.setup("cuda" if cfg.trainer.device.startswith("cuda") or
                             (cfg.trainer.device == "auto" and torch.cuda.is_available()) else "cpu")
         self.device = pick_device(cfg.trainer.device, self.d)
         self.amp = cfg.trainer.amp and self.device.type == "cuda"
         if cfg.trainer.batch_size % self.d.world:
-            raise ConfigError(f"trainer.batch_size={cfg.trainer.batch_size} is not divisible by {self.d.world} processes")
+            raise ConfigError(f"trainer.batch_size={cfg.trainer.batch_size} "
+                              f"is not divisible by {self.d.world} processes")
 
-        run_dir = Path(resume).parent if resume is not None else (next_run_dir(cfg.logger.dir) if self.d.master else None)
+        run_dir = (Path(resume).parent if resume is not None
+                   else (next_run_dir(cfg.logger.dir) if self.d.master else None))
         self.run_dir = Path(self.d.broadcast(str(run_dir) if run_dir else None))
         self.pre = Preprocess(crop=cfg.data.test_crop, mean=tuple(cfg.data.mean), std=tuple(cfg.data.std))
 
@@ -84,7 +86,8 @@ class Trainer:
                 raise CheckpointError(f"{cfg.model.init}: its shape ({init.cfg.arch}) does not match model.name="
                                       f"{cfg.model.name!r}") from None
         self.model = model.to(self.device)
-        self.net = DistributedDataParallel(self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None) \
+        self.net = DistributedDataParallel(self.model,
+                                           device_ids=[self.device.index] if self.device.type == "cuda" else None) \
             if self.d.world > 1 else self.model
         self.opt = self._optimizer()
         self.sched = self._scheduler()
@@ -159,7 +162,8 @@ class Trainer:
         try:
             for epoch in range(self.start_epoch, cfg.total_epochs):
                 record = self._train_epoch(epoch)
-                if self.val_subsets and (epoch + 1) % cfg.trainer.val_freq == 0 and epoch + 1 >= cfg.trainer.test_start_epoch:
+                if (self.val_subsets and (epoch + 1) % cfg.trainer.val_freq == 0
+                        and epoch + 1 >= cfg.trainer.test_start_epoch):
                     per_subset = self.validate()
                     if self.d.master:
                         record["val"] = {"subsets": per_subset, "mean": summarize(per_subset)}
@@ -360,6 +364,7 @@ def resume_config(path: str | Path, overrides: list[str] | None = None) -> Train
 
     ckpt = read_checkpoint(Path(path))
     if not ckpt.get("train_config"):
-        raise CheckpointError(f"{path}: records no training config (not written by ferret train); use --init to fine-tune")
+        raise CheckpointError(f"{path}: records no training config (not written by ferret train); "
+                              "use --init to fine-tune")
     cfg = config_from_dict(ckpt["train_config"])
     return apply_overrides(cfg, overrides)

@@ -20,8 +20,9 @@ METRICS = ("acc", "ap", "r_acc", "f_acc", "tpr1")  # tpr1: TPR (%) at FPR <= 1%
 
 def compute_metrics(y_true: np.ndarray, y_prob: np.ndarray, y_score: np.ndarray | None = None,
                     threshold: float = 0.5) -> dict[str, float]:
-    """The original's numbers (float32 probabilities, fake when > ``threshold``: 0.5 as the paper) and TPR at FPR 1%, ranked by
-    ``y_score`` (the logits: probabilities tie at 1.0 in float32) or else ``y_prob``; NaN where a class is absent."""
+    """The original's numbers (float32 probabilities, fake when > ``threshold``: 0.5 as the paper) and TPR at FPR 1%,
+    ranked by ``y_score`` (the logits: probabilities tie at 1.0 in float32) or else ``y_prob``; NaN where a class is
+    absent."""
     from sklearn.metrics import accuracy_score, average_precision_score
 
     from .calibration import tpr_at_fpr
@@ -47,14 +48,17 @@ def summarize(per_subset: dict[str, dict[str, float]]) -> dict[str, float]:
 
 
 def evaluate_with_detector(detector, subsets: dict[str, list[Sample]], progress: Callable[[int], None] | None = None,
-                           threshold: float = 0.5) -> tuple[dict[str, dict[str, float]], dict[str, dict[str, np.ndarray]]]:
+                           threshold: float = 0.5
+                           ) -> tuple[dict[str, dict[str, float]], dict[str, dict[str, np.ndarray]]]:
     """Metrics and raw predictions per subset with any runtime backend; an unreadable image is an error."""
-    return evaluate_pairs(detector, {name: [(str(s.path), s.path) for s in samples] for name, samples in subsets.items()},
+    return evaluate_pairs(detector,
+                          {name: [(str(s.path), s.path) for s in samples] for name, samples in subsets.items()},
                           {name: [s.label for s in samples] for name, samples in subsets.items()}, progress, threshold)
 
 
 def evaluate_pairs(detector, pairs: dict[str, Iterable[tuple[str, Any]]], labels: dict[str, list[int]],
-                   progress: Callable[[int], None] | None = None, threshold: float = 0.5) -> tuple[dict[str, dict[str, float]], dict[str, dict[str, np.ndarray]]]:
+                   progress: Callable[[int], None] | None = None, threshold: float = 0.5
+                   ) -> tuple[dict[str, dict[str, float]], dict[str, dict[str, np.ndarray]]]:
     """As ``evaluate_with_detector`` for (name, input) pairs per subset: paths, or decoded arrays."""
     metrics, preds = {}, {}
     for name, items in pairs.items():

@@ -73,7 +73,8 @@ class Explainer:
         cam, _ = grad_cam(self.model, x)
         panels = [
             ("image", image, {}),
-            (f"LPD reconstruction ({self.model.cfg.lpd_func}, {self.model.cfg.window_size}x{self.model.cfg.window_size})",
+            (f"LPD reconstruction ({self.model.cfg.lpd_func}, "
+             f"{self.model.cfg.window_size}x{self.model.cfg.window_size})",
              _stretch(rec[0].cpu().numpy()), {}),
             ("LPD residual (contrast-stretched)", _stretch(residual), {}),
             ("Grad-CAM, last feature stage", image, {"cam": cam}),

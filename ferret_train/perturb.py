@@ -66,7 +66,8 @@ def parse_specs(texts: list[str]) -> dict[str, list[float]]:
     for t in texts:
         name, strengths = parse_spec(t)
         if name in specs:
-            raise ConfigError(f"Received perturbation {name!r} twice; expected each kind once (strengths comma-separated)")
+            raise ConfigError(f"Received perturbation {name!r} twice; "
+                              "expected each kind once (strengths comma-separated)")
         specs[name] = strengths
     return specs
 
@@ -157,7 +158,8 @@ def format_sweep(results: dict[str, dict[float, Any]]) -> str:
         lines.append(f"perturbation {kind} ({KINDS[kind].unit}; 0 = none)")
         names = list(next(iter(by_strength.values()))[0])
         width = max([len(n) for n in names] + [6])
-        lines.append(f"  {'strength':>8}  {'subset':<{width}}  {'ACC':>7}  {'AP':>7}  {'R_ACC':>7}  {'F_ACC':>7}  {'TPR@1%':>7}")
+        lines.append(f"  {'strength':>8}  {'subset':<{width}}  {'ACC':>7}  {'AP':>7}  {'R_ACC':>7}  {'F_ACC':>7}  "
+                     f"{'TPR@1%':>7}")
         for s, (metrics, _) in by_strength.items():
             rows = list(metrics.items()) + ([("mean", summarize(metrics))] if len(metrics) > 1 else [])
             for name, r in rows:

@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+
 def _fmt(v: float | None, spec: str) -> str:
     return "-" if v is None else format(v, spec)
 
@@ -30,8 +31,8 @@ def paper_table(record: dict[str, Any]) -> str:
                      f"{_fmt(p.get('gflops'), '.2f') + 'G' if 'gflops' in p else '-':>11} "
                      f"{_fmt(p.get('fps'), '.1f'):>9} {(_fmt(fps, '.1f') + ' ' + how) if fps else '-':>22} {acc:>17}")
     lines.append("FLOPs: multiply-adds (the paper's unit, thop MACs) from FlopCounterMode / 2, convolutions and linear "
-                 "layers only (BatchNorm, pooling, FFTs not counted; see ferret_train.models.peers). Paper FPS: its GPU; "
-                 "ours: fastest backend at batch 1 on this machine.")
+                 "layers only (BatchNorm, pooling, FFTs not counted; see ferret_train.models.peers). "
+                 "Paper FPS: its GPU; ours: fastest backend at batch 1 on this machine.")
     return "\n".join(lines)
 
 

@@ -28,9 +28,8 @@ from typing import Any
 
 import numpy as np
 
-from ferret_runtime.errors import ConfigError
-
 from ferret_export.bench.runners import RUNNERS, Context, Skip
+from ferret_runtime.errors import ConfigError
 
 # The backends a user can name, in table order. "pipeline" is the whole ferret_runtime path
 # (encoded PNG bytes in, results out) over ONNX Runtime; the others time the model alone.
@@ -231,7 +230,8 @@ def run_bench(cfg: BenchConfig, log: Callable[[str], None] = print, progress=Non
     finally:
         torch.set_num_threads(old_threads)
     return {"schema": SCHEMA, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "device": device,
-            "hardware": hardware(), "config": asdict(cfg), "onnxruntime_cpu_streams": _effective_streams(cfg), "paper_fps_reading": "batch 1, PyTorch eager, one GPU",
+            "hardware": hardware(), "config": asdict(cfg), "onnxruntime_cpu_streams": _effective_streams(cfg),
+            "paper_fps_reading": "batch 1, PyTorch eager, one GPU",
             "models": [asdict(m) for m in models], "cells": [asdict(c) for c in cells]}
 
 

@@ -15,6 +15,7 @@ from typing import Any
 
 import numpy as np
 
+
 class Skip(Exception):
     """This backend cannot run this model here; the message is the reason."""
 
@@ -53,10 +54,9 @@ class Context:
 
         out = self.tmp / f"{self.name}.onnx"
         if _is_ferret(self.name):
-            from ferret_train.checkpoint import save_checkpoint
-
             from ferret_export.onnx.export import export_onnx
             from ferret_export.onnx.graph import GraphOptions
+            from ferret_train.checkpoint import save_checkpoint
 
             ckpt = save_checkpoint(self.tmp / f"{self.name}.pth", self.model)
             export_onnx(ckpt, out, GraphOptions(input_size=self.size, dynamic_hw=False), run_verify=False,
@@ -171,9 +171,8 @@ def _trt_runner(ctx: Context, backend: str, batch: int) -> Runner:
     if precision == "int8":
         raise Skip("INT8 engines need calibration images: build one with 'ferret export tensorrt --int8' "
                     "and time it with --backends pipeline on that engine")
-    from ferret_runtime.backends.tensorrt import TrtBackend
-
     from ferret_export.tensorrt.build import export_and_build
+    from ferret_runtime.backends.tensorrt import TrtBackend
 
     engine = ctx.tmp / f"{ctx.name}-{precision}-b{batch}.engine"
     if not engine.exists():

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 from ferret_runtime.commands import add_streams_argument
-from pathlib import Path
 
 HELP = "measure params, FLOPs and throughput of FerretNet and its peers across backends (the paper's table)"
 
@@ -25,7 +25,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     from ferret_export.bench.run import BACKENDS, DEFAULT_MODELS
 
     p = sub.add_parser(
-        "bench", help=HELP, description=HELP + ". Each cell: warm-up batches, then timed batches (CUDA events on a GPU); "
+        "bench", help=HELP,
+        description=HELP + ". Each cell: warm-up batches, then timed batches (CUDA events on a GPU); "
         "median and IQR of images/s, p50/p99 latency per batch. Backends that cannot run here are listed as skipped, "
         "with the reason.", formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="Backends:\n" + "\n".join(f"  {k:<16} {v}" for k, v in BACKENDS.items()) +

@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import argparse
 
-from ferret_runtime.commands import HelpFormatter
-
 from ferret_export.commands._int8 import add_int8_arguments, int8_options, precision
+from ferret_runtime.commands import HelpFormatter
 
 HELP = "ONNX with standard operators only (ONNX Runtime, TensorRT's parser, any consumer)"
 
@@ -63,8 +62,8 @@ def run(args: argparse.Namespace) -> int:
 
     int8 = int8_options(args)
     check_request("onnx", precision=precision(args), lpd=args.lpd, int8=int8, fp16=args.fp16)
-    opts = GraphOptions(opset=args.opset, fp16=args.fp16, dynamic_batch=args.dynamic,
-                        dynamic_hw=args.dynamic_hw, input_size=args.input_size, preprocess=args.preprocess, lpd=args.lpd)
+    opts = GraphOptions(opset=args.opset, fp16=args.fp16, dynamic_batch=args.dynamic, dynamic_hw=args.dynamic_hw,
+                        input_size=args.input_size, preprocess=args.preprocess, lpd=args.lpd)
     to_onnx(args.weights, args.out, opts, int8, verify_images=args.verify_images, lpd_func=args.lpd_func,
             window_size=args.window, run_verify=args.verify, simplify=args.simplify, threshold=args.threshold)
     return 0

@@ -5,18 +5,16 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from ferret_runtime.commands import HelpFormatter
-
 from ferret_export.commands._int8 import add_int8_arguments, int8_options, precision
+from ferret_runtime.commands import HelpFormatter
 
 HELP = "build a TensorRT engine from an exported .onnx or a checkpoint (verified against ONNX Runtime first)"
 
 
 def _triple(option: str):
     def parse(text: str) -> tuple[int, int, int]:
-        from ferret_runtime.errors import ConfigError
-
         from ferret_export.tensorrt.profile import parse_triple
+        from ferret_runtime.errors import ConfigError
 
         try:
             return parse_triple(text, option)
@@ -64,14 +62,16 @@ def _parser(formats: argparse._SubParsersAction) -> argparse.ArgumentParser:
         "tensorrt", help=HELP, formatter_class=HelpFormatter,
         description="Build a TensorRT engine for this machine's GPU from a graph written by 'ferret export onnx' "
                     "(--onnx), or export a checkpoint first (--weights). The network is strongly typed: the precision "
-                    "is the graph's (float32, float16, or INT8 Q/DQ). Before anything is written, TensorRT's logits are "
-                    "compared with ONNX Runtime's (CPU) on real images and random batches at the profile's smallest, "
-                    "optimal and largest batch, with max abs/rel errors printed per case. The engine is written with a "
-                    "sidecar ENGINE.json (TensorRT version, GPU, profile, preprocessing) that the runtime checks before "
-                    "loading: an engine only runs with the TensorRT and on the GPU model it was built with.",
+                    "is the graph's (float32, float16, or INT8 Q/DQ). Before anything is written, TensorRT's logits "
+                    "are compared with ONNX Runtime's (CPU) on real images and random batches at the profile's "
+                    "smallest, optimal and largest batch, with max abs/rel errors printed per case. The engine is "
+                    "written with a sidecar ENGINE.json (TensorRT version, GPU, profile, preprocessing) that the "
+                    "runtime checks before loading: an engine only runs with the TensorRT and on the GPU model it was "
+                    "built with.",
         epilog="Examples:\n  ferret export tensorrt --onnx ferretnet-s.onnx -o ferretnet-s.engine --batch 1,32,128 "
-               "--timing-cache trt.cache\n  ferret export tensorrt -w ferretnet-s-median-3.pth -o ferretnet-s-fp16.engine "
-               "--fp16 --lpd plugin\n  ferret export tensorrt -w ferretnet-s-median-3.pth -o ferretnet-s-int8.engine "
+               "--timing-cache trt.cache\n"
+               "  ferret export tensorrt -w ferretnet-s-median-3.pth -o ferretnet-s-fp16.engine --fp16 --lpd plugin\n"
+               "  ferret export tensorrt -w ferretnet-s-median-3.pth -o ferretnet-s-int8.engine "
                "--int8 --calib-data data/train",
     )
 
@@ -90,7 +90,8 @@ def _add_build_arguments(p: argparse.ArgumentParser) -> None:
                    help=f"batch sizes of the optimisation profile: the engine runs MIN..MAX and is tuned for OPT "
                         f"(default: {','.join(map(str, DEFAULT_BATCH))}, or the graph's fixed batch)")
     p.add_argument("--dynamic-hw", type=_triple("--dynamic-hw"), default=None, metavar="MIN,OPT,MAX",
-                   help="square image sizes for a graph with dynamic height/width (required for one, refused otherwise)")
+                   help="square image sizes for a graph with dynamic height/width "
+                        "(required for one, refused otherwise)")
     p.add_argument("--workspace-mb", type=int, default=DEFAULT_WORKSPACE_MB,
                    help="TensorRT's workspace memory pool limit in MiB (scratch memory tactics may use)")
     p.add_argument("--timing-cache", type=Path, default=None, metavar="FILE",
@@ -101,9 +102,8 @@ def _add_build_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ferret_runtime.errors import ConfigError
-
     from ferret_export.tensorrt.build import build_engine, export_and_build
+    from ferret_runtime.errors import ConfigError
 
     options = dict(batch=args.batch, workspace_mb=args.workspace_mb, timing_cache=args.timing_cache,
                    hardware_compat=args.hardware_compat, verify=args.verify)
@@ -111,8 +111,9 @@ def run(args: argparse.Namespace) -> int:
         for flag, given in (("--fp16", args.fp16), ("--int8", args.int8), ("--calib-data", args.calib_data is not None),
                             ("--input-size", args.input_size != 256)):
             if given:
-                raise ConfigError(f"Received {flag} with --onnx; expected it only with --weights (with --onnx the graph "
-                                  "decides: export it with the options you want, e.g. 'ferret export onnx --fp16')")
+                raise ConfigError(f"Received {flag} with --onnx; expected it only with --weights (with --onnx the "
+                                  "graph decides: export it with the options you want, "
+                                  "e.g. 'ferret export onnx --fp16')")
         build_engine(args.onnx, args.out, dynamic_hw=args.dynamic_hw, lpd=args.lpd, verify_images=args.verify_images,
                      **options)
     else:

@@ -17,7 +17,8 @@ def add_parser(formats: argparse._SubParsersAction) -> argparse.ArgumentParser:
                     "(platform onnxruntime_onnx) or REPO/NAME/1/model.plan (tensorrt_plan), REPO/NAME/README.md with "
                     "the exact preprocessing, and REPO/client_example.py (tritonclient.http, numpy only). Input names, "
                     "dtypes and shapes are read from the ONNX graph; a TensorRT engine needs its sidecar ENGINE.json "
-                    "(written by the TensorRT export). The model's ferret.* metadata goes into the config's parameters.",
+                    "(written by the TensorRT export). The model's ferret.* metadata goes into the config's "
+                    "parameters.",
         epilog="\nExample:\n  ferret export triton --model ferretnet-s.onnx --repo models --max-batch 64 "
                "--preferred-batch 8,16,32 --instances 2",
     )

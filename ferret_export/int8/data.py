@@ -46,7 +46,8 @@ def select_images(calib_images: Sequence[str | Path], n_images: int, seed: int =
         raise ConfigError("Received no calibration paths; expected image files or folders of images")
     for p in map(Path, calib_images):
         if not p.exists():
-            raise ConfigError(f"{p}: received a calibration path that does not exist; expected an image or a folder of images")
+            raise ConfigError(f"{p}: received a calibration path that does not exist; "
+                              "expected an image or a folder of images")
     images = find_images(list(calib_images))
     if not images:
         raise ConfigError(f"Received calibration data {[str(p) for p in calib_images]} without images; expected "
@@ -137,7 +138,7 @@ class Normalized(Sequence):
 
 
 
-def verify_int8(fp32_onnx: str | Path, int8_onnx: str | Path, images: "Sequence[str | Path] | DecodedImages", *,
+def verify_int8(fp32_onnx: str | Path, int8_onnx: str | Path, images: Sequence[str | Path] | DecodedImages, *,
                 batch_size: int = 16, log: Callable[[str], None] = print) -> Int8Comparison:
     """Run both models in ONNX Runtime (CPU) on the same preprocessed images; compare logits and labels.
     ``images``: paths, or the :class:`DecodedImages` calibration already decoded (not decoded again)."""
@@ -150,7 +151,8 @@ def verify_int8(fp32_onnx: str | Path, int8_onnx: str | Path, images: "Sequence[
     with OrtBackend(fp32_onnx, device="cpu") as ref, OrtBackend(int8_onnx, device="cpu") as q:
         pre = ref.info.preprocess
         if q.info.preprocess != pre:
-            raise ConfigError(f"{int8_onnx}: received preprocessing {q.info.preprocess}; expected the fp32 model's {pre}")
+            raise ConfigError(f"{int8_onnx}: received preprocessing {q.info.preprocess}; "
+                              f"expected the fp32 model's {pre}")
         fixed = ref.session.get_inputs()[0].shape[0]  # an int for graphs exported without --dynamic
         bs = fixed if isinstance(fixed, int) else 1 if pre.crop is None else batch_size
         got, want = [], []

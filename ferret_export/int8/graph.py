@@ -73,8 +73,10 @@ def _consumers(graph: onnx.GraphProto) -> dict[str, list[onnx.NodeProto]]:
     return out
 
 
-def equalizable(proto: onnx.ModelProto, targets: set[str]) -> list[tuple[onnx.NodeProto, onnx.NodeProto, list[onnx.NodeProto]]]:
-    """(conv, relu, consumer convs) where ``relu(conv(.))`` feeds only convolutions in ``targets``, as their data input."""
+def equalizable(proto: onnx.ModelProto, targets: set[str]
+                ) -> list[tuple[onnx.NodeProto, onnx.NodeProto, list[onnx.NodeProto]]]:
+    """(conv, relu, consumer convs) where ``relu(conv(.))`` feeds only convolutions in ``targets``, as their
+    data input."""
     consumers = _consumers(proto.graph)
     allowed = cnn_nodes(proto)
     out = []
@@ -141,7 +143,8 @@ def equalize(proto: onnx.ModelProto, batches: Sequence[np.ndarray], input_name: 
         for u in users:
             w = numpy_helper.to_array(inits[u.input[1]]).astype(np.float64)
             groups, per_group = _attr(u, "group", 1), w.shape[1]
-            in_channel = (np.arange(w.shape[0]) // (w.shape[0] // groups))[:, None] * per_group + np.arange(per_group)[None, :]
+            in_channel = ((np.arange(w.shape[0]) // (w.shape[0] // groups))[:, None] * per_group
+                          + np.arange(per_group)[None, :])
             _set(inits[u.input[1]], w * s[in_channel][:, :, None, None])
         done += 1
     return proto, done
@@ -181,7 +184,8 @@ def insert_residual_qdq(proto: onnx.ModelProto, adds: list[str], ranges: dict[st
             raise QuantizationError(f"residual input {t!r} of {name!r} has no calibrated range")
         q, dq = f"{t}_{name}_QuantizeLinear", f"{t}_{name}_DequantizeLinear"
         idx = list(graph.node).index(add)
-        graph.node.insert(idx, helper.make_node("DequantizeLinear", [q + "_Output", scale, zp], [dq + "_Output"], name=dq))
+        graph.node.insert(idx, helper.make_node("DequantizeLinear", [q + "_Output", scale, zp], [dq + "_Output"],
+                                                name=dq))
         graph.node.insert(idx, helper.make_node("QuantizeLinear", [t, scale, zp], [q + "_Output"], name=q))
         add.input[1] = dq + "_Output"
         inserted += 1

@@ -47,15 +47,22 @@ import numpy as np
 import onnx
 from onnx import TensorProto, numpy_helper
 
+from ferret_export.int8.data import DecodedImages, Normalized, decode_images, graph_input, images_digest, select_images
+from ferret_export.int8.graph import (
+    QDQ_OPS,
+    WEIGHTED_OPS,
+    QuantizationError,
+    cnn_nodes,
+    equalize,
+    insert_residual_qdq,
+    quantized_inputs,
+    residual_adds,
+)
+from ferret_export.onnx.graph import PLUGIN_DOMAIN
 from ferret_runtime.errors import ConfigError
 from ferret_runtime.fileio import atomic_write
 from ferret_runtime.metadata import PREFIX, decode
 from ferret_runtime.preprocess import Preprocess
-
-from ferret_export.int8.data import DecodedImages, Normalized, decode_images, graph_input, images_digest, select_images
-from ferret_export.int8.graph import (QDQ_OPS, WEIGHTED_OPS, QuantizationError, cnn_nodes, equalize, insert_residual_qdq,
-                         quantized_inputs, residual_adds)
-from ferret_export.onnx.graph import PLUGIN_DOMAIN
 
 METHODS = ("entropy", "percentile", "minmax")
 ENTROPY_BINS = 512  # TensorRT uses 2048; ORT's KL search in Python then takes ~1 s per tensor
@@ -79,11 +86,13 @@ class QuantResult:
 def _load_source(src: Path) -> tuple[onnx.ModelProto, dict]:
     """The fp32 portable FerretNet ONNX to quantise, or ConfigError saying why not."""
     if not src.is_file():
-        raise ConfigError(f"{src}: received a path that is not a file; expected an fp32 .onnx from 'ferret export onnx'")
+        raise ConfigError(f"{src}: received a path that is not a file; "
+                          "expected an fp32 .onnx from 'ferret export onnx'")
     try:
         proto = onnx.load(str(src))
     except Exception as e:  # onnx raises DecodeError / ValueError depending on the damage
-        raise ConfigError(f"{src}: received a file onnx cannot parse ({type(e).__name__}); expected an ONNX model") from None
+        raise ConfigError(f"{src}: received a file onnx cannot parse ({type(e).__name__}); "
+                          "expected an ONNX model") from None
     meta = decode({p.key: p.value for p in proto.metadata_props}, str(src))
     has_qdq = any(n.op_type in QDQ_OPS for n in proto.graph.node)
     if meta["precision"] != "fp32" or has_qdq:
@@ -140,7 +149,8 @@ def calibrate(proto: onnx.ModelProto, batches: Sequence[np.ndarray], input_name:
 # ------------------------------------------------------------------------------------ Q/DQ pass
 def _ranges(tensors) -> dict[str, tuple[float, float]]:
     """Tensor -> (rmin, rmax) from a calibrator's ``TensorsData``."""
-    return {name: (float(np.min(r.range_value[0])), float(np.max(r.range_value[1]))) for name, r in tensors.data.items()}
+    return {name: (float(np.min(r.range_value[0])), float(np.max(r.range_value[1])))
+            for name, r in tensors.data.items()}
 
 
 def _metadata(src_meta_props: dict[str, str], calibration: dict) -> dict[str, str]:
@@ -179,8 +189,8 @@ def quantize_int8(src_onnx: str | Path, out_onnx: str | Path, calib_images: Sequ
     if equalize_channels:
         proto, n_eq = equalize(proto, batches[: max(1, 32 // batch_size)], input_name, set(targets))
     adds = [n.name for n in residual_adds(proto, allowed)] if quantize_residual else []
-    log(f"[int8] {src.name}: {len(targets)} Conv/Gemm nodes in int8 ({len(kept)} first kept float32), {len(adds)} residual "
-        f"Adds, {n_eq} equalised activations; "
+    log(f"[int8] {src.name}: {len(targets)} Conv/Gemm nodes in int8 ({len(kept)} first kept float32), "
+        f"{len(adds)} residual Adds, {n_eq} equalised activations; "
         f"calibrating ({method}) on {len(images)} images in batches of {batch_size}")
     t1 = time.perf_counter()
     tensors = calibrate(proto, batches, input_name, method, percentile=percentile)
@@ -191,8 +201,9 @@ def quantize_int8(src_onnx: str | Path, out_onnx: str | Path, calib_images: Sequ
 
     calibration = {"method": method, "n_images": len(images), "images_sha256": digest, "per_channel": per_channel,
                    "activations": "int8 symmetric per-tensor", "weights": "int8 symmetric " +
-                   ("per-channel" if per_channel else "per-tensor"), "equalized_activations": n_eq, "float_layers": kept,
-                   "residual_adds": n_residual, "float32": "preprocessing, LPD and x - lpd(x); biases"}
+                   ("per-channel" if per_channel else "per-tensor"), "equalized_activations": n_eq,
+                   "float_layers": kept, "residual_adds": n_residual,
+                   "float32": "preprocessing, LPD and x - lpd(x); biases"}
     del qproto.metadata_props[:]
     for k, v in _metadata({p.key: p.value for p in proto.metadata_props}, calibration).items():
         qproto.metadata_props.append(onnx.StringStringEntryProto(key=k, value=v))
@@ -218,7 +229,8 @@ def _split_layers(proto: onnx.ModelProto, allowed: set[str], float_layers: int) 
     weighted = [n.name for n in proto.graph.node if n.name in allowed and n.op_type in WEIGHTED_OPS]
     kept, targets = weighted[:float_layers], weighted[float_layers:]
     if not targets:  # quantize_static reads an empty node list as "all nodes"
-        raise ConfigError(f"Received float_layers {float_layers}; expected fewer than the model's {len(weighted)} Conv/Gemm layers")
+        raise ConfigError(f"Received float_layers {float_layers}; "
+                          f"expected fewer than the model's {len(weighted)} Conv/Gemm layers")
     return kept, targets
 
 

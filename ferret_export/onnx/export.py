@@ -11,6 +11,8 @@ from pathlib import Path
 import numpy as np
 import onnx
 
+from ferret_export.onnx.graph import GraphOptions, build_graph
+from ferret_export.verify import Comparison, ParityError, Tolerance, compare
 from ferret_runtime import __version__
 from ferret_runtime.backends import EXTERNAL_LPD
 from ferret_runtime.errors import ConfigError
@@ -19,13 +21,11 @@ from ferret_runtime.metadata import encode
 from ferret_runtime.preprocess import Preprocess, find_images, load_image, median_residual, normalize, prepare
 from ferret_runtime.samples import write_samples
 
-from ferret_export.onnx.graph import GraphOptions, build_graph
-from ferret_export.verify import Comparison, ParityError, Tolerance, compare
-
 # fp16: float16's epsilon (~1e-3) as rtol, since out-of-distribution inputs (noise) reach logits of ~35
 TOLERANCE = {"fp32": Tolerance(1e-4), "fp16": Tolerance(2e-2, 1e-3)}
 MIN_OPSET, MAX_OPSET = 17, 21
 LPD_MODES = ("portable", "plugin", "external")
+DEFAULT_GRAPH_OPTIONS = GraphOptions()  # frozen, so one shared default is safe
 
 
 @dataclass
@@ -103,7 +103,7 @@ def verify(model_proto: onnx.ModelProto, loaded, opts: GraphOptions, pre: Prepro
     return results
 
 
-def export_onnx(weights: str | Path, out: str | Path, opts: GraphOptions = GraphOptions(), *,
+def export_onnx(weights: str | Path, out: str | Path, opts: GraphOptions = DEFAULT_GRAPH_OPTIONS, *,
                 lpd_func: str | None = None, window_size: int | None = None, verify_images: list | None = None,
                 check: bool = True, run_verify: bool = True, simplify: bool = False, threshold: float | None = None,
                 log: Callable[[str], None] = print) -> ExportResult:

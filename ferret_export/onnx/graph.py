@@ -90,7 +90,8 @@ def lpd_nodes(g: GraphBuilder, x: str, spec: LPDSpec, k: int) -> str:
     neighbours = views[:c] + views[c + 1:]
     if spec.reduce == "median" and k == 3:
         def bin_op(op_type: str):
-            return lambda a, b: g.op(op_type, [a, g.const(np.array(b)) if isinstance(b, float) else b], "lpd_" + op_type.lower())
+            return lambda a, b: g.op(op_type, [a, g.const(np.array(b)) if isinstance(b, float) else b],
+                                     "lpd_" + op_type.lower())
         views[c] = median3x3_centre(spec, views[c])
         return median9(views, bin_op("Min"), bin_op("Max"))
     if spec.reduce in ("min", "max"):  # the masked centre is +-inf: leaving it out is the same
@@ -226,13 +227,15 @@ def build_graph(model, opts: GraphOptions, mean=None, std=None) -> onnx.ModelPro
     return m
 
 
-def lpd_graph(func: str, k: int, shape: tuple[int, int, int, int], opset: int = 17, fp16: bool = False) -> onnx.ModelProto:
+def lpd_graph(func: str, k: int, shape: tuple[int, int, int, int], opset: int = 17,
+              fp16: bool = False) -> onnx.ModelProto:
     """A graph of the LPD reconstruction alone (for tests and benchmarks)."""
     g = GraphBuilder(opset, TensorProto.FLOAT16 if fp16 else TensorProto.FLOAT)
     spec = get_lpd_spec(func)
     rec = lpd_nodes(g, INPUT, spec, k)
     g.nodes.append(helper.make_node("Identity", [rec], ["rec"]))
-    graph = helper.make_graph(g.nodes, f"lpd-{func}-{k}", [helper.make_tensor_value_info(INPUT, g.float_type, list(shape))],
+    graph = helper.make_graph(g.nodes, f"lpd-{func}-{k}",
+                              [helper.make_tensor_value_info(INPUT, g.float_type, list(shape))],
                               [helper.make_tensor_value_info("rec", g.float_type, list(shape))], g.inits)
     m = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
     m.ir_version = min(m.ir_version, 9)

@@ -22,16 +22,23 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ferret_export.onnx.model import OnnxModel, describe_onnx
+from ferret_export.pipeline import Int8Options, check_out, check_request
+from ferret_export.tensorrt.profile import (
+    DEFAULT_BATCH,
+    Profile,
+    check_buildable,
+    engine_record,
+    lpd_mode,
+    profile_shapes,
+    resolve_lpd,
+    sidecar_content,
+)
+from ferret_export.tensorrt.verify import TOLERANCE, verify_engine
+from ferret_export.verify import Comparison
 from ferret_runtime import sidecar
 from ferret_runtime.errors import ConfigError, FerretError
 from ferret_runtime.fileio import atomic_write
-
-from ferret_export.onnx.model import OnnxModel, describe_onnx
-from ferret_export.pipeline import Int8Options, check_out, check_request
-from ferret_export.tensorrt.profile import (DEFAULT_BATCH, Profile, check_buildable, engine_record, lpd_mode, profile_shapes,
-                          resolve_lpd, sidecar_content)
-from ferret_export.tensorrt.verify import TOLERANCE, verify_engine
-from ferret_export.verify import Comparison
 
 __all__ = ["DEFAULT_BATCH", "DEFAULT_WORKSPACE_MB", "BuildResult", "build_engine", "export_and_build"]
 
@@ -176,7 +183,8 @@ def _build(trt: Any, model: OnnxModel, profile: Profile, *, workspace_mb: int, t
     serialized = builder.build_serialized_network(network, config)
     seconds = time.perf_counter() - start
     if serialized is None:
-        raise FerretError(f"{model.path}: TensorRT could not build an engine: {'; '.join(logger.errors) or 'see its log'}")
+        raise FerretError(f"{model.path}: TensorRT could not build an engine: "
+                          f"{'; '.join(logger.errors) or 'see its log'}")
     blob = bytes(serialized)
     log(f"[build] built in {seconds:.1f} s ({len(blob) / 1e6:.1f} MB)")
     if timing_cache is not None:
@@ -197,13 +205,12 @@ def _prepare_plugin(model: OnnxModel, profile: Profile) -> dict[str, Any]:
 
 def _check_plugin_launch(model: OnnxModel, profile: Profile) -> None:
     """The kernel's limits (launch_config's checks) at the profile's largest shape, before building."""
-    from ferret_runtime.kernels.launch import launch_config
-
     from ferret_export.tensorrt.plugin import PTX_ARCH
+    from ferret_runtime.kernels.launch import launch_config
 
     n, *rest = profile.max
     h, w = rest[:2] if model.layout == "NHWC" else rest[1:]
-    for op, attrs in model.plugin_nodes:
+    for _op, attrs in model.plugin_nodes:
         launch_config("lpd_generic", (n, 3, h, w), "float32", PTX_ARCH, int(attrs["window_size"]))
 
 

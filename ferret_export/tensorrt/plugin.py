@@ -23,18 +23,24 @@ decorated functions as classes (``issubclass``), which string annotations would 
 """
 
 import functools
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, List, Tuple, Union
+from typing import Any
 
+from ferret_export.onnx.graph import PLUGIN_DOMAIN, PLUGIN_OP
+from ferret_runtime.cuda import CudaError, driver_version
 from ferret_runtime.errors import ConfigError
 from ferret_runtime.kernels import cache_dir, read_source, source_hash, variant_id, write_atomic
 from ferret_runtime.kernels.launch import MAX_GRID_YZ, launch_config, tile_shape
-from ferret_runtime.kernels.nvrtc import NVRTC_OPTIONS, check_nvrtc_driver, nvrtc_compile, nvrtc_version, selection_options
-from ferret_runtime.cuda import CudaError, driver_version
+from ferret_runtime.kernels.nvrtc import (
+    NVRTC_OPTIONS,
+    check_nvrtc_driver,
+    nvrtc_compile,
+    nvrtc_version,
+    selection_options,
+)
 from ferret_runtime.lpd_spec import check_window
-
-from ferret_export.onnx.graph import PLUGIN_DOMAIN, PLUGIN_OP
 
 PLUGIN_NAMESPACE = PLUGIN_DOMAIN
 OPS: dict[str, bool] = {PLUGIN_OP: False, "lpd_residual": True}  # op name -> the output is the residual x - lpd(x)
@@ -160,13 +166,13 @@ def compile_trt_ptx(arch: int = PTX_ARCH, cache: Path | None = None, kernels: tu
     return data
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _ptx(arch: int) -> bytes:
     """Every TensorRT entry point for every window (tests, gpu_check)."""
     return compile_trt_ptx(arch)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _entry_ptx(arch: int, kernel: str, window: int) -> bytes:
     """The PTX one plugin node embeds: its entry point alone, lpd_generic built for its window."""
     return compile_trt_ptx(arch, kernels=(kernel,), window=window if "generic" in kernel else 0)
@@ -218,13 +224,13 @@ def _register(trt: Any, trtp: Any, op: str, residual: bool) -> None:
         return x.like()  # same shape and dtype as the input
 
     @trtp.autotune(plugin_id)
-    def formats(x: trtp.TensorDesc, outputs: Tuple[trtp.TensorDesc]) -> List[trtp.AutoTuneCombination]:
+    def formats(x: trtp.TensorDesc, outputs: tuple[trtp.TensorDesc]) -> list[trtp.AutoTuneCombination]:
         # input and output share one dtype (fp32 or fp16), linear NCHW; one kernel, no custom tactics
         return [trtp.AutoTuneCombination("FP32|FP16, FP32|FP16", "LINEAR")]
 
     @trtp.aot_impl(plugin_id)
-    def compiled(x: trtp.TensorDesc, func: str, window_size: int, outputs: Tuple[trtp.TensorDesc], tactic: int
-                 ) -> Tuple[Union[str, bytes], Union[str, bytes], trtp.KernelLaunchParams, trtp.SymIntExprs]:
+    def compiled(x: trtp.TensorDesc, func: str, window_size: int, outputs: tuple[trtp.TensorDesc], tactic: int
+                 ) -> tuple[str | bytes, str | bytes, trtp.KernelLaunchParams, trtp.SymIntExprs]:
         dtype = "float16" if x.dtype == trt.float16 else "float32"
         launch = aot_launch(tuple(x.shape_expr), dtype, func, window_size, residual, cdiv=trtp.cdiv, minimum=trtp.min)
         params = trtp.KernelLaunchParams()
@@ -238,7 +244,7 @@ def _register(trt: Any, trtp: Any, op: str, residual: bool) -> None:
 def plugin_record() -> dict[str, Any]:
     """What an engine's sidecar says about the plugin it embeds."""
     try:
-        nvrtc = "%d.%d" % nvrtc_version()
+        nvrtc = "{}.{}".format(*nvrtc_version())
     except CudaError:
         nvrtc = None
     # PTX from NVRTC X.Y runs only on drivers for CUDA X.Y or newer: the engine's runtime checks this

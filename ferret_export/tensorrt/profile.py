@@ -7,13 +7,12 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
+from ferret_export.onnx.model import OnnxModel
+from ferret_export.pipeline import LPD_MODES, PRECISIONS
+from ferret_export.tensorrt.plugin import PLUGIN_CONTROL_ATTRS
 from ferret_runtime import __version__
 from ferret_runtime.errors import ConfigError
 from ferret_runtime.sidecar import ENGINE_KEY, LPD_ALIASES
-
-from ferret_export.onnx.model import OnnxModel
-from ferret_export.pipeline import LPD_MODES, PRECISIONS  # portable: standard layers; plugin: ferret::lpd; external: no LPD
-from ferret_export.tensorrt.plugin import PLUGIN_CONTROL_ATTRS
 
 DEFAULT_BATCH: tuple[int, int, int] = (1, 64, 256)
 MIN_HW = 8  # as 'ferret export onnx --input-size'
@@ -58,7 +57,8 @@ def check_buildable(model: OnnxModel) -> None:
         raise ConfigError(f"{model.path}: received {len(model.inputs)} inputs and {len(model.outputs)} outputs; "
                           "expected one each")
     if len(model.input_shape) != 4:
-        raise ConfigError(f"{model.path}: received an input of rank {len(model.input_shape)}; expected a 4-D image batch")
+        raise ConfigError(f"{model.path}: received an input of rank {len(model.input_shape)}; "
+                          "expected a 4-D image batch")
 
 
 def resolve_lpd(model: OnnxModel, lpd: str | None) -> str:
@@ -68,8 +68,9 @@ def resolve_lpd(model: OnnxModel, lpd: str | None) -> str:
     if lpd is not None and lpd != graph:
         what = {"plugin": "the ferret::lpd plugin node", "external": "no LPD (its input is the LPD residual)",
                 "portable": "the LPD as standard operators"}[graph]
-        raise ConfigError(f"Received --lpd {lpd} for {model.path.name}, a graph with {what}; expected --lpd {graph}, or "
-                          f"a graph exported with 'ferret export onnx --lpd {lpd}' (or --weights W, which exports one)")
+        raise ConfigError(f"Received --lpd {lpd} for {model.path.name}, a graph with {what}; "
+                          f"expected --lpd {graph}, or a graph exported with 'ferret export onnx --lpd {lpd}' "
+                          "(or --weights W, which exports one)")
     if graph == "plugin":
         from ferret_export.tensorrt.plugin import ATTRIBUTES, OPS, PLUGIN_NAMESPACE, check_attributes
 
@@ -78,7 +79,8 @@ def resolve_lpd(model: OnnxModel, lpd: str | None) -> str:
                 raise ConfigError(f"{model.path}: received a custom node {op!r} ({attrs}); expected ferret::lpd")
             passed = [k for k in sorted(attrs) if k not in PLUGIN_CONTROL_ATTRS]
             if passed != sorted(ATTRIBUTES):
-                raise ConfigError(f"{model.path}: received ferret::{op} attributes {passed}; expected {list(ATTRIBUTES)}")
+                raise ConfigError(f"{model.path}: received ferret::{op} attributes {passed}; "
+                                  f"expected {list(ATTRIBUTES)}")
             check_attributes(attrs["func"].decode(), attrs["window_size"])
     return graph
 

@@ -21,14 +21,13 @@ from typing import Any
 
 import numpy as np
 
+from ferret_export.onnx.model import STANDARD_DOMAINS, OnnxModel
+from ferret_export.tensorrt.profile import Profile, hw_axes
+from ferret_export.verify import Comparison, ParityError, Tolerance, compare
 from ferret_runtime import sidecar
 from ferret_runtime.lpd_spec import get_lpd_spec
 from ferret_runtime.preprocess import Preprocess, find_images, load_image, median_residual, normalize, prepare
 from ferret_runtime.samples import natural_image
-
-from ferret_export.onnx.model import STANDARD_DOMAINS, OnnxModel
-from ferret_export.tensorrt.profile import Profile, hw_axes
-from ferret_export.verify import Comparison, ParityError, Tolerance, compare
 
 TOLERANCE = {"fp32": Tolerance(1e-3, 1e-3), "fp16": Tolerance(5e-2, 5e-3), "int8": Tolerance(2.5e-1, 5e-2)}
 
@@ -85,7 +84,8 @@ def _cases(model: OnnxModel, profile: Profile, images: list[Path]) -> list[tuple
         if (sh, sw) != (h, w):
             cases.append((f"random, {label} size {sh}x{sw}", rng.integers(0, 256, (profile.min[0], sh, sw, 3),
                                                                          dtype=np.uint8)))
-    if lo_h != hi_w:  # dynamic H/W: taller than wide would read the same; a scene, since noise hides a wrong neighbourhood
+    # dynamic H/W: taller than wide would read the same; a scene, since noise hides a wrong neighbourhood
+    if lo_h != hi_w:
         scene = natural_image(rng, max(lo_h, hi_w))[:lo_h, :hi_w]
         cases.append((f"image, non-square {lo_h}x{hi_w}", np.repeat(scene[None], profile.min[0], axis=0)))
     return cases

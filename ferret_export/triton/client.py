@@ -8,7 +8,7 @@ The preprocessing is read from the served model's config (parameter ferret.prepr
 works for every FerretNet model in the repository, and against `ferret serve` (KServe v2), whose
 config asks for uint8 pixels and normalises on the server; the constants below, those of the model
 it was written for, are the fallback. numpy and Pillow only: no torch, and no ferret package.
-"""
+"""  # noqa: E501 (the first line is the --help description, kept whole)
 
 from __future__ import annotations
 
@@ -20,7 +20,8 @@ import sys
 import numpy as np
 from PIL import Image
 
-# The export rewrites these three lines with the exported model's values (ferret_export.triton.repository.client_example_text).
+# The export rewrites these three lines with the exported model's values
+# (ferret_export.triton.repository.client_example_text).
 MODEL_NAME = 'ferretnet'
 PREPROCESS = {'crop': 256, 'mean': [0.48145466, 0.4578275, 0.40821073], 'std': [0.26862954, 0.26130258, 0.27577711], 'layout': 'NCHW', 'dtype': 'float32'}  # noqa: E501
 THRESHOLD = 0.5

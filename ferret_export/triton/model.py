@@ -10,12 +10,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ferret_export.onnx.model import describe_onnx
+from ferret_export.pipeline import FORMATS
 from ferret_runtime import sidecar
 from ferret_runtime.errors import ConfigError
 from ferret_runtime.sidecar import TensorSpec
-
-from ferret_export.onnx.model import describe_onnx
-from ferret_export.pipeline import FORMATS
 
 ONNX_SUFFIXES, ENGINE_SUFFIXES = FORMATS["onnx"].suffixes, FORMATS["tensorrt"].suffixes
 PLATFORMS = {"onnx": ("onnxruntime_onnx", "model.onnx"), "tensorrt": ("tensorrt_plan", "model.plan")}
@@ -55,8 +54,8 @@ def describe_model(path: str | os.PathLike) -> ModelDescription:
         raise ConfigError(f"{path}: no such model file")
     desc = _describe_onnx(path) if suffix in ONNX_SUFFIXES else _describe_engine(path)
     if desc.meta["lpd_mode"] == "external":
-        raise ConfigError(f"{path}: received a model without its LPD (ferret.lpd_mode=external), whose input is the LPD "
-                          "residual the ferret runtime computes; expected a model with the LPD inside for Triton "
+        raise ConfigError(f"{path}: received a model without its LPD (ferret.lpd_mode=external), whose input is the "
+                          "LPD residual the ferret runtime computes; expected a model with the LPD inside for Triton "
                           "(export with --lpd portable, or --lpd plugin for a TensorRT engine)")
     return desc
 

@@ -31,11 +31,10 @@ from collections.abc import Callable, Sequence
 from importlib import resources
 from pathlib import Path
 
-from ferret_runtime.errors import ConfigError
-from ferret_runtime.fileio import atomic_copy, atomic_write, fsync_dir, sha256
-
 from ferret_export.triton.model import ModelDescription, describe_model
 from ferret_export.triton.templates import KINDS, TRITON_TYPES, config_text, readme_text, triton_dims
+from ferret_runtime.errors import ConfigError
+from ferret_runtime.fileio import atomic_copy, atomic_write, fsync_dir, sha256
 
 DEFAULT_NAME = "ferretnet"
 DEFAULT_MAX_BATCH = 64
@@ -75,7 +74,8 @@ def _check_options(name: str, max_batch: int, instances: int, preferred: Sequenc
 def _check_model(desc: ModelDescription, max_batch: int, kind: str) -> None:
     src = desc.path
     if desc.kind == "tensorrt" and kind != "gpu":
-        raise ConfigError(f"{src}: received --kind {kind} for a TensorRT engine; expected gpu (engines run on GPUs only)")
+        raise ConfigError(f"{src}: received --kind {kind} for a TensorRT engine; "
+                          "expected gpu (engines run on GPUs only)")
     if len(desc.inputs) != 1:
         names = ", ".join(t.name for t in desc.inputs) or "none"
         raise ConfigError(f"{src}: received a model with {len(desc.inputs)} inputs ({names}); expected one image input")
@@ -86,11 +86,13 @@ def _check_model(desc: ModelDescription, max_batch: int, kind: str) -> None:
                           f"says {pre.dtype} {pre.layout}; expected a 4-D input of the dtype the metadata names")
     for t in desc.inputs + desc.outputs:
         if t.dtype not in TRITON_TYPES:
-            raise ConfigError(f"{src}: received tensor {t.name!r} of dtype {t.dtype}; expected one of {list(TRITON_TYPES)}")
+            raise ConfigError(f"{src}: received tensor {t.name!r} of dtype {t.dtype}; "
+                              f"expected one of {list(TRITON_TYPES)}")
         if max_batch > 0 and (not t.shape or t.shape[0] != -1):
             batch_dim = t.shape[0] if t.shape else "(none: a scalar)"
             raise ConfigError(f"{src}: received tensor {t.name!r} with a static batch dimension {batch_dim} "
-                              f"(shape {list(t.shape)}); expected a dynamic first dimension for --max-batch {max_batch} "
+                              f"(shape {list(t.shape)}); expected a dynamic first dimension "
+                              f"for --max-batch {max_batch} "
                               "(re-export with --dynamic, or pass --max-batch 0 to serve it without batching)")
         if max_batch > 0 and t.max_batch is not None and max_batch > t.max_batch:
             raise ConfigError(f"{src}: received --max-batch {max_batch}; expected <= {t.max_batch}, the largest batch "

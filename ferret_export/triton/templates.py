@@ -71,7 +71,8 @@ def config_text(desc: ModelDescription, *, name: str, max_batch: int, instances:
             db.append(f"  preferred_batch_size: [ {', '.join(map(str, preferred))} ]")
         db += [f"  max_queue_delay_microseconds: {max_queue_delay_us}", "}"]
         parts.append("\n".join(db))
-    parts.append("\n".join(["instance_group [", "  {", f"    count: {instances}", f"    kind: {KINDS[kind]}", "  }", "]"]))
+    parts.append("\n".join(["instance_group [", "  {", f"    count: {instances}", f"    kind: {KINDS[kind]}", "  }",
+                            "]"]))
     for key, value in sorted(desc.props.items()):
         parts.append(f"parameters {{\n  key: {_quote(key)}\n  value: {{ string_value: {_quote(value)} }}\n}}")
     return "\n".join(parts) + "\n"
@@ -87,7 +88,8 @@ def readme_text(desc: ModelDescription, *, name: str, max_batch: int, repo: str 
     meta, inp = desc.meta, desc.inputs[0]
     batch = "N" if max_batch > 0 else str(inp.shape[0])
     shape = " x ".join([batch] + ["any" if d == -1 else str(d) for d in inp.shape[1:]])
-    io_rows = "\n".join(f"| {kind_} | `{t.name}` | {TRITON_TYPES[t.dtype]} | {', '.join(map(str, triton_dims(t, max_batch)[0]))} |"
+    io_rows = "\n".join(f"| {kind_} | `{t.name}` | {TRITON_TYPES[t.dtype]} | "
+                        f"{', '.join(map(str, triton_dims(t, max_batch)[0]))} |"
                         for kind_, ts in (("input", desc.inputs), ("output", desc.outputs)) for t in ts)
     lines = [
         f"# {name}: FerretNet on Triton Inference Server", "",
@@ -111,7 +113,8 @@ def readme_text(desc: ModelDescription, *, name: str, max_batch: int, repo: str 
 def _steps(desc: ModelDescription, shape: str) -> list[str]:
     """The preprocessing, step by step, in words."""
     pre, inp = desc.meta["preprocess"], desc.inputs[0]
-    crop = f"centre-crop to {pre.crop} x {pre.crop}" if pre.crop is not None else "no crop (full size; the model takes any H x W)"
+    crop = (f"centre-crop to {pre.crop} x {pre.crop}" if pre.crop is not None
+            else "no crop (full size; the model takes any H x W)")
     steps = [
         "Decode the image with Pillow as stored (no EXIF rotation) and convert to RGB: uint8, H x W x 3.",
         f"{crop[0].upper() + crop[1:]}" + (": if a side is smaller, pad with zeros first (the extra pixel goes "
@@ -125,8 +128,10 @@ def _steps(desc: ModelDescription, shape: str) -> list[str]:
                         "are inside the model."]
     return steps + [
         "Convert to float32 and divide by 255.",
-        f"Subtract the per-channel (R, G, B) mean `{_fmt(pre.mean)}` and divide by the std `{_fmt(pre.std)}`, in float32.",
-        f"Transpose to {pre.layout} and stack: {inp.dtype} {shape}" + (" (cast to float16 last)" if inp.dtype == "float16" else "") + ".",
+        f"Subtract the per-channel (R, G, B) mean `{_fmt(pre.mean)}` "
+        f"and divide by the std `{_fmt(pre.std)}`, in float32.",
+        f"Transpose to {pre.layout} and stack: {inp.dtype} {shape}"
+        + (" (cast to float16 last)" if inp.dtype == "float16" else "") + ".",
     ]
 
 
@@ -138,7 +143,8 @@ def _numpy_lines(desc: ModelDescription) -> list[str]:
              "img = np.asarray(Image.open(path).convert(\"RGB\"), dtype=np.uint8)"]
     if pre.crop is not None:
         lines += [f"# centre crop to {pre.crop} (zero-pad smaller images first; see step 2)",
-                  f"top, left = int(round((img.shape[0] - {pre.crop}) / 2)), int(round((img.shape[1] - {pre.crop}) / 2))",
+                  f"top, left = int(round((img.shape[0] - {pre.crop}) / 2)), "
+                  f"int(round((img.shape[1] - {pre.crop}) / 2))",
                   f"img = img[top:top + {pre.crop}, left:left + {pre.crop}]"]
     if pre.dtype == "uint8":
         lines += ["batch = img[None]  # uint8 N x H x W x 3"]
@@ -154,7 +160,8 @@ def _numpy_lines(desc: ModelDescription) -> list[str]:
 def _serving_lines(desc: ModelDescription, *, name: str, max_batch: int, repo: str, kind: str) -> list[str]:
     """How to serve it, and what an engine or an ONNX model needs there."""
     lines = ["## Serving", "", "```sh",
-             f"docker run --rm {'--gpus all ' if kind == 'gpu' else ''}-p 8000:8000 -p 8001:8001 -p 8002:8002 -v \"$(realpath {repo}):/models\" \\",
+             f"docker run --rm {'--gpus all ' if kind == 'gpu' else ''}-p 8000:8000 -p 8001:8001 -p 8002:8002 "
+             f"-v \"$(realpath {repo}):/models\" \\",
              "    nvcr.io/nvidia/tritonserver:<yy.mm>-py3 tritonserver --model-repository=/models",
              f"python {repo}/client_example.py image.jpg --url localhost:8000 --model {name}",
              "```", ""]
@@ -170,7 +177,8 @@ def _serving_lines(desc: ModelDescription, *, name: str, max_batch: int, repo: s
                       "plugin library and no Python.", ""]
     elif max_batch > 0:
         lines += ["On GPUs, ONNX Runtime can hand the graph to TensorRT inside Triton: add "
-                  "`optimization { execution_accelerators { gpu_execution_accelerator : [ { name : \"tensorrt\" } ] } }` "
+                  "`optimization { execution_accelerators { gpu_execution_accelerator : "
+                  "[ { name : \"tensorrt\" } ] } }` "
                   "to config.pbtxt (first requests are slow while it builds).", ""]
     return lines
 

@@ -43,13 +43,15 @@ def register(sub: argparse._SubParsersAction) -> None:
     src.add_argument("--weights", "-w", help="PyTorch checkpoint")
     src.add_argument("--model", "-m", help="model file: .onnx or .engine (with its sidecar)")
     p.add_argument("--data", "-d", required=True, help="calibration images in the ForenSynths layout")
-    p.add_argument("--output", "-o", required=True, metavar="OUT", help="the calibrated model (same suffix as the input)")
+    p.add_argument("--output", "-o", required=True, metavar="OUT",
+                   help="the calibrated model (same suffix as the input)")
     p.add_argument("--rule", choices=RULES, default="fpr",
                    help="fpr: highest TPR with FPR on real images <= --target-fpr; accuracy: maximum accuracy; "
                         "eer: equal error rate")
     p.add_argument("--target-fpr", type=float, default=0.01, metavar="Q", help="false-positive rate of --rule fpr")
     p.add_argument("--scaling", choices=SCALINGS, default="temperature", help="how the logit is calibrated")
-    p.add_argument("--eval-data", default=None, metavar="DIR", help="held-out images: before/after reported on them too")
+    p.add_argument("--eval-data", default=None, metavar="DIR",
+                   help="held-out images: before/after reported on them too")
     p.add_argument("--bootstrap", type=int, default=1000, metavar="N",
                    help="resamples for the threshold's 95%% confidence interval (0: none)")
     p.add_argument("--seed", type=int, default=0, help="bootstrap seed")
@@ -148,7 +150,8 @@ def run(args: argparse.Namespace) -> int:
     before, logits, held_logits = _predict(args, model, samples, held)
     fit = cal.calibrate(logits, y, scaling=args.scaling, rule=args.rule, target_fpr=args.target_fpr,
                         n_resamples=args.bootstrap, seed=args.seed, source=args.data)
-    columns = {"before": cal.metrics(logits, y, *before[:2]), "after": cal.metrics(logits, y, fit.scaling, fit.threshold)}
+    columns = {"before": cal.metrics(logits, y, *before[:2]),
+               "after": cal.metrics(logits, y, fit.scaling, fit.threshold)}
     if held:
         columns["held-out before"] = cal.metrics(held_logits, held[1], *before[:2])
         columns["held-out after"] = cal.metrics(held_logits, held[1], fit.scaling, fit.threshold)
@@ -212,7 +215,8 @@ def _summary(args: argparse.Namespace, model: Path, fit: Any, data: dict[str, An
     s = fit.scaling
     how = {"temperature": f"temperature T = {s.temperature:.4f}", "platt": f"Platt a = {s.a:.4f}, b = {s.b:.4f}",
            "none": "no scaling"}[s.method]
-    rule = f"FPR <= {args.target_fpr:g}" if args.rule == "fpr" else {"accuracy": "max accuracy", "eer": "EER"}[args.rule]
+    rule = (f"FPR <= {args.target_fpr:g}" if args.rule == "fpr"
+            else {"accuracy": "max accuracy", "eer": "EER"}[args.rule])
     ci = f" (95% CI {fit.threshold_ci[0]:.4f}..{fit.threshold_ci[1]:.4f}, {args.bootstrap} bootstrap resamples)" \
         if args.bootstrap else ""
     print(f"[calibrate] {model.name} on {args.data}: {data['n_real']} real, {data['n_fake']} fake "

@@ -151,7 +151,8 @@ def run(args: argparse.Namespace) -> int:
     table, ref = summarize(rows, samples, args.data)
     if ref is None:
         reasons = "; ".join(f"{r['model']}: {r['error']}" for r in table)
-        raise ConfigError(f"Received {len(rows)} model files, none of which runs here; expected at least one ({reasons})")
+        raise ConfigError(f"Received {len(rows)} model files, none of which runs here; "
+                          f"expected at least one ({reasons})")
     print(f"[compare] {len(samples)} images from {args.data}; flips and |Δlogit| against {Path(ref).name}")
     print(format_table(table, args.show_flips))
     if args.json:

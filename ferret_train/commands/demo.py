@@ -7,11 +7,11 @@ in training), then runs ``ferret detect`` with explanation panels on held-out im
 from __future__ import annotations
 
 import argparse
-
-from ferret_runtime.commands import HelpFormatter
 import sys
 import time
 from pathlib import Path
+
+from ferret_runtime.commands import HelpFormatter
 
 HELP = "generate the proxy dataset, train FerretNet-S on it, evaluate, and classify held-out images"
 

@@ -21,9 +21,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
                    help="config overrides, e.g. optim.lr=1e-3 trainer.batch_size=64 data.augment.jpeg_prob=0.1")
-    p.add_argument("--config", "-c", default=None, help="YAML config (default: the paper's settings, configs/train.yaml)")
+    p.add_argument("--config", "-c", default=None,
+                   help="YAML config (default: the paper's settings, configs/train.yaml)")
     p.add_argument("--resume", default=None, metavar="CKPT",
-                   help="continue a run from its last.pt (same config unless overridden; bit-for-bit on the same machine)")
+                   help="continue a run from its last.pt "
+                        "(same config unless overridden; bit-for-bit on the same machine)")
     p.add_argument("--init", default=None, metavar="W",
                    help="fine-tune from any loadable checkpoint (the authors' or ours); sets model.init")
     p.set_defaults(func=run)

@@ -98,7 +98,8 @@ class FerretNet(nn.Module):
         self.feature = nn.Sequential()
         for depth in cfg.depths:
             self.feature.append(
-                nn.Sequential(DSBlock(dim, dim * 2, stride=2), *[DSBlock(dim * 2, dim * 2, 1) for _ in range(depth - 1)])
+                nn.Sequential(DSBlock(dim, dim * 2, stride=2),
+                              *[DSBlock(dim * 2, dim * 2, 1) for _ in range(depth - 1)])
             )
             dim *= 2
         self.feature.append(nn.Conv2d(dim, dim, 1, 1, bias=False))

@@ -9,10 +9,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..registry import register_model
 from ..layers.resnet import init_resnet, resnet_stage
+from ..registry import register_model
 from .peers import check_peer_options
-
 
 
 def _low_frequencies(n: int, scale: int, device: torch.device) -> torch.Tensor:
