@@ -236,7 +236,7 @@ def check_env(result: Result) -> None:
     import torch
 
     from ferret_runtime import cuda
-    from ferret_runtime.kernels.nvrtc import nvrtc_version
+    from ferret_runtime.kernels.nvrtc import check_nvrtc_driver, nvrtc_version
 
     info = cuda.device_info(0)
     nvrtc, driver = nvrtc_version(), cuda.driver_version()
@@ -246,7 +246,7 @@ def check_env(result: Result) -> None:
     result.add("env", "gpu", None, f"{info.name} (sm_{info.sm.replace('.', '')}, {info.total_memory / 2**30:.0f} GiB)")
     result.add("env", "driver / nvrtc", None, f"CUDA {driver[0]}.{driver[1]} / NVRTC {nvrtc[0]}.{nvrtc[1]}")
     try:
-        nvrtc.check_nvrtc_driver("ptx", nvrtc, driver)
+        check_nvrtc_driver("ptx", nvrtc, driver)
         result.add("env", "nvrtc <= driver (PTX loads)", True, "yes")
     except cuda.CudaError as e:  # the runtime's CUBINs still load; the plugin's PTX would not
         result.add("env", "nvrtc <= driver (PTX loads)", False, str(e))

@@ -388,8 +388,8 @@ def table(figures: list[KernelFigures]) -> str:
     return "\n".join(lines)
 
 
-def record(figures: list[KernelFigures], nvrtc: tuple[int, int]) -> dict:
-    return {"arch": f"sm_{ARCH}", "compiler": f"NVRTC {nvrtc[0]}.{nvrtc[1]}",
+def record(figures: list[KernelFigures], version: tuple[int, int]) -> dict:
+    return {"arch": f"sm_{ARCH}", "compiler": f"NVRTC {version[0]}.{version[1]}",
             "source_hash": source_hash(*nvrtc.NVRTC_OPTIONS), "method": __doc__.split("\n\n")[1].strip(),
             "kernels": [asdict(f) for f in figures], "goals": GOALS, "goals_met": goals_met(figures)}
 

@@ -107,3 +107,11 @@ def test_static_goals(figures):
     before = {k["name"]: k for k in sass_static.load_recorded(sass_static.RESULTS / "sm90-before.json")["kernels"]}
     assert by["lpd_residual_f32"].instructions_per_output < before["lpd_residual_f32"]["instructions_per_output"]
     assert by["normalize_f32"].instructions_per_output < before["normalize_f32"]["instructions_per_output"]
+
+
+def test_the_record_names_its_compiler_and_source():
+    from benchmarks import sass_static
+
+    rec = sass_static.record([], (13, 0))
+    assert rec["compiler"] == "NVRTC 13.0" and rec["arch"] == f"sm_{sass_static.ARCH}"
+    assert rec["source_hash"] == sass_static.source_hash(*nvrtc.NVRTC_OPTIONS) and rec["kernels"] == []
