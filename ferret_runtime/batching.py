@@ -160,12 +160,13 @@ class DynamicBatcher:
                 except queue.Empty:
                     break
                 if req is not None:
-                    req.future.set_exception(Closed("Received no result: the batcher shut down before this request ran"))
+                    req.future.set_exception(Closed("Received no result: the batcher shut down "
+                                                    "before this request ran"))
         self._queue.put(None)  # after every queued request
         self._collector.join()
         self._runner.shutdown(wait=True)
 
-    def __enter__(self) -> "DynamicBatcher":
+    def __enter__(self) -> DynamicBatcher:
         return self
 
     def __exit__(self, *exc: object) -> None:

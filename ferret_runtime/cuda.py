@@ -15,9 +15,10 @@ call raises ``CudaError`` saying which is missing.
 from __future__ import annotations
 
 import ctypes
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 
@@ -56,7 +57,8 @@ def bindings(name: str) -> Any:
 
         return importlib.import_module(f"cuda.bindings.{name}")
     except ImportError as e:
-        raise CudaError(f"Received no cuda-python ({e}); expected it installed: pip install 'ferretnet-deploy[gpu]'") from None
+        raise CudaError(f"Received no cuda-python ({e}); "
+                        "expected it installed: pip install 'ferretnet-deploy[gpu]'") from None
 
 
 def status_text(result: Any) -> str:
@@ -104,7 +106,7 @@ class DeviceInfo:
     @property
     def sm(self) -> str:
         """'9.0' style compute capability."""
-        return "%d.%d" % self.compute_capability
+        return f"{self.compute_capability[0]}.{self.compute_capability[1]}"
 
 
 def _driver() -> Any:
@@ -127,8 +129,10 @@ def device_info(index: int = 0) -> DeviceInfo:
                         "cuDeviceGet")
     dev = call("cuDeviceGet", drv.cuDeviceGet, index)
     attr = drv.CUdevice_attribute
-    major = call("cuDeviceGetAttribute", drv.cuDeviceGetAttribute, attr.CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR, dev)
-    minor = call("cuDeviceGetAttribute", drv.cuDeviceGetAttribute, attr.CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MINOR, dev)
+    major = call("cuDeviceGetAttribute", drv.cuDeviceGetAttribute,
+                 attr.CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR, dev)
+    minor = call("cuDeviceGetAttribute", drv.cuDeviceGetAttribute,
+                 attr.CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MINOR, dev)
     raw = call("cuDeviceGetName", drv.cuDeviceGetName, 256, dev)
     name = bytes(raw).split(b"\0", 1)[0].decode(errors="replace").strip()
     total = call("cuDeviceTotalMem", drv.cuDeviceTotalMem, dev)
@@ -165,7 +169,7 @@ class Context:
             self._ctx = None
             call("cuDevicePrimaryCtxRelease", self._drv.cuDevicePrimaryCtxRelease, self._dev)
 
-    def __enter__(self) -> "Context":
+    def __enter__(self) -> Context:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -298,7 +302,7 @@ class Event(_Owned):
         with self.context.current():
             call("cuEventSynchronize", self._drv.cuEventSynchronize, self._live())
 
-    def elapsed_ms(self, end: "Event") -> float:
+    def elapsed_ms(self, end: Event) -> float:
         """Milliseconds from this event to ``end`` (both recorded and completed)."""
         with self.context.current():
             return float(call("cuEventElapsedTime", self._drv.cuEventElapsedTime, self._live(), end._live()))

@@ -15,13 +15,21 @@ from typing import Any
 
 import numpy as np
 
+from . import tiling
 from .backends import Backend, backend_for, external_lpd
 from .backends.base import Pending
 from .errors import ConfigError, FerretError, ImageError
 from .metadata import Scaling, scaling_of
-from .preprocess import (DEFAULT_MAX_PIXELS, ImageInput, Preprocess, check_max_pixels, load_image, median_residual,
-                         normalize, prepare)
-from . import tiling
+from .preprocess import (
+    DEFAULT_MAX_PIXELS,
+    ImageInput,
+    Preprocess,
+    check_max_pixels,
+    load_image,
+    median_residual,
+    normalize,
+    prepare,
+)
 
 
 @dataclass
@@ -53,7 +61,7 @@ class _Batch:
     """One batch of inputs: results made once all of its groups' logits (one per image, or one per
     tile) have arrived."""
 
-    def __init__(self, det: "Detector", names: list[str], decoded: list):
+    def __init__(self, det: Detector, names: list[str], decoded: list):
         self.det, self.names, self.decoded = det, names, decoded
         self.out: list = [None] * len(names)
         self.logits: list[list[float]] = [[] for _ in names]  # per image: its logit, or its tiles' logits
@@ -69,7 +77,8 @@ class _Batch:
             self.collect_oldest()
         for i, logits in enumerate(self.logits):
             if self.out[i] is None:
-                logit = logits[0] if self.det.tile is None else tiling.aggregate(logits, self.det.aggregate, self.det.topk)
+                logit = (logits[0] if self.det.tile is None
+                         else tiling.aggregate(logits, self.det.aggregate, self.det.topk))
                 self.out[i] = (self.det._result(self.names[i], logit), self.decoded[i])
         return self.out
 
@@ -112,7 +121,7 @@ class Detector:
              threshold: float | None = None, batch_size: int = 32, workers: int = 4,
              max_pixels: int | None = DEFAULT_MAX_PIXELS, streams: int | None = None,
              tile: int | None | str = None, tile_stride: int | None = None, aggregate: str = "max",
-             topk: int = 3, **backend_options: Any) -> "Detector":
+             topk: int = 3, **backend_options: Any) -> Detector:
         """Load a model file; the backend is chosen by suffix, preprocessing read from the model.
 
         ``device="auto"`` takes the GPU when the backend can use one, else the CPU.
@@ -128,8 +137,9 @@ class Detector:
         cls_backend = backend_for(path)
         unknown = set(backend_options) - set(inspect.signature(cls_backend).parameters)
         if unknown:
+            own = ", ".join(p for p in inspect.signature(cls_backend).parameters if p not in ("path", "device"))
             raise ConfigError(f"{path}: received option(s) {', '.join(sorted(unknown))} for the {cls_backend.name} "
-                              f"backend; expected its own: {', '.join(p for p in inspect.signature(cls_backend).parameters if p not in ('path', 'device'))}")
+                              f"backend; expected its own: {own}")
         try:
             backend = cls_backend(path, device=device, **backend_options)
         except FerretError as e:
@@ -226,7 +236,7 @@ class Detector:
         """The backend keeps batches in flight (GPU slots, CPU streams): submit now, collect later."""
         return self.backend.slots >= 2
 
-    def _start(self, names: list[str], futures: list[Future], running: deque["_Batch"]) -> "_Batch":
+    def _start(self, names: list[str], futures: list[Future], running: deque[_Batch]) -> _Batch:
         """Wait for one batch's decoding, then submit its images, grouped by size, at most
         ``backend.max_batch`` at a time (one code path for every backend: a synchronous one has
         run them when ``submit`` returns)."""
@@ -250,7 +260,7 @@ class Detector:
                 batch.parts.append(([i for i, _ in part], self._submit(np.stack([a for _, a in part]), running, batch)))
         return batch
 
-    def _submit(self, u8: np.ndarray, running: deque["_Batch"], current: "_Batch") -> Pending:
+    def _submit(self, u8: np.ndarray, running: deque[_Batch], current: _Batch) -> Pending:
         """Hand one group to the backend. When all its slots are taken, this caller first collects its
         own oldest batch (earlier batches in ``running``, then this one's groups): a thread never waits
         for a slot while holding one, which would deadlock when every slot is its own."""
@@ -287,7 +297,7 @@ class Detector:
         self._pool.shutdown(wait=True)
         self.backend.close()
 
-    def __enter__(self) -> "Detector":
+    def __enter__(self) -> Detector:
         return self
 
     def __exit__(self, *exc: object) -> None:

@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any
 
 from .errors import ConfigError
 from .lpd_spec import LPD_FUNCS, WINDOW_SIZES
@@ -75,8 +76,8 @@ def decode(props: dict[str, str], source: str) -> dict[str, Any]:
     missing = [k for k, (_, req) in KEYS.items() if req and k not in ours]
     if missing:
         raise ConfigError(
-            f"{source}: received a model without FerretNet metadata (missing {', '.join(PREFIX + k for k in missing)}); "
-            "expected a model exported by 'ferret export onnx'"
+            f"{source}: received a model without FerretNet metadata "
+            f"(missing {', '.join(PREFIX + k for k in missing)}); expected a model exported by 'ferret export onnx'"
         )
     out: dict[str, Any] = {}
     for key, raw in ours.items():
@@ -198,7 +199,7 @@ class Scaling:
         return {"method": "none"}
 
     @classmethod
-    def from_dict(cls, d: Any, source: str) -> "Scaling":
+    def from_dict(cls, d: Any, source: str) -> Scaling:
         """Checked: a scaling no ``ferret calibrate`` writes (T <= 0, a <= 0: a reversed or flat ranking) is refused."""
         where = f"{source}: metadata {PREFIX}provenance.{CALIBRATION_KEY}.scaling"
         if not isinstance(d, dict) or d.get("method") not in SCALING_METHODS:

@@ -17,7 +17,7 @@ import os
 import stat
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import IO, Any, Union
+from typing import IO, Any
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
@@ -36,7 +36,7 @@ DEFAULT_MAX_PIXELS: int = 40_000_000
 LAYOUTS: tuple[str, ...] = ("NCHW", "NHWC")
 DTYPES: tuple[str, ...] = ("float32", "float16", "uint8")
 
-ImageInput = Union[str, os.PathLike, bytes, Image.Image, np.ndarray]
+ImageInput = str | os.PathLike | bytes | Image.Image | np.ndarray
 
 
 def _is_int(v: object) -> bool:
@@ -73,7 +73,8 @@ class Preprocess:
             raise ConfigError(f"Received preprocess crop {self.crop!r}; expected a positive integer or None")
         mean, std = _triple("mean", self.mean), _triple("std", self.std)
         if min(std) <= 0:
-            raise ConfigError(f"Received preprocess std {std}; expected 3 values > 0 (the normalisation divides by them)")
+            raise ConfigError(f"Received preprocess std {std}; "
+                              "expected 3 values > 0 (the normalisation divides by them)")
         if self.layout not in LAYOUTS:
             raise ConfigError(f"Received preprocess layout {self.layout!r}; expected one of {', '.join(LAYOUTS)}")
         if self.dtype not in DTYPES:
@@ -89,13 +90,14 @@ class Preprocess:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "Preprocess":
+    def from_dict(cls, d: dict[str, Any]) -> Preprocess:
         if not isinstance(d, dict):
             raise ConfigError(f"Received preprocessing {type(d).__name__} {d!r:.80}; expected a dict")
         known = {f for f in cls.__dataclass_fields__}
         unknown = set(d) - known
         if unknown:
-            raise ConfigError(f"Received preprocessing keys {sorted(unknown, key=str)}; expected a subset of {sorted(known)}")
+            raise ConfigError(f"Received preprocessing keys {sorted(unknown, key=str)}; "
+                              f"expected a subset of {sorted(known)}")
         return cls(**d)
 
 
@@ -213,7 +215,8 @@ def _to_rgb(img: Image.Image, label: str, max_pixels: int | None) -> np.ndarray:
     return arr
 
 
-def load_image(source: ImageInput, name: str | None = None, *, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> np.ndarray:
+def load_image(source: ImageInput, name: str | None = None, *,
+               max_pixels: int | None = DEFAULT_MAX_PIXELS) -> np.ndarray:
     """Decode one image to uint8 HWC RGB (the first frame; read-only unless given as an array).
 
     ImageError names the source and the problem, whatever the decoder raised. ``max_pixels`` refuses

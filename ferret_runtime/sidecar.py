@@ -35,9 +35,10 @@ ONNX backend checks a graph; sidecars written before it was recorded are read wi
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 from .errors import ConfigError
 from .fileio import atomic_write
@@ -212,7 +213,8 @@ def _tensors(data: dict, key: str, src: Path) -> tuple[TensorSpec, ...]:
         profile = item.get("profile")
         if profile is not None:
             if not isinstance(profile, dict) or "max" not in profile:
-                raise ConfigError(f"{where}: received profile {profile!r}; expected {{\"min\", \"opt\", \"max\"}} shapes")
+                raise ConfigError(f"{where}: received profile {profile!r}; "
+                                  f"expected {{\"min\", \"opt\", \"max\"}} shapes")
             pmax = _shape(profile["max"], where, "profile max")
             if len(pmax) != len(shape):
                 raise ConfigError(f"{where}: received profile max {list(pmax)} of rank {len(pmax)}; "

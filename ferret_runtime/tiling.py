@@ -54,13 +54,14 @@ def pad_to(img: np.ndarray, tile: int) -> np.ndarray:
 
 def tile_boxes(h: int, w: int, tile: int, stride: int) -> list[tuple[int, int]]:
     """(top, left) of every tile of an image already padded to at least ``tile`` per side, row-major."""
-    return [(t, l) for t in tile_origins(h, tile, stride) for l in tile_origins(w, tile, stride)]
+    return [(top, left) for top in tile_origins(h, tile, stride) for left in tile_origins(w, tile, stride)]
 
 
 def make_tiles(img: np.ndarray, tile: int, stride: int) -> list[np.ndarray]:
     """The tiles of one HWC image (views of it, padded first when an axis is shorter than a tile)."""
     img = pad_to(img, tile)
-    return [img[t : t + tile, l : l + tile] for t, l in tile_boxes(img.shape[0], img.shape[1], tile, stride)]
+    return [img[top : top + tile, left : left + tile]
+            for top, left in tile_boxes(img.shape[0], img.shape[1], tile, stride)]
 
 
 def aggregate(logits: np.ndarray | list[float], how: str, topk: int = 3) -> float:
@@ -94,8 +95,9 @@ def add_tile_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tile", type=tile_arg, default=None, metavar="N|model",
                    help="classify the whole image as tiles of N x N (or the model's input size), their logits "
                         "aggregated, instead of one centre crop")
-    p.add_argument("--tile-stride", type=int, default=None, metavar="N", help="pixels between tiles (default: the tile, "
-                   "no overlap); the last tile of a row or column is aligned to the image border")
+    p.add_argument("--tile-stride", type=int, default=None, metavar="N",
+                   help="pixels between tiles (default: the tile, no overlap); the last tile of a row or column "
+                        "is aligned to the image border")
     p.add_argument("--aggregate", choices=AGGREGATES, default="max",
                    help="how the tiles' logits make the image's: max, mean, or topk (mean of the --topk largest)")
     p.add_argument("--topk", type=int, default=3, metavar="K", help="tiles averaged by --aggregate topk")

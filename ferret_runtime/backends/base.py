@@ -125,15 +125,16 @@ class Backend(ABC):
         if not isinstance(batch, np.ndarray) or batch.dtype != np.dtype(pre.dtype) or batch.ndim != 4 \
                 or batch.shape[channel_axis] != 3:
             got = f"{type(batch).__name__} {getattr(batch, 'dtype', '')} {getattr(batch, 'shape', '')}"
-            raise ValueError(f"Received batch {got}; expected {pre.dtype} ndarray in {pre.layout} layout with 3 channels")
+            raise ValueError(f"Received batch {got}; expected {pre.dtype} ndarray in {pre.layout} layout "
+                             "with 3 channels")
 
     @abstractmethod
     def run_impl(self, batch: np.ndarray) -> np.ndarray: ...
 
-    def close(self) -> None:
+    def close(self) -> None:  # noqa: B027 (a hook, not abstract: a backend with nothing to release keeps it)
         """Release the model; idempotent."""
 
-    def __enter__(self) -> "Backend":
+    def __enter__(self) -> Backend:
         return self
 
     def __exit__(self, *exc: object) -> None:

@@ -52,7 +52,8 @@ def cuda_provider_failure(ort: Any) -> str:
         ctypes.CDLL(str(lib))
     except OSError as e:
         return f"loading {lib.name}: {e} (install the CUDA and cuDNN versions this onnxruntime-gpu was built for)"
-    return "its library loads, but ONNX Runtime fell back to the CPU (session_options={'log_severity_level': 0} shows why)"
+    return ("its library loads, but ONNX Runtime fell back to the CPU "
+            "(session_options={'log_severity_level': 0} shows why)")
 
 
 class OrtBackend(SlotBackend):
@@ -68,10 +69,10 @@ class OrtBackend(SlotBackend):
     session, whose depthwise convolutions leave its second thread idle much of the time. ``None``:
     :func:`default_streams`. ``slots`` then equals ``streams``.
 
-    CUDA only: ``cuda_options`` overrides CUDA_OPTIONS (TF32 off, heuristic cuDNN algorithm search); ``gpu_pipeline`` (default: on when cuda-python can reach the GPU) runs on our stream
-    and buffers with ``slots`` batches of at most ``max_batch`` in flight; ``gpu_preprocess``
-    (default True) then takes uint8 NHWC and normalises (and, for ``--lpd external`` graphs,
-    computes the LPD) on the GPU.
+    CUDA only: ``cuda_options`` overrides CUDA_OPTIONS (TF32 off, heuristic cuDNN algorithm search);
+    ``gpu_pipeline`` (default: on when cuda-python can reach the GPU) runs on our stream and buffers
+    with ``slots`` batches of at most ``max_batch`` in flight; ``gpu_preprocess`` (default True) then
+    takes uint8 NHWC and normalises (and, for ``--lpd external`` graphs, computes the LPD) on the GPU.
     """
 
     name = "onnxruntime"
@@ -87,6 +88,8 @@ class OrtBackend(SlotBackend):
         except ImportError:
             raise ConfigError("ONNX models need onnxruntime: pip install 'ferretnet-deploy[export]' "
                               "(or onnxruntime-gpu for CUDA)") from None
+        if hasattr(ort, "disable_telemetry_events"):  # a screening service sends nothing anywhere it was not told to
+            ort.disable_telemetry_events()
         self.path = Path(path)
         if not self.path.is_file():
             raise ConfigError(f"{self.path}: no such model file")
@@ -119,7 +122,8 @@ class OrtBackend(SlotBackend):
         hw = inputs[0].shape[1:3] if pre.layout == "NHWC" else inputs[0].shape[2:4]
         self.info = ModelInfo(meta["arch"], meta["lpd_func"], meta["window_size"], pre, meta["threshold"],
                               input_hw=tuple(hw) if all(isinstance(d, int) for d in hw) else None,
-                              extra={k: meta[k] for k in ("lpd_mode", "precision", "toolkit_version", "provenance") if k in meta})
+                              extra={k: meta[k] for k in ("lpd_mode", "precision", "toolkit_version", "provenance")
+                                     if k in meta})
         self.device = "cuda" if "CUDAExecutionProvider" in self.session.get_providers() else "cpu"
         self.cuda_failure = None
         if isinstance(providers[0], tuple) and self.device == "cpu":  # asked for CUDA, got the CPU: say why
@@ -179,7 +183,8 @@ class OrtBackend(SlotBackend):
         try:
             weights = initializer_values(self.path.read_bytes())
         except (ValueError, IndexError) as e:  # ORT read it, so this is a protobuf we misread: say so
-            raise ConfigError(f"{self.path}: cannot read the graph's initializers ({e}); expected an ONNX model") from None
+            raise ConfigError(f"{self.path}: cannot read the graph's initializers ({e}); "
+                              "expected an ONNX model") from None
         check_arch_size(meta["arch"], weights, str(self.path))
         return meta
 
@@ -196,7 +201,8 @@ class OrtBackend(SlotBackend):
             self._ctx = cuda.Context(self._index)
         except cuda.CudaError as e:
             if required:
-                raise ConfigError(f"Received gpu_pipeline=True, but cuda-python cannot reach GPU {self._index}: {e}") from None
+                raise ConfigError(f"Received gpu_pipeline=True, but cuda-python cannot reach GPU {self._index}: "
+                                  f"{e}") from None
             return providers
         self._own(self._ctx)
         self._stream = self._own(cuda.Stream(self._ctx))
@@ -230,7 +236,8 @@ class OrtBackend(SlotBackend):
         model_bytes = max(n, self.profile_min[0]) * int(np.prod(rest)) * self.input_dtype.itemsize
         staged_bytes = model_bytes // self.input_dtype.itemsize if self.kernel else model_bytes
         cuda, ctx = self._cuda, self._ctx
-        for attr, size, kind in (("host_in", staged_bytes, cuda.PinnedBuffer), ("dev_in", model_bytes, cuda.DeviceBuffer),
+        for attr, size, kind in (("host_in", staged_bytes, cuda.PinnedBuffer),
+                                 ("dev_in", model_bytes, cuda.DeviceBuffer),
                                  ("dev_u8", staged_bytes if self.kernel else 0, cuda.DeviceBuffer)):
             old = getattr(slot, attr)
             if size and (old is None or old.nbytes < size):

@@ -45,7 +45,7 @@ class SlotPending(Pending):
     """A batch enqueued by :meth:`SlotBackend.submit`; ``result()`` waits for its logits and frees its
     slot. Call ``result()`` exactly once, from any thread."""
 
-    def __init__(self, backend: "SlotBackend", slot: Slot):
+    def __init__(self, backend: SlotBackend, slot: Slot):
         self._backend, self._slot = backend, slot
 
     def result(self) -> np.ndarray:
@@ -104,7 +104,8 @@ class SlotBackend(Backend):
     def _check_shape(self, shape: tuple[int, ...]) -> None:
         lo, hi = self.profile_min, self.profile_max
         if len(shape) != len(hi) or any(not (a <= s <= b) for a, s, b in zip(lo[1:], shape[1:], hi[1:]) if b):
-            raise ValueError(f"Received a batch of shape {shape}; expected shapes from {lo} to {hi} ({self.shape_hint})")
+            raise ValueError(f"Received a batch of shape {shape}; expected shapes from {lo} to {hi} "
+                             f"({self.shape_hint})")
 
     @property
     def max_batch(self) -> int:

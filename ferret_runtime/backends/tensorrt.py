@@ -18,8 +18,9 @@ Torch-free: buffers and the stream come from ``ferret_runtime.cuda`` (cuda-pytho
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import numpy as np
 
@@ -68,9 +69,9 @@ def check_engine_compat(engine: Mapping[str, Any], trt_version: str, gpu_name: s
     """
     built_trt = str(engine.get("tensorrt_version", "?"))
     if _version_key(built_trt) != _version_key(trt_version):
-        raise ConfigError(f"{source}: built with TensorRT {built_trt}; this runtime has TensorRT {trt_version}; expected "
-                          "the same major.minor.patch (a TensorRT engine only loads with the version that built it): "
-                          "rebuild it here with 'ferret export tensorrt'")
+        raise ConfigError(f"{source}: built with TensorRT {built_trt}; this runtime has TensorRT {trt_version}; "
+                          "expected the same major.minor.patch (a TensorRT engine only loads with the version that "
+                          "built it): rebuild it here with 'ferret export tensorrt'")
     have = _cc(compute_capability)
     built_cc = _cc(engine.get("compute_capability"))
     built_gpu = str(engine.get("gpu_name", "?"))
@@ -81,10 +82,10 @@ def check_engine_compat(engine: Mapping[str, Any], trt_version: str, gpu_name: s
                               f"{HARDWARE_COMPAT_MIN_CC[0]}.{HARDWARE_COMPAT_MIN_CC[1]} or newer")
         return
     if have != built_cc or gpu_name != built_gpu:
-        raise ConfigError(f"{source}: built for {built_gpu} (compute capability {built_cc[0]}.{built_cc[1]}); this GPU "
-                          f"is {gpu_name} (compute capability {have[0]}.{have[1]}); expected the same GPU model (engines "
-                          "are tuned for one GPU): rebuild it here, or build with --hardware-compat for any Ampere or "
-                          "newer GPU")
+        raise ConfigError(f"{source}: built for {built_gpu} (compute capability {built_cc[0]}.{built_cc[1]}); "
+                          f"this GPU is {gpu_name} (compute capability {have[0]}.{have[1]}); expected the same GPU "
+                          "model (engines are tuned for one GPU): rebuild it here, or build with --hardware-compat "
+                          "for any Ampere or newer GPU")
 
 
 def check_plugin_ptx(plugin: Mapping[str, Any], driver: tuple[int, int], source: str = "engine") -> None:
@@ -155,8 +156,9 @@ class TrtBackend(SlotBackend):
         build = side.engine
         plugin = build.get("plugin")
         if plugin and plugin.get("implementation") != AOT_IMPLEMENTATION:
-            raise ConfigError(f"{self.path}: received a plugin implementation {plugin.get('implementation')!r}; expected "
-                              f"{AOT_IMPLEMENTATION!r} (the kernel embedded as PTX, nothing to register at runtime)")
+            raise ConfigError(f"{self.path}: received a plugin implementation {plugin.get('implementation')!r}; "
+                              f"expected {AOT_IMPLEMENTATION!r} (the kernel embedded as PTX, nothing to register "
+                              "at runtime)")
         blob = self.path.read_bytes()
         digest = hashlib.sha256(blob).hexdigest()
         if digest != build["engine_sha256"]:
@@ -210,7 +212,8 @@ class TrtBackend(SlotBackend):
             ins = [n for n in names if self._engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT]
             outs = [n for n in names if n not in ins]
             if len(ins) != 1 or len(outs) != 1:
-                raise ConfigError(f"{self.path}: received an engine with inputs {ins} and outputs {outs}; expected one each")
+                raise ConfigError(f"{self.path}: received an engine with inputs {ins} and outputs {outs}; "
+                                  "expected one each")
             self.input_name, self.output_name = ins[0], outs[0]
             self.input_dtype = np.dtype(trt.nptype(self._engine.get_tensor_dtype(self.input_name)))
             self.output_dtype = np.dtype(trt.nptype(self._engine.get_tensor_dtype(self.output_name)))

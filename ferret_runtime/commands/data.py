@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import sys
 
 from ferret_runtime.commands import HelpFormatter
-import sys
 
 HELP = "generate datasets"
 

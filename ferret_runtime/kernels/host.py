@@ -80,7 +80,7 @@ def build_host_library(cache: Path | None = None, source: str | None = None) -> 
     return out
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def load_host_library() -> ctypes.CDLL:
     """The host build, compiled on first use and loaded once per process."""
     return bind_host_library(build_host_library())
@@ -134,7 +134,8 @@ def _check(code: int, call: str) -> None:
 
 def _nchw_f32(x: np.ndarray, name: str = "x") -> np.ndarray:
     if not isinstance(x, np.ndarray) or x.ndim != 4 or x.dtype != np.float32:
-        got = f"{type(x).__name__} of dtype {x.dtype} and shape {x.shape}" if isinstance(x, np.ndarray) else type(x).__name__
+        got = (f"{type(x).__name__} of dtype {x.dtype} and shape {x.shape}" if isinstance(x, np.ndarray)
+               else type(x).__name__)
         raise ConfigError(f"Received {name} as {got}; expected a float32 numpy array of shape (N, C, H, W)")
     return np.ascontiguousarray(x)
 
@@ -219,7 +220,8 @@ def _bits(a: np.ndarray) -> np.ndarray:
     return a.view(np.uint16) if a.dtype == np.float16 else a
 
 
-def emulate_lpd(x: np.ndarray, cfg: LaunchConfig, func: str = "median", k: int = 3, residual: bool = True) -> np.ndarray:
+def emulate_lpd(x: np.ndarray, cfg: LaunchConfig, func: str = "median", k: int = 3,
+                residual: bool = True) -> np.ndarray:
     """Run lpd_residual or lpd_generic (``cfg.name``: its _f32 or _f16 kernel) block by block on the CPU as
     ``cfg`` would launch it; x and the result are float32 or float16 as the kernel stores them.
 
@@ -246,7 +248,8 @@ def emulate_lpd(x: np.ndarray, cfg: LaunchConfig, func: str = "median", k: int =
         grid, block, suffix = _launch_arrays(cfg, "lpd_generic")
         x = _storage_input(x, cfg, suffix)
         if cfg.window and cfg.window != k:  # the GPU build for another window would write nothing
-            raise ConfigError(f"Received k={k} for an lpd_generic build specialised to k={cfg.window}; expected {cfg.window}")
+            raise ConfigError(f"Received k={k} for an lpd_generic build specialised to k={cfg.window}; "
+                              f"expected {cfg.window}")
         out = np.full_like(x, np.nan)
         call = f"lpd_generic{'_f16' if suffix == 'f16' else ''}_emulate"
         _check(getattr(lib, call)(_bits(x), _bits(out), *x.shape, k, variant, int(residual), grid, block,

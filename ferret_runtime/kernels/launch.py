@@ -12,10 +12,11 @@ import ctypes
 import functools
 import math
 import re
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from ..cuda import CudaError, bindings, call, driver_version, parse_arch
 from ..errors import ConfigError
@@ -102,7 +103,7 @@ def _launch_config(kernel: str, shape: tuple[int, ...], name: str, arch: int, k:
     if kernel in NHWC_KERNELS:
         if len(shape) != 4 or shape[3] != 3:
             raise ConfigError(f"Received shape {shape} for {kernel}; expected (N, H, W, 3)")
-        (n, h, w, _), planes, channels = shape, shape[0], 3
+        (_, h, w, _), planes, channels = shape, shape[0], 3
     else:
         if len(shape) != 4:
             raise ConfigError(f"Received shape {shape} for {kernel}; expected (N, C, H, W)")
@@ -227,14 +228,14 @@ class LpdModule:
         self._ctx = None
         call("cuDevicePrimaryCtxRelease", self._drv.cuDevicePrimaryCtxRelease, self._dev)
 
-    def __enter__(self) -> "LpdModule":
+    def __enter__(self) -> LpdModule:
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.close()
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def get_module(device: int = 0) -> LpdModule:
     """The process's LpdModule for ``device``, loaded once (kept for the process's lifetime)."""
     return LpdModule(device)

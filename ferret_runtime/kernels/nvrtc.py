@@ -67,8 +67,9 @@ def check_arch(arch: int, nvrtc: tuple[int, int] | None = None, supported: tuple
     builds = f"NVRTC {nvrtc[0]}.{nvrtc[1]} builds lpd.cu for sm_{lo} to sm_{hi}"
     if arch < lo and arch >= 50 and nvrtc[0] >= 13:
         message = (f"{what}; {builds} (CUDA 13 dropped Maxwell, Pascal and Volta): for this GPU use CUDA 12, whose "
-                   "NVRTC still builds for it (pip install 'cuda-python>=12.8,<13' nvidia-cuda-nvrtc-cu12, with a driver "
-                   "for CUDA 12 or newer), or run the LPD in the model's graph (ONNX Runtime or PyTorch) instead")
+                   "NVRTC still builds for it (pip install 'cuda-python>=12.8,<13' nvidia-cuda-nvrtc-cu12, with a "
+                   "driver for CUDA 12 or newer), or run the LPD in the model's graph (ONNX Runtime or PyTorch) "
+                   "instead")
     elif arch < lo:
         message = f"{what}; {builds}: too old for these kernels; run the LPD in the model's graph instead"
     elif arch > hi:
@@ -87,10 +88,12 @@ def check_nvrtc_driver(target: str, nvrtc: tuple[int, int], driver: tuple[int, i
     """
     newer = nvrtc > driver if target == "ptx" else nvrtc[0] > driver[0]
     if newer:
-        need = "%d.%d" % nvrtc if target == "ptx" else "%d.0" % nvrtc[0]
-        pin = ("'nvidia-cuda-nvrtc==%d.%d.*'" % driver) if target == "ptx" else ("'nvidia-cuda-nvrtc<%d'" % (driver[0] + 1))
-        raise CudaError(f"Received NVRTC {nvrtc[0]}.{nvrtc[1]} {'PTX' if target == 'ptx' else 'CUBINs'} for a driver of "
-                        f"CUDA {driver[0]}.{driver[1]}; expected a driver for CUDA {need} or newer, or pip install {pin}",
+        need = f"{nvrtc[0]}.{nvrtc[1]}" if target == "ptx" else f"{nvrtc[0]}.0"
+        pin = (f"'nvidia-cuda-nvrtc=={driver[0]}.{driver[1]}.*'" if target == "ptx"
+               else f"'nvidia-cuda-nvrtc<{driver[0] + 1}'")
+        raise CudaError(f"Received NVRTC {nvrtc[0]}.{nvrtc[1]} {'PTX' if target == 'ptx' else 'CUBINs'} "
+                        f"for a driver of CUDA {driver[0]}.{driver[1]}; expected a driver for CUDA {need} or newer, "
+                        f"or pip install {pin}",
                         "cuDriverGetVersion")
 
 
