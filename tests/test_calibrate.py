@@ -180,7 +180,8 @@ def test_calibrate_checkpoint_then_detect_and_eval_use_it(proxy, quick, tmp_path
                         "--json", str(tmp_path / "ev.json"), "--device", "cpu"))
     assert "calibrated on" in ev.stderr
     r = json.loads((tmp_path / "ev.json").read_text())["subsets"]["val"]
-    assert r["r_acc"] == pytest.approx(100 * (p[~y] <= t).mean()) and r["f_acc"] == pytest.approx(100 * (p[y] > t).mean())
+    assert r["r_acc"] == pytest.approx(100 * (p[~y] <= t).mean())
+    assert r["f_acc"] == pytest.approx(100 * (p[y] > t).mean())
     assert "calibrated on" not in _ok(run_ferret("eval", "-w", str(out), "--data", str(proxy / "test"),
                                                  "--device", "cpu")).stderr
 

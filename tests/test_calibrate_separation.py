@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from ferret_runtime.errors import ConfigError
-from ferret_train.calibration import AUC_WARN, calibrate, fit_scaling, fit_threshold, fit_warnings
+from ferret_train.calibration import AUC_WARN, calibrate, fit_scaling, fit_warnings
 
 from .conftest import run_ferret
 

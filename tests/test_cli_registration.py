@@ -66,7 +66,8 @@ def test_an_optional_module_missing_at_run_time_is_one_line(commands, capsys):
 
     commands["video"] = _module("fake_cmd_video", register)
     assert cli.main(["video"]) == 2
-    assert capsys.readouterr().err == "ferret video: error: needs av, not installed (pip install 'ferretnet-deploy[video]')\n"
+    assert capsys.readouterr().err == ("ferret video: error: needs av, not installed "
+                                       "(pip install 'ferretnet-deploy[video]')\n")
 
 
 def test_builtins_need_no_entry_points(monkeypatch):

@@ -27,11 +27,13 @@ def files(tmp_path_factory):
     write_proxy_dataset(root / "data", size=48, n_train=1, n_val=1, n_test=5, seed=4)
     torch.manual_seed(0)
     pt = save_checkpoint(root / "r.pt", create_model("ferretnet-s").eval(), preprocess=Preprocess(crop=48))
-    proc = run_ferret("export", "onnx", "-w", str(pt), "--out", str(root / "r.onnx"), "--input-size", "48", "--no-verify")
+    proc = run_ferret("export", "onnx", "-w", str(pt), "--out", str(root / "r.onnx"), "--input-size", "48",
+                      "--no-verify")
     assert proc.returncode == 0, proc.stderr
     with Detector.open(pt, device="cpu") as det:  # a threshold at the median logit: about half the labels flip
         med = float(np.median([r.logit for r in det.predict(sorted((root / "data" / "test").rglob("*.png")))]))
-    shifted = write_calibrated(pt, root / "r-cal.pt", {"scaling": {"method": "none"}, "threshold": float(1 / (1 + np.exp(-med)))})
+    shifted = write_calibrated(pt, root / "r-cal.pt",
+                               {"scaling": {"method": "none"}, "threshold": float(1 / (1 + np.exp(-med)))})
     return root / "data" / "test", [pt, root / "r.onnx", shifted, root / "absent.engine"]
 
 

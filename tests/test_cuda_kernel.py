@@ -750,7 +750,8 @@ def test_only_the_needed_kernel_is_compiled(nvrtc_ok, tmp_path):
     one = nvrtc.compile_lpd(90, "ptx", cache=tmp_path, kernels=("lpd_residual_f32",))
     assert re.findall(r"\.entry (\w+)", one.data.decode()) == ["lpd_residual_f32"]
     every = nvrtc.compile_lpd(90, "ptx", cache=tmp_path)
-    assert len(re.findall(r"\.entry (\w+)", every.data.decode())) == 2 * len(launch.KERNELS) and 4 * len(one.data) < len(every.data)
+    assert len(re.findall(r"\.entry (\w+)", every.data.decode())) == 2 * len(launch.KERNELS)
+    assert 4 * len(one.data) < len(every.data)
     k5 = nvrtc.compile_lpd(90, "ptx", cache=tmp_path, kernels=("lpd_generic_f32",), window=5).data.decode()
     assert "lpd_generic_f32" in k5 and len(k5) < len(nvrtc.compile_lpd(90, "ptx", cache=tmp_path,
                                                                         kernels=("lpd_generic_f32",)).data)

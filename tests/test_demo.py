@@ -123,4 +123,5 @@ def test_demo_prints_the_evaluation_table(demo):
     for name, n, *values in (*rows, mean):
         entry = saved["mean"] if name == "mean" else saved["subsets"][name]
         assert entry["n"] == n
-        assert [round(entry[k], 2) for k in ("acc", "ap", "r_acc", "f_acc", "tpr1")] == pytest.approx(values, abs=0.0051)
+        got = [round(entry[k], 2) for k in ("acc", "ap", "r_acc", "f_acc", "tpr1")]
+        assert got == pytest.approx(values, abs=0.0051)

@@ -89,7 +89,8 @@ def test_grad_cam_of_the_authors_model(authors_ckpt, reference):
     (["--weights", "nope.pth"], "nope.pth: no such checkpoint file"),
     (["--model", "model.xyz"], "Received model file 'model.xyz' with suffix '.xyz'; expected one of"),
     (["--weights", "W", "--crop", "huge"], "Received crop 'huge'"),
-    (["--weights", "W", "--max-pixels", "0"], "Received --max-pixels '0'; expected a positive number of pixels or 'none'"),
+    (["--weights", "W", "--max-pixels", "0"],
+     "Received --max-pixels '0'; expected a positive number of pixels or 'none'"),
     (["--weights", "W", "--max-pixels", "lots"], "Received --max-pixels 'lots'; expected a positive number of pixels"),
 ])
 def test_usage_errors_exit_2_without_traceback(images, args, match):

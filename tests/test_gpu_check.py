@@ -57,8 +57,8 @@ def test_make_gpu_check_passes_out_and_args(tmp_path):
     dry = subprocess.run([*make, "-n", "GPU_CHECK_ARGS=--no-compile --budget 200"], cwd=ROOT, capture_output=True,
                          text=True, timeout=60)
     assert dry.returncode == 0, dry.stderr
-    assert dry.stdout.split("\n")[0] == (f"{sys.executable} -m benchmarks.gpu_check --out \"{tmp_path / 'my results'}\" "
-                                         "--no-compile --budget 200")
+    assert dry.stdout.split("\n")[0] == (f"{sys.executable} -m benchmarks.gpu_check "
+                                         f"--out \"{tmp_path / 'my results'}\" --no-compile --budget 200")
     proc = subprocess.run(make, cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert proc.returncode != 0 and proc.stdout.startswith("gpu-check: no GPU: ")
     assert len(proc.stdout.strip().splitlines()) == 1
@@ -163,7 +163,8 @@ def test_section_budgets_keep_time_for_the_later_sections(monkeypatch, clock):
 
 
 def test_every_section_is_listed_in_order():
-    assert list(gpu_check.SECTIONS) == ["env", "kernels", "preprocess", "plugin", "torch", "speed", "backends", "pytest"]
+    assert list(gpu_check.SECTIONS) == ["env", "kernels", "preprocess", "plugin", "torch", "speed", "backends",
+                                        "pytest"]
     assert gpu_check.slug("NVIDIA H200") == "nvidia-h200"
 
 
@@ -238,8 +239,9 @@ def test_main_exit_1_on_a_failure_and_a_read_only_default_goes_to_a_temporary_fo
     assert gpu_check.main(["--only", "env", "kernels"]) == 1
     out = capsys.readouterr().out.splitlines()
     fallback = tmp_path / "tmp" / "ferret-gpu-check-nvidia-h100-80gb-hbm3"
-    assert out[-1] == (f"written: {fallback / 'gpu-check.json'} and gpu-check.txt ({tmp_path / 'checkout-file' / 'results'}"
-                       f"/nvidia-h100-80gb-hbm3 cannot be written: {tmp_path / 'checkout-file'} is not a folder)")
+    assert out[-1] == (f"written: {fallback / 'gpu-check.json'} and gpu-check.txt "
+                       f"({tmp_path / 'checkout-file' / 'results'}/nvidia-h100-80gb-hbm3 cannot be written: "
+                       f"{tmp_path / 'checkout-file'} is not a folder)")
     assert json.loads((fallback / "gpu-check.json").read_text())["failed"] == 1
     assert [c[0] for c in calls] == ["kernels"]
 
@@ -405,7 +407,8 @@ def test_an_eager_model_that_raises_fails_its_row_only(monkeypatch, clock):
     assert (npr.ok, npr.value, npr.detail) == (False, "b1 error",
                                                "RuntimeError: CUDA error: an illegal memory access was encountered")
     bad = rows["cnndetection eager"]
-    assert (bad.ok, bad.value, bad.detail) == (False, "not run", "creating it raised KeyError: 'resnet50 weights layout'")
+    assert (bad.ok, bad.value, bad.detail) == (False, "not run",
+                                               "creating it raised KeyError: 'resnet50 weights layout'")
     for name in ("npr compile", "cnndetection compile"):
         assert (rows[name].value, rows[name].detail) == ("not run", "it failed in eager mode")
     for name in ("ferretnet-s eager", "ferretnet-s compile"):  # the models after them still measured
@@ -491,7 +494,8 @@ def test_failures_are_named_and_a_run_stopped_at_its_budget_says_so(tmp_path, mo
     (tmp_path / "test_mix.py").write_text((tmp_path / "test_mix.py").read_text().replace("time.sleep(600)", "pass"))
     output, code, stopped = gpu_check.run_pytest(args, tmp_path, 120)
     ok, value, detail = gpu_check.pytest_row(output, code, stopped, 120)
-    assert (code, ok, detail) == (1, False, "failed: test_mix.py::test_gpu_b") and value.startswith("1 failed, 2 passed")
+    assert (code, ok, detail) == (1, False, "failed: test_mix.py::test_gpu_b")
+    assert value.startswith("1 failed, 2 passed")
 
 
 def test_the_pytest_section_on_this_checkout(monkeypatch):

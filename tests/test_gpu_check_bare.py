@@ -91,7 +91,8 @@ def test_the_venv_is_the_bare_image_and_the_checkout_is_not_installed(bare):
     assert wanted <= names, wanted - names
     assert not names & set(ABSENT), names & set(ABSENT)
     proc = bare.script("import json, ferret_runtime, importlib.metadata as m\n"
-                       "print(json.dumps([ferret_runtime.__file__, [e.name for e in m.entry_points(group='ferret.backends')],"
+                       "print(json.dumps([ferret_runtime.__file__, "
+                       "[e.name for e in m.entry_points(group='ferret.backends')],"
                        " [e.name for e in m.entry_points(group='ferret.commands')]]))")
     assert proc.returncode == 0, proc.stderr
     where, backends, commands = json.loads(proc.stdout)

@@ -26,7 +26,8 @@ from ferret_runtime.preprocess import DEFAULT_MAX_PIXELS, Preprocess, load_image
 def dds(fourcc: bytes = b"XXXX", size: int = 2048) -> bytes:
     """A DDS texture whose FourCC Pillow does not implement: its DDS plugin raises NotImplementedError."""
     pixel_format = struct.pack("<4I", 32, 0x4, struct.unpack("<I", fourcc)[0], 0) + bytes(16)  # DDPF_FOURCC
-    header = struct.pack("<7I", 124, 0x1007, 16, 16, 0, 0, 1) + bytes(44) + pixel_format + struct.pack("<I", 0x1000) + bytes(16)
+    header = (struct.pack("<7I", 124, 0x1007, 16, 16, 0, 0, 1) + bytes(44) + pixel_format
+              + struct.pack("<I", 0x1000) + bytes(16))
     assert len(header) == 124
     return (b"DDS " + header).ljust(size, b"\0")
 
@@ -132,7 +133,8 @@ def test_detector_survives_failures_outside_the_decoder(monkeypatch):
 
     monkeypatch.setattr(detector_module, "prepare", prepare)
     with Detector(MeanBackend(), batch_size=3) as det:
-        results = det.predict([np.zeros((8, 8, 3), np.uint8), np.zeros((9, 9, 3), np.uint8), np.ones((8, 8, 3), np.uint8)])
+        results = det.predict([np.zeros((8, 8, 3), np.uint8), np.zeros((9, 9, 3), np.uint8),
+                               np.ones((8, 8, 3), np.uint8)])
     assert [r.error for r in results[::2]] == [None, None]
     assert results[1].error == "<input 1>: cannot decode image (MemoryError: )"
 
@@ -266,7 +268,8 @@ def test_detector_honours_its_pixel_limit():
     with Detector(MeanBackend()) as det:  # the default limit: both decode
         assert det.max_pixels == DEFAULT_MAX_PIXELS and all(r.error is None for r in det.predict([small, big]))
     for bad in (0, -5, True, 2.5):
-        with pytest.raises(ConfigError, match=rf"Received max_pixels {bad!r}; expected a positive number of pixels or None"):
+        with pytest.raises(ConfigError,
+                           match=rf"Received max_pixels {bad!r}; expected a positive number of pixels or None"):
             Detector(MeanBackend(), max_pixels=bad)
 
 

@@ -22,11 +22,11 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, numpy_helper
 
-from ferret_export.onnx.export import export_onnx
-from ferret_export.onnx.graph import GraphOptions
 from ferret_export.int8.data import images_digest, select_images, verify_int8
 from ferret_export.int8.graph import cnn_nodes, equalize
 from ferret_export.int8.quantize import QuantResult, quantize_int8
+from ferret_export.onnx.export import export_onnx
+from ferret_export.onnx.graph import GraphOptions
 from ferret_runtime import Detector
 from ferret_runtime.errors import ConfigError
 from ferret_runtime.metadata import decode
@@ -84,7 +84,8 @@ def test_int8_accuracy_within_one_point_of_fp32(int8, fp32_onnx, reference, prox
     acc8 = compute_metrics(y, 1 / (1 + np.exp(-c.int8_logits)))["acc"]
     confident = np.abs(c.fp32_logits) >= 1.0  # p(fake) outside 0.27..0.73
     agree_confident = np.mean((c.fp32_logits[confident] > 0) == (c.int8_logits[confident] > 0))
-    print(f"[{kind}] {len(paths)} images: ACC fp32 {acc32:.2f}  int8 {acc8:.2f}  label agreement {100 * c.agreement:.2f}% "
+    print(f"[{kind}] {len(paths)} images: ACC fp32 {acc32:.2f}  int8 {acc8:.2f}  "
+          f"label agreement {100 * c.agreement:.2f}% "
           f"(|fp32 logit| >= 1: {100 * agree_confident:.2f}% of {confident.sum()})  "
           f"max |dlogit| {c.max_abs:.3f}  mean {c.mean_abs:.3f}")
     assert abs(acc8 - acc32) <= 1.0
@@ -133,13 +134,15 @@ def test_qdq_around_conv_and_gemm_none_in_the_lpd(int8, fp32_onnx):
     for n in adds:  # residual: second input int8, first straight from a Conv
         assert producer[n.input[0]].op_type == "Conv" and producer[n.input[1]].op_type == "DequantizeLinear", n.name
     zero_points = [inits[n.input[2]] for n in g.node if n.op_type in ("QuantizeLinear", "DequantizeLinear")]
-    assert zero_points and all(z.data_type == TensorProto.INT8 and not numpy_helper.to_array(z).any() for z in zero_points)
+    assert zero_points and all(z.data_type == TensorProto.INT8 and not numpy_helper.to_array(z).any()
+                               for z in zero_points)
     # nothing before the CNN touched: the LPD's Min/Max and the residual Sub read float tensors only
     front = {n.name for n in src.graph.node} - cnn_nodes(src)
     lpd = [n for n in g.node if n.name in front]
     assert sorted(n.op_type for n in lpd) == sorted(n.op_type for n in src.graph.node if n.name in front)
     assert {"Min", "Max", "Sub"} <= {n.op_type for n in lpd}
-    assert all(producer[i].op_type not in ("QuantizeLinear", "DequantizeLinear") for n in lpd for i in n.input if i in producer)
+    assert all(producer[i].op_type not in ("QuantizeLinear", "DequantizeLinear")
+               for n in lpd for i in n.input if i in producer)
 
 
 def test_float_layers_zero_quantizes_the_residual_input(fp32_onnx, proxy, tmp_path):
@@ -160,7 +163,8 @@ def test_equalize_keeps_the_float_function(fp32_onnx, proxy):
     targets = {n.name for n in src.graph.node if n.op_type in ("Conv", "Gemm")}
     eq, n = equalize(src, [batch], "input", targets)
     assert n == 6  # every relu(conv) that feeds only convolutions
-    run = lambda m: ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"input": batch})[0]
+    run = lambda m: (ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"])
+                     .run(None, {"input": batch})[0])
     np.testing.assert_allclose(run(eq), run(src), atol=1e-4)
 
 
@@ -192,7 +196,8 @@ def test_calibration_spreads_over_both_classes(proxy):
 
 def test_minmax_on_a_few_images(fp32_onnx, proxy, tmp_path):
     out = tmp_path / "mm.onnx"
-    res = quantize_int8(fp32_onnx, out, [proxy["train"] / "1_fake"], n_images=4, method="minmax", batch_size=3, log=_quiet)
+    res = quantize_int8(fp32_onnx, out, [proxy["train"] / "1_fake"], n_images=4, method="minmax", batch_size=3,
+                        log=_quiet)
     assert res.n_images == 4 and out.is_file()
     assert decode(_props(res.model), "mm")["provenance"]["int8"]["method"] == "minmax"
     assert not list(tmp_path.glob(".*.tmp"))  # atomic write left nothing behind
@@ -223,7 +228,8 @@ def test_calibration_data_errors(fp32_onnx, tmp_path):
         quantize_int8(fp32_onnx, out, [tmp_path / "empty"], log=_quiet)
     with pytest.raises(ConfigError, match=r"Received n_images 0; expected >= 1"):
         quantize_int8(fp32_onnx, out, [tmp_path / "empty"], n_images=0, log=_quiet)
-    with pytest.raises(ConfigError, match=r"Received calibration method 'kl'; expected one of entropy, percentile, minmax"):
+    with pytest.raises(ConfigError,
+                       match=r"Received calibration method 'kl'; expected one of entropy, percentile, minmax"):
         quantize_int8(fp32_onnx, out, [tmp_path], method="kl", log=_quiet)
     assert not out.exists()
 

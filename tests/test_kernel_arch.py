@@ -82,7 +82,8 @@ def check_report(arch: int, log: str, kernels: list[str], blocks, allowed_warnin
         n = blocks(name.removeprefix("trt_").rsplit("_", 1)[0])
         if n and u["registers"] * 256 * n > 65536:
             problems.append(f"sm_{arch} {name}: {u['registers']} registers, too many for {n} blocks of 256 threads")
-    warnings = [w for w in re.findall(r"^.*warning.*$", log, re.M) if not (allowed_warnings and re.search(allowed_warnings, w))]
+    warnings = [w for w in re.findall(r"^.*warning.*$", log, re.M)
+                if not (allowed_warnings and re.search(allowed_warnings, w))]
     problems += [f"sm_{arch}: {w}" for w in warnings]
     return problems
 
@@ -91,7 +92,7 @@ def test_every_kernel_builds_for_every_arch_without_spills(cubin_logs):
     # sm_75 needs the fallback of cvt.rn.f16x2.f32 (sm_80+) and 4 blocks per SM, Blackwell fewer blocks than
     # Hopper (its ptxas spills at 40 registers); none of them may spill, and each bound must hold
     problems = [p for arch, log in sorted(cubin_logs.items())
-                for p in check_report(arch, log, KERNELS, lambda kernel: blocks_per_sm(kernel, arch))]
+                for p in check_report(arch, log, KERNELS, lambda kernel, arch=arch: blocks_per_sm(kernel, arch))]
     for arch, log in sorted(cubin_logs.items()):
         usage = nvrtc_api.ptxas_usage(log)
         print(f"sm_{arch}: " + ", ".join(f"{k} {u['registers']}" for k, u in sorted(usage.items())))
@@ -166,7 +167,7 @@ def test_plugin_ptx_compiles_for_every_arch_without_spills(trt_ptx, archs):
     # the PTX asks for 6 blocks per SM (trt_plugin.PTX_OPTIONS), which the JIT of a GPU of 1024 threads per SM
     # (sm_75, sm_107) cannot give and ignores: its registers must still let 4 blocks run there
     problems = [p for arch, log in sorted(logs.items()) for p in check_report(
-        arch, log, entries, lambda kernel: 0 if kernel == "lpd_generic" else 4 if arch in SMALL_SM else 6,
+        arch, log, entries, lambda kernel, arch=arch: 0 if kernel == "lpd_generic" else 4 if arch in SMALL_SM else 6,
         r"minnctapersm will be ignored" if arch in SMALL_SM else "")]
     assert not problems, "\n".join(problems)
 

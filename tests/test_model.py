@@ -8,7 +8,6 @@ from ferret_train import create_model, list_models
 from ferret_train.registry import register_model
 
 
-
 def conv(k: int, cin: int, cout: int, groups: int = 1, bias: bool = False) -> int:
     """Parameters of a k x k convolution: k*k*(cin/groups)*cout weights (+ cout biases)."""
     return k * k * (cin // groups) * cout + (cout if bias else 0)

@@ -9,6 +9,9 @@ import onnxruntime as ort
 import pytest
 import torch
 
+from ferret_export.onnx.export import custom_domains, export_onnx
+from ferret_export.onnx.graph import GraphOptions, lpd_graph
+from ferret_export.verify import ParityError
 from ferret_runtime import Detector
 from ferret_runtime.errors import ConfigError
 from ferret_runtime.lpd_spec import LPD_SPECS
@@ -16,9 +19,6 @@ from ferret_runtime.metadata import decode
 from ferret_runtime.preprocess import normalize
 from ferret_train import create_model
 from ferret_train.checkpoint import save_checkpoint
-from ferret_export.onnx.export import custom_domains, export_onnx
-from ferret_export.onnx.graph import GraphOptions, lpd_graph
-from ferret_export.verify import ParityError
 
 from .conftest import lpd_tolerance, run_ferret
 
@@ -258,8 +258,8 @@ def test_corrupt_and_foreign_onnx_files(tmp_path):
         Detector.open(tmp_path / "junk.onnx")
     x = onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1, 3, 8, 8])
     y = onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1, 3, 8, 8])
-    foreign = onnx.helper.make_model(onnx.helper.make_graph([onnx.helper.make_node("Identity", ["x"], ["y"])], "g", [x], [y]),
-                                     opset_imports=[onnx.helper.make_opsetid("", 17)])
+    graph = onnx.helper.make_graph([onnx.helper.make_node("Identity", ["x"], ["y"])], "g", [x], [y])
+    foreign = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 17)])
     foreign.ir_version = 9
     onnx.save(foreign, tmp_path / "foreign.onnx")
     with pytest.raises(ConfigError, match=r"foreign\.onnx: received a model without FerretNet metadata"):
@@ -315,4 +315,5 @@ def test_auto_device_picks_what_is_available(tmp_path):
     with Detector.open(tmp_path / "m.onnx") as det:
         has_cuda = "CUDAExecutionProvider" in ort.get_available_providers()
         assert det.backend.device == ("cuda" if has_cuda else "cpu")
-        assert det.backend.session.get_providers()[0] == ("CUDAExecutionProvider" if has_cuda else "CPUExecutionProvider")
+        assert det.backend.session.get_providers()[0] == ("CUDAExecutionProvider" if has_cuda
+                                                          else "CPUExecutionProvider")

@@ -32,7 +32,7 @@ REAL_SESSION = ort.InferenceSession
 class StandInCudaSession:
     """ort.InferenceSession as the CUDA provider with a user compute stream would behave, on a CPU."""
 
-    created: list["StandInCudaSession"] = []
+    created: list[StandInCudaSession] = []
 
     def __init__(self, path, so, providers):
         self.cpu = providers == ["CPUExecutionProvider"]  # a CPU session: the real one, unchanged
@@ -169,8 +169,8 @@ def test_cuda_pipeline_any_size_grows_buffers_only_when_needed(ort_cuda, graphs)
         first = slot.dev_in
         np.testing.assert_allclose(backend.run(small), _want(graphs, small), rtol=1e-5, atol=1e-5)
         assert slot.dev_in is first  # a smaller batch fits the buffers it has
-        np.testing.assert_allclose(backend.run(np.concatenate([large, large])), _want(graphs, np.concatenate([large, large])),
-                                   rtol=1e-5, atol=1e-5)
+        both = np.concatenate([large, large])
+        np.testing.assert_allclose(backend.run(both), _want(graphs, both), rtol=1e-5, atol=1e-5)
         assert slot.dev_in is not first and first.closed  # grown once, the old one freed
 
 

@@ -131,7 +131,8 @@ def test_dwt_hh_matches_pywavelets():
     # pywt.dwt2(x, "bior1.3", mode="symmetric")[1][2] (the diagonal detail band), PyWavelets 1.9.
     x = torch.tensor([[3, 1, 4, 1, 5], [9, 2, 6, 5, 3], [5, 8, 9, 7, 9], [3, 2, 3, 8, 4]], dtype=torch.float64)
     expected = torch.tensor(
-        [[-2.5, 2.5, -1.0, 0.0, 1.0], [2.5, -2.5, 1.0, 0.0, -1.0], [2.0, -2.0, 3.5, 0.0, -3.5], [-2.0, 2.0, -3.5, 0.0, 3.5]],
+        [[-2.5, 2.5, -1.0, 0.0, 1.0], [2.5, -2.5, 1.0, 0.0, -1.0],
+         [2.0, -2.0, 3.5, 0.0, -3.5], [-2.0, 2.0, -3.5, 0.0, 3.5]],
         dtype=torch.float64,
     )
     torch.testing.assert_close(peers.dwt_hh(x[None, None])[0, 0], expected, rtol=0, atol=1e-12)

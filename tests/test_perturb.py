@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import io
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -40,10 +39,12 @@ def test_resize_blur_noise(img):
     assert abs(d.std() - 5) < 0.3 and abs(d.mean()) < 0.3
 
 
-@pytest.mark.parametrize("spec, msg", [("gamma=1", "Received perturbation 'gamma' (in 'gamma=1'); expected one of jpeg"),
-                                       ("jpeg=101", "Received jpeg strength 101; expected 0 (none) or an integer 1..100"),
-                                       ("resize=9", "Received resize strength 9; expected 0 (none) or 0.05..8"),
-                                       ("blur", "expected blur=S1,S2")])
+@pytest.mark.parametrize("spec, msg", [
+    ("gamma=1", "Received perturbation 'gamma' (in 'gamma=1'); expected one of jpeg"),
+    ("jpeg=101", "Received jpeg strength 101; expected 0 (none) or an integer 1..100"),
+    ("resize=9", "Received resize strength 9; expected 0 (none) or 0.05..8"),
+    ("blur", "expected blur=S1,S2"),
+])
 def test_bad_specs(spec, msg):
     from ferret_runtime.errors import ConfigError
 
@@ -105,7 +106,8 @@ def test_sweep_equals_degrading_the_files_on_disk(data, model, tmp_path):
     y = np.array([p.parent.name == "1_fake" for p in paths])
     # JPEG quality 50 and half size, written by Pillow to files and scored as files
     for kind, save in (("jpeg", lambda im, d: im.save(d.with_suffix(".jpg"), quality=50)),
-                       ("resize", lambda im, d: im.resize((24, 24), Image.Resampling.BICUBIC).save(d.with_suffix(".png")))):
+                       ("resize", lambda im, d: im.resize((24, 24), Image.Resampling.BICUBIC)
+                                                  .save(d.with_suffix(".png")))):
         files = []
         for p in paths:
             d = tmp_path / kind / p.relative_to(data)

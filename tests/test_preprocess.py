@@ -5,8 +5,17 @@ import pytest
 from PIL import Image
 
 from ferret_runtime.errors import ConfigError, ImageError
-from ferret_runtime.preprocess import (MEAN, STD, Preprocess, center_crop, find_images, load_image, normalize, parse_crop,
-                                     prepare)
+from ferret_runtime.preprocess import (
+    MEAN,
+    STD,
+    Preprocess,
+    center_crop,
+    find_images,
+    load_image,
+    normalize,
+    parse_crop,
+    prepare,
+)
 
 
 def _ramp(h, w):
@@ -34,7 +43,8 @@ def test_crop_pads_smaller_images_with_zeros_extra_pixel_right_bottom():
 def test_normalize_matches_to_tensor_normalize():
     img = np.array([[[0, 128, 255]]], np.uint8)
     got = normalize(img)
-    want = [(np.float32(v) / np.float32(255) - np.float32(m)) / np.float32(s) for v, m, s in zip((0, 128, 255), MEAN, STD)]
+    want = [(np.float32(v) / np.float32(255) - np.float32(m)) / np.float32(s)
+            for v, m, s in zip((0, 128, 255), MEAN, STD)]
     assert got.shape == (3, 1, 1) and got.dtype == np.float32
     np.testing.assert_array_equal(got[:, 0, 0], np.array(want, np.float32))
 
@@ -87,7 +97,8 @@ def test_parse_crop_and_preprocess_dict():
 
 def test_crop_returns_a_compact_copy_not_a_view_of_the_decoded_image():
     big = _ramp(600, 256)  # full width: rows alone would give a contiguous view of the whole image
-    for out in (center_crop(big, 256), prepare(big, Preprocess(crop=256)), prepare(_ramp(300, 400), Preprocess(crop=64))):
+    for out in (center_crop(big, 256), prepare(big, Preprocess(crop=256)),
+                prepare(_ramp(300, 400), Preprocess(crop=64))):
         assert out.flags.c_contiguous and out.base is None  # owns its memory: the big image can be freed
     np.testing.assert_array_equal(center_crop(big, 256), big[172:428])
     full = _ramp(9, 12)

@@ -159,10 +159,10 @@ def test_cli_streams(onnx_model, tmp_path):
 
 
 def test_streams_on_a_backend_without_them_is_one_clear_line(tmp_path):
+    from PIL import Image
+
     from ferret_train import create_model
     from ferret_train.checkpoint import save_checkpoint
-
-    from PIL import Image
 
     ckpt = save_checkpoint(tmp_path / "s.pth", create_model("ferretnet-s").eval())
     Image.fromarray(_images(1)[0]).save(tmp_path / "a.png")

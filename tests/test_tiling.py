@@ -56,7 +56,7 @@ def test_aggregates():
 def test_detector_tiles_equal_the_model_on_each_crop(authors_ckpt, reference, how):
     path = reference / "images" / "real_imageNet_butterfly.png"  # 500x500: 4 tiles, the last ones aligned
     img = load_image(path)
-    crops = [img[t : t + 256, l : l + 256] for t in (0, 244) for l in (0, 244)]
+    crops = [img[top : top + 256, left : left + 256] for top in (0, 244) for left in (0, 244)]
     with Detector.open(authors_ckpt, device="cpu", crop=None) as det:
         each = np.array([r.logit for r in det.predict(crops)])
     with Detector.open(authors_ckpt, device="cpu", tile="model", aggregate=how, topk=2, batch_size=3) as det:

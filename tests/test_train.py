@@ -94,7 +94,8 @@ def test_bad_config_file_is_named(tmp_path):
 # -------------------------------------------------------------------------------------- training
 def test_two_epochs_lower_the_loss_and_write_the_run(tiny_data, tmp_path):
     run = tmp_path / "run"
-    proc = _ok(run_ferret(*_train_args(tiny_data, run, "total_epochs=2", "logger.tensorboard=true", "logger.log_freq=1")))
+    proc = _ok(run_ferret(*_train_args(tiny_data, run, "total_epochs=2", "logger.tensorboard=true",
+                                       "logger.log_freq=1")))
     epochs = _records(run)
     assert [r["epoch"] for r in epochs] == [1, 2]
     assert epochs[1]["loss"] < epochs[0]["loss"], epochs
@@ -205,7 +206,8 @@ def test_ddp_two_cpu_processes_run_one_epoch(tiny_data, tmp_path):
     run = tmp_path / "ddp"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                           "-m", "ferret_runtime.cli", *_train_args(tiny_data, run, "total_epochs=1", "data.workers=0")],
+                           "-m", "ferret_runtime.cli",
+                           *_train_args(tiny_data, run, "total_epochs=1", "data.workers=0")],
                           capture_output=True, text=True, env=env, timeout=600)
     _ok(proc)
     assert "x 2 processes" in proc.stdout
@@ -247,7 +249,8 @@ def test_eval_equals_sklearn_and_the_end_of_epoch_validation(tiny_data, tmp_path
             assert got["f_acc"] == pytest.approx(100 * accuracy_score(y[y], prob[y] > 0.5))
             assert got["ap"] == pytest.approx(100 * average_precision_score(y, prob), abs=1e-4)
     # the validation the trainer logged at the end of the epoch scores the same images the same way
-    val = json.loads(next(r for r in (run / "metrics.jsonl").read_text().splitlines() if '"epoch"' in r and '"val"' in r))
+    val = json.loads(next(r for r in (run / "metrics.jsonl").read_text().splitlines()
+                          if '"epoch"' in r and '"val"' in r))
     val_out = tmp_path / "val.json"
     _ok(run_ferret("eval", "-w", str(run / "last.pt"), "--data", str(tiny_data / "val"), "--json", str(val_out)))
     again = json.loads(val_out.read_text())["subsets"]["val"]
