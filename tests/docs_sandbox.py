@@ -1,21 +1,24 @@
 """The folder the docs' commands run in: small real stand-ins under the names the pages use.
 
-Built once per session (``build``, with the CLI where it can: module moves leave it alone), then mirrored per block (``mirror``): real folders, each file a symlink
-except the small model files, which are copied, so a block that overwrites one (``-o ferretnet-s.onnx``)
-replaces its own copy and never the shared file behind a link. The authors' checkpoint, the reference
-images and the reference clip are links to ../shared/reference, never copies.
+Built once per session (``build``, with the CLI where it can: module moves leave it alone), then mirrored per
+block (``mirror``): real folders, each file a symlink except the small model files, which are copied, so a block
+that overwrites one (``-o ferretnet-s.onnx``) replaces its own copy and never the shared file behind a link. The
+authors' checkpoint, the reference images and the reference clip are links to ../shared/reference, never copies.
 
 | name in the pages | stand-in |
 | --- | --- |
-| ferretnet-s-median-3.pth, photos/, a.png, clip.mp4 | the reference checkpoint, 4 of its images (`PHOTOS`), one of them, its clip |
+| ferretnet-s-median-3.pth, clip.mp4 | the reference checkpoint, the reference clip |
+| photos/, a.png | 4 of the reference images (`PHOTOS`), one of them |
 | b.jpg, photo.jpg | a reference image re-encoded as JPEG |
 | best.pt | FerretNet-S, seeded random weights, 64-pixel crop |
 | ferretnet-s.onnx, s.onnx, s-fp16.onnx, s-int8.onnx | best.pt exported at 64x64 (fp32, fp16, INT8) |
-| data/train, data/val, val/, test/, ForenSynths/ | a proxy dataset of 64-pixel images: 20 + 20 train, 110 + 110 val (calibration needs 100 real), 10 + 10 per test decoder |
+| data/train, data/val, val/, test/, ForenSynths/ | a proxy dataset of 64-pixel images (sizes below) |
 | configs/, Makefile | the repository's |
 | models/client_example.py | the client `ferret export triton` writes |
 | manifest.parquet | a `path` column naming the reference images (absolute paths: Ray's workers run elsewhere) |
 | keys.txt, cert.pem, key.pem | one API token; a self-signed certificate for 127.0.0.1 |
+
+Proxy dataset sizes: 20 + 20 train images, 110 + 110 val (calibration needs 100 real), 10 + 10 per test decoder.
 """
 
 from __future__ import annotations
@@ -31,7 +34,8 @@ from PIL import Image
 from .docs_commands import ROOT
 
 # four of the ten reference images, the smallest (256-512 px): every mode, --crop none and --explain too, in seconds
-PHOTOS = ("fake_biggan_butterfly.png", "fake_SD3_5_mountain.png", "real_coco_giraffe.png", "real_imageNet_butterfly.png")
+PHOTOS = ("fake_biggan_butterfly.png", "fake_SD3_5_mountain.png", "real_coco_giraffe.png",
+          "real_imageNet_butterfly.png")
 COPIED = {".pt", ".pth", ".onnx", ".py", ".txt", ".pem"}  # small files a command may overwrite: copies
 
 

@@ -10,10 +10,10 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
 
 import httpx
 import numpy as np
@@ -113,7 +113,7 @@ def read_until_closed(s: socket.socket, timeout: float) -> tuple[bytes, float, b
     try:
         while chunk := s.recv(65536):
             data += chunk
-    except socket.timeout:
+    except TimeoutError:
         return data, time.monotonic() - start, False
     except ConnectionResetError:
         pass

@@ -134,5 +134,6 @@ def test_no_private_name_imported_across_modules():
 
 def test_package_modules_stay_small():
     assert len(modules()) > 50  # the walk found the packages
-    long = {str(p.relative_to(ROOT)): n for p in modules().values() if (n := len(p.read_text().splitlines())) > MAX_LINES}
+    long = {str(p.relative_to(ROOT)): n for p in modules().values()
+            if (n := len(p.read_text().splitlines())) > MAX_LINES}
     assert long == {}

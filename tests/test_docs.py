@@ -54,7 +54,8 @@ def test_no_command_hides_in_an_untagged_fence():
                 f"{sorted(dc.RUN_LANGS)} (run by tests/test_docs.py) or {sorted(dc.QUIET_LANGS)} (shown only)")
 
 
-@pytest.mark.parametrize("shown", [c for c in SHOWN if c.plain.startswith("ferret ")], ids=lambda c: f"{c.page}:{c.line}")
+@pytest.mark.parametrize("shown", [c for c in SHOWN if c.plain.startswith("ferret ")],
+                         ids=lambda c: f"{c.page}:{c.line}")
 def test_ferret_command_parses(shown, capsys):
     """As shown, and as the test runs it (with its rule's additions): no flag that does not exist."""
     for text in {shown.text, dc.prepared(shown, dc.rule_for(shown))}:
@@ -120,7 +121,8 @@ def test_architecture_lists_every_module_of_the_tree():
     rows, tree = _architecture_rows(), _package_modules()
     lacking, gone = sorted(tree - set(rows)), sorted(set(rows) - tree)
     message = "".join([
-        "docs/internals/architecture.md lacks a row for:\n" + "".join(f"| `{m}` | ... |\n" for m in lacking) if lacking else "",
+        "docs/internals/architecture.md lacks a row for:\n" + "".join(f"| `{m}` | ... |\n" for m in lacking)
+        if lacking else "",
         "docs/internals/architecture.md lists modules that are not in the tree:\n" + "".join(f"{m}\n" for m in gone)
         if gone else ""])
     assert not message, message
@@ -136,7 +138,7 @@ def test_cli_reference_covers_every_command():
     finally:
         sys.path.remove(str(ROOT / "docs"))
     page = hooks.cli_reference()
-    for words, parser in hooks.commands(build_parser()):
+    for words, _parser in hooks.commands(build_parser()):
         name = " ".join(words)
         assert re.search(rf"^#+ {re.escape(name)}$", page, flags=re.M), name
         assert f"usage: {name}" in page, name
@@ -239,7 +241,8 @@ def _run(shown: dc.Shown, argv: list[str], cwd: Path, env: dict, exits: tuple[in
                               stdin=subprocess.DEVNULL)
     except subprocess.TimeoutExpired:
         _fail(shown, shlex.join(argv), f"  did not finish in {TIMEOUT} s")
-    detail = f"  exit {proc.returncode} (expected {exits})\n  stdout: {proc.stdout[-2000:]}\n  stderr: {proc.stderr[-4000:]}"
+    detail = (f"  exit {proc.returncode} (expected {exits})\n  stdout: {proc.stdout[-2000:]}\n"
+              f"  stderr: {proc.stderr[-4000:]}")
     if proc.returncode not in exits or "Traceback (most recent call last)" in proc.stderr:
         _fail(shown, shlex.join(argv), detail)
     if proc.returncode != 0 and output and not re.search(output, proc.stdout + proc.stderr):

@@ -13,9 +13,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from ferret_runtime.serve import kserve
 from ferret_runtime.preprocess import load_image
 from ferret_runtime.samples import natural_image
+from ferret_runtime.serve import kserve
 
 from .conftest import run_ferret, small_onnx
 
@@ -84,7 +84,8 @@ def test_health_metadata_and_config(srv, model):
     assert [(t["name"], t["datatype"]) for t in meta["outputs"]] == [
         ("logits", "FP32"), ("prob_fake", "FP64"), ("labels", "BYTES")]
     params = meta["parameters"]
-    assert json.loads(params["ferret.preprocess"]) == {"crop": 64, "mean": pytest.approx([0.48145466, 0.4578275, 0.40821073]),
+    assert json.loads(params["ferret.preprocess"]) == {"crop": 64,
+                                                        "mean": pytest.approx([0.48145466, 0.4578275, 0.40821073]),
                                                         "std": pytest.approx([0.26862954, 0.26130258, 0.27577711]),
                                                         "layout": "NHWC", "dtype": "uint8"}
     assert params["ferret.threshold"] == "0.5" and params["ferret.arch"] == "ferretnet-s"
@@ -227,7 +228,8 @@ def test_tokens_and_overload_as_on_v1(model, images, tmp_path):
         assert c.is_server_ready() and c.is_model_ready("ferret-s")  # probes stay open
         assert httpx.get(srv.url + "/v2/models/ferret-s").status_code == 401
         no = _post(srv, one)
-        assert no.status_code == 401 and no.headers["www-authenticate"] == "Bearer" and "bearer token" in no.json()["error"]
+        assert (no.status_code == 401 and no.headers["www-authenticate"] == "Bearer"
+                and "bearer token" in no.json()["error"])
         inp = httpclient.InferInput("images", [1], "BYTES")
         inp.set_data_from_numpy(np.array([images[0].read_bytes()], dtype=np.object_))
         ok = c.infer("ferret-s", [inp], headers=dict(auth))  # tritonclient adds to the dict it is given
@@ -235,7 +237,8 @@ def test_tokens_and_overload_as_on_v1(model, images, tmp_path):
         r = httpx.post(srv.url + "/v2/models/ferret-s/infer", headers=auth, timeout=60, json={
             "inputs": [{"name": "pixels", "datatype": "UINT8", "shape": [2, 1, 1, 3], "data": [0] * 6}]})
         # two images never fit a queue of one: 503 at once, as on /v1/detect
-        assert r.status_code == 503 and r.headers["retry-after"] == "1" and "Received a request of 2 image" in r.json()["error"]
+        assert (r.status_code == 503 and r.headers["retry-after"] == "1"
+                and "Received a request of 2 image" in r.json()["error"])
         metrics = httpx.get(srv.url + "/metrics", headers=auth).text
     for code, n in (("200", 1), ("401", 2), ("503", 1)):  # the metadata's 401 is counted too
         assert metric(metrics, f'ferret_requests_total{{code="{code}"}}') == n, (code, metrics)

@@ -19,6 +19,8 @@ import onnx
 import pytest
 import torch
 
+from ferret_export.onnx.export import export_onnx
+from ferret_export.onnx.graph import GraphOptions
 from ferret_runtime import Detector
 from ferret_runtime.errors import CheckpointError, ConfigError
 from ferret_runtime.metadata import ARCHS
@@ -26,8 +28,6 @@ from ferret_runtime.preprocess import Preprocess
 from ferret_train import create_model
 from ferret_train.checkpoint import load_checkpoint, save_checkpoint
 from ferret_train.models import FerretConfig, FerretNet
-from ferret_export.onnx.export import export_onnx
-from ferret_export.onnx.graph import GraphOptions
 
 from .conftest import REFERENCE, run_ferret
 
@@ -76,7 +76,8 @@ def test_known_archs_table_is_what_the_registry_builds(arch):
     ({"depths": []}, r"x\.pth: model_config says depths \[\]; the weights have depths \[2, 2\]$"),
     ({"num_classes": 1000}, r"x\.pth: model_config says num_classes 1000; the weights have num_classes 1$"),
     ({"in_channels": 4}, r"x\.pth: model_config says in_channels 4; the weights have in_channels 3$"),
-    ({"arch": "ferretnet-b"}, r"x\.pth: model_config says arch ferretnet-b, which has dim 96; the weights have dim 32$"),
+    ({"arch": "ferretnet-b"},
+     r"x\.pth: model_config says arch ferretnet-b, which has dim 96; the weights have dim 32$"),
     ({"window_size": 4}, r"x\.pth: model_config says window_size 4; expected one of \(3, 5, 7\)$"),
     ({"lpd_func": "mean"}, r"x\.pth: model_config says lpd_func 'mean'; expected one of median, .*origin$"),
     ({"arch": ""}, r"x\.pth: model_config says arch ''; expected a name such as ferretnet-s, ferretnet-b$"),
@@ -110,7 +111,8 @@ def test_out_of_bounds_shapes_are_refused_even_when_config_and_weights_agree(tmp
     # the original format has no config: the bounds apply to the shapes inferred from the weights
     deep = tmp_path / "deep.pth"
     torch.save({"model": FerretNet(FerretConfig(depths=(1, 65), arch="deep")).state_dict()}, deep)
-    with pytest.raises(CheckpointError, match=r"deep\.pth: the state dict says a stage depth 65; expected an int in 1\.\.64"):
+    with pytest.raises(CheckpointError,
+                       match=r"deep\.pth: the state dict says a stage depth 65; expected an int in 1\.\.64"):
         load_checkpoint(deep)
 
 
@@ -240,7 +242,8 @@ def test_tensorrt_sidecar_with_several_logits_is_refused_without_tensorrt(s_onnx
     ok = _engine_with_sidecar(tmp_path, s_onnx, [{"name": "logit", "dtype": "float32", "shape": [-1, 1]}])
     assert read_sidecar(ok).meta["arch"] == "ferretnet-s"
     engine = _engine_with_sidecar(tmp_path, s_onnx, [{"name": "logit", "dtype": "float32", "shape": [-1, 3]}])
-    with pytest.raises(ConfigError, match=r"m\.engine\.json: received an output of shape \[-1, 3\]; expected one logit"):
+    with pytest.raises(ConfigError,
+                       match=r"m\.engine\.json: received an output of shape \[-1, 3\]; expected one logit"):
         read_sidecar(engine)
     engine = _engine_with_sidecar(tmp_path, s_onnx, [{"name": f"o{i}", "dtype": "float32", "shape": [-1, 1]}
                                                      for i in range(3)])

@@ -66,13 +66,13 @@ def test_cli_without_torch_says_which_extra_is_missing(tmp_path):
 
 
 def test_onnx_runtime_detects_without_torch(tmp_path):
+    import torch
+
     from ferret_export.onnx.export import export_onnx
     from ferret_export.onnx.graph import GraphOptions
     from ferret_runtime.samples import write_samples
     from ferret_train import create_model
     from ferret_train.checkpoint import save_checkpoint
-
-    import torch
 
     torch.manual_seed(0)
     ckpt = save_checkpoint(tmp_path / "m.pth", create_model("ferretnet-s").eval())
@@ -126,7 +126,8 @@ def _import_alone(module: str, path: Path | None = None) -> dict:
 
 
 def _walk() -> list[str]:
-    return ["ferret_runtime"] + sorted(m.name for m in pkgutil.walk_packages(ferret_runtime.__path__, "ferret_runtime."))
+    return ["ferret_runtime"] + sorted(m.name for m in
+                                       pkgutil.walk_packages(ferret_runtime.__path__, "ferret_runtime."))
 
 
 RUNTIME_MODULES = _walk()
@@ -138,8 +139,8 @@ def test_the_walk_finds_every_module_on_disk():
     on_disk = {".".join(("ferret_runtime", *p.relative_to(root).with_suffix("").parts)).removesuffix(".__init__")
                for p in root.rglob("*.py")}
     assert set(RUNTIME_MODULES) == on_disk
-    assert {"ferret_runtime.cli", "ferret_runtime.serve", "ferret_runtime.serve.core", "ferret_runtime.backends.tensorrt",
-            "ferret_runtime.kernels.launch"} <= set(RUNTIME_MODULES)
+    assert {"ferret_runtime.cli", "ferret_runtime.serve", "ferret_runtime.serve.core",
+            "ferret_runtime.backends.tensorrt", "ferret_runtime.kernels.launch"} <= set(RUNTIME_MODULES)
 
 
 @pytest.mark.parametrize("module", RUNTIME_MODULES)

@@ -42,7 +42,8 @@ def test_readme_is_a_front_page():
 def test_readme_has_exactly_the_two_setup_commands():
     setup = _section(README.read_text(), "Set-up: the two commands")
     blocks = re.findall(r"```bash\n(.*?)```", setup, flags=re.S)
-    commands = [line.split("#")[0].strip() for block in blocks for line in block.splitlines() if line.split("#")[0].strip()]
+    commands = [line.split("#")[0].strip() for block in blocks for line in block.splitlines()
+                if line.split("#")[0].strip()]
     assert commands == ["make demo", "make test"]
 
 

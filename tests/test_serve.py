@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+
 from ferret_runtime import Detector
 from ferret_runtime.backends.base import Backend, ModelInfo
 from ferret_runtime.batching import DynamicBatcher, Overloaded
@@ -21,7 +22,11 @@ from .conftest import logit_tolerance, run_ferret
 httpx = pytest.importorskip("httpx", reason="the tests' HTTP client is httpx (the 'dev' extra)")
 pytest.importorskip("starlette", reason="ferret serve needs the 'serve' extra")
 
-from .serving import png as _png, server, tiny_ckpt  # noqa: E402,F401 (tiny_ckpt: a fixture)
+from . import serving  # noqa: E402 (after the importorskips: serving needs httpx)
+from .serving import png as _png  # noqa: E402
+from .serving import server  # noqa: E402
+
+tiny_ckpt = serving.tiny_ckpt  # a shared fixture
 
 
 @pytest.fixture(scope="module")
@@ -35,7 +40,8 @@ def test_serve_detect_cli_and_api_agree_with_the_reference(authors_ckpt, referen
     with Detector.open(authors_ckpt) as det:
         api = {n: r.logit for n, r in zip(names, det.predict(paths))}
     cli = {Path(row["path"]).name: row["logit"] for row in
-           map(json.loads, run_ferret("detect", *map(str, paths), "-w", str(authors_ckpt), "--json").stdout.splitlines())}
+           map(json.loads,
+               run_ferret("detect", *map(str, paths), "-w", str(authors_ckpt), "--json").stdout.splitlines())}
     with server("-w", str(authors_ckpt), "--max-delay-ms", "20") as srv:
         with httpx.Client(base_url=srv.url, timeout=120) as client, ThreadPoolExecutor(len(paths)) as pool:
             # one raw-body request per image, all at once (the batcher gathers them) ...
@@ -67,7 +73,8 @@ def test_overload_503_and_every_request_answered_once(tiny_ckpt):
                 "--workers", "1") as srv:
         with httpx.Client(base_url=srv.url, timeout=120, limits=httpx.Limits(max_connections=n)) as client, \
                 ThreadPoolExecutor(n) as pool:
-            responses = list(pool.map(lambda i: client.post("/v1/detect", content=body, headers={"X-Id": str(i)}), range(n)))
+            responses = list(pool.map(lambda i: client.post("/v1/detect", content=body, headers={"X-Id": str(i)}),
+                                      range(n)))
             metrics = client.get("/metrics").text
     codes = [r.status_code for r in responses]
     assert set(codes) <= {200, 503}, codes

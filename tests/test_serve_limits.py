@@ -14,7 +14,6 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-import numpy as np
 import pytest
 
 from ferret_runtime import Detector
@@ -24,9 +23,21 @@ from ferret_runtime.preprocess import Preprocess
 httpx = pytest.importorskip("httpx", reason="the tests' HTTP client is httpx (the 'dev' extra)")
 pytest.importorskip("starlette", reason="ferret serve needs the 'serve' extra")
 
+from . import serving  # noqa: E402 (after the importorskips: serving needs httpx)
 from .conftest import run_ferret  # noqa: E402
-from .serving import (HOST, flat_png, free_port, metric, open_upload, png, read_until_closed, self_signed,  # noqa: E402
-                      server, tiny_ckpt)  # noqa: F401 (tiny_ckpt: a fixture)
+from .serving import (  # noqa: E402
+    HOST,
+    flat_png,
+    free_port,
+    metric,
+    open_upload,
+    png,
+    read_until_closed,
+    self_signed,
+    server,
+)
+
+tiny_ckpt = serving.tiny_ckpt  # a shared fixture
 
 RSS_CEILING = 2 * 1024**3  # the documented peak for FerretNet-S with the defaults
 
@@ -262,7 +273,8 @@ def test_backend_failure_is_a_counted_json_500():
 def test_empty_parts_refused_before_queueing_and_parts_capped(tiny_ckpt):
     image = png(64)
     with server("-w", str(tiny_ckpt)) as srv, httpx.Client(base_url=srv.url, timeout=60) as c:
-        empty = c.post("/v1/detect", files=[("f", ("a.png", image, "image/png")), ("f", ("hole.png", b"", "image/png"))])
+        empty = c.post("/v1/detect", files=[("f", ("a.png", image, "image/png")),
+                                            ("f", ("hole.png", b"", "image/png"))])
         flood = c.post("/v1/detect", files=[("f", (f"e{i}.png", b"", "image/png")) for i in range(1000)]
                        + [("f", ("a.png", image, "image/png"))])
         many = c.post("/v1/detect", files=[("f", (f"i{i}.png", image, "image/png")) for i in range(65)])
@@ -343,7 +355,8 @@ def test_tls_start_up_errors_are_one_line_before_the_model_loads(tmp_path):
     for k in (key, other_key, locked_key):
         k.chmod(0o600)
     ckpt = tmp_path / "absent.pth"  # never opened: the TLS files are checked first
-    for c, k, want in ((cert, tmp_path / "missing.pem", f"Received --ssl-keyfile {tmp_path / 'missing.pem'}: no such file"),
+    for c, k, want in ((cert, tmp_path / "missing.pem",
+                        f"Received --ssl-keyfile {tmp_path / 'missing.pem'}: no such file"),
                        (cert, other_key, "that do not match; expected the certificate's own private key"),
                        (locked_cert, locked_key, "protected by a passphrase; expected an unencrypted key")):
         proc = run_ferret("serve", "-w", str(ckpt), "--ssl-certfile", str(c), "--ssl-keyfile", str(k))

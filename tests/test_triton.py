@@ -20,8 +20,7 @@ from PIL import Image
 from ferret_export.onnx.export import export_onnx
 from ferret_export.onnx.graph import GraphOptions
 from ferret_export.triton.repository import CLIENT_EXAMPLE, describe_model, write_triton_repo
-from ferret_runtime import sidecar
-from ferret_runtime import Detector
+from ferret_runtime import Detector, sidecar
 from ferret_runtime.errors import ConfigError
 from ferret_runtime.metadata import decode
 from ferret_runtime.preprocess import Preprocess, load_image, normalize, prepare
@@ -135,7 +134,8 @@ def test_onnx_repository_and_config(models, tmp_path, kind):
     meta = decode(params, "config.pbtxt")
     assert meta["preprocess"] == Preprocess(crop=256, layout="NCHW", dtype="float32")
     readme = (out / "README.md").read_text()
-    for fact in ["0.48145466", "0.26862954", "divide by 255", "NCHW", "centre-crop to 256 x 256", "TYPE_FP32", "prob_fake > 0.5"]:
+    for fact in ["0.48145466", "0.26862954", "divide by 255", "NCHW", "centre-crop to 256 x 256", "TYPE_FP32",
+                 "prob_fake > 0.5"]:
         assert fact.lower() in readme.lower(), fact
 
 
@@ -243,7 +243,8 @@ def test_engine_without_sidecar_is_a_clear_error(models, tmp_path):
     (lambda d: {k: v for k, v in d.items() if k != "inputs"}, r"received 'inputs' = None; expected a non-empty list"),
     (lambda d: {**d, "inputs": [{**d["inputs"][0], "dtype": "complex64"}]}, r"inputs\[0\]: received dtype 'complex64'"),
     (lambda d: {**d, "inputs": [{**d["inputs"][0], "shape": [-1, 3, "H", 8]}]}, r"inputs\[0\]: received shape"),
-    (lambda d: {k: v for k, v in d.items() if k != "ferret.arch"}, r"without FerretNet metadata \(missing ferret\.arch\)"),
+    (lambda d: {k: v for k, v in d.items() if k != "ferret.arch"},
+     r"without FerretNet metadata \(missing ferret\.arch\)"),
 ])
 def test_invalid_sidecars(models, tmp_path, mutate, message):
     engine = _engine(tmp_path, models)
@@ -299,12 +300,14 @@ def test_static_batch_onnx_with_max_batch_is_an_error(models, tmp_path):
 def test_models_triton_cannot_serve(models, tmp_path):
     with pytest.raises(ConfigError, match=r"plugin\.onnx: received an ONNX model with the ferret::lpd plugin node"):
         write_triton_repo(models["plugin"], tmp_path / "r", log=_quiet)
-    with pytest.raises(ConfigError, match=r"external\.onnx: received a model without its LPD \(ferret\.lpd_mode=external\)"):
+    with pytest.raises(ConfigError,
+                       match=r"external\.onnx: received a model without its LPD \(ferret\.lpd_mode=external\)"):
         write_triton_repo(models["external"], tmp_path / "r", log=_quiet)
     assert not (tmp_path / "r").exists()
     x = onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, ["N", 3, 8, 8])
-    foreign = onnx.helper.make_model(onnx.helper.make_graph([onnx.helper.make_node("Identity", ["x"], ["y"])], "g", [x],
-                                                            [onnx.helper.make_tensor_value_info("y", 1, ["N", 3, 8, 8])]))
+    foreign = onnx.helper.make_model(onnx.helper.make_graph(
+        [onnx.helper.make_node("Identity", ["x"], ["y"])], "g", [x],
+        [onnx.helper.make_tensor_value_info("y", 1, ["N", 3, 8, 8])]))
     onnx.save(foreign, tmp_path / "foreign.onnx")
     with pytest.raises(ConfigError, match=r"foreign\.onnx: received a model without FerretNet metadata"):
         write_triton_repo(tmp_path / "foreign.onnx", tmp_path / "r", log=_quiet)

@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import argparse
-
-from ferret_runtime.commands import HelpFormatter, add_streams_argument
 import json
 import sys
 import warnings
 from pathlib import Path
+
+from ferret_runtime.commands import HelpFormatter, add_streams_argument
 
 from ..errors import ConfigError, FerretError
 from ..preprocess import DEFAULT_MAX_PIXELS, parse_crop

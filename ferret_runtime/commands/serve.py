@@ -3,9 +3,8 @@
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
-
 import sys
+from pathlib import Path
 
 from ferret_runtime.commands import HelpFormatter, add_streams_argument
 
@@ -67,7 +66,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "past it the oldest is closed to make room, so idle or slow clients never lock others out")
     p.add_argument("--max-header-kb", type=float, default=16.0,
                    help="largest request line and headers (else 431)")
-    p.add_argument("--keep-alive-timeout", type=float, default=5.0, help="seconds an idle keep-alive connection stays open")
+    p.add_argument("--keep-alive-timeout", type=float, default=5.0,
+                   help="seconds an idle keep-alive connection stays open")
     p.add_argument("--shutdown-timeout", type=float, default=20.0,
                    help="seconds SIGTERM waits for in-flight requests; those still running are then answered 503")
     p.add_argument("--api-key-file", metavar="PATH", default=None,
@@ -75,25 +75,28 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "in PATH, # comments and blank lines skipped (else 401); /healthz and /readyz stay open "
                         "(default: no authentication)")
     p.add_argument("--metrics-public", action="store_true", help="serve /metrics without the token when keys are set")
-    p.add_argument("--ssl-certfile", metavar="PEM", default=None, help="serve HTTPS with this certificate (chain) (default: plain HTTP)")
+    p.add_argument("--ssl-certfile", metavar="PEM", default=None,
+                   help="serve HTTPS with this certificate (chain) (default: plain HTTP)")
     p.add_argument("--ssl-keyfile", metavar="PEM", default=None,
                    help="the certificate's private key, unencrypted (warned when other users can read it)")
     p.add_argument("--workers", type=int, default=4, help="image decoding threads")
     add_streams_argument(p)
     add_tile_arguments(p)
-    p.add_argument("--threshold", type=float, default=None, help="label 'fake' above this probability (default: the model's)")
+    p.add_argument("--threshold", type=float, default=None,
+                   help="label 'fake' above this probability (default: the model's)")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
     try:
+        import multipart  # noqa: F401
+        import prometheus_client  # noqa: F401
         import starlette  # noqa: F401
         import uvicorn  # noqa: F401
-        import prometheus_client  # noqa: F401
-        import multipart  # noqa: F401
     except ImportError as e:
-        raise ConfigError(f"ferret serve needs the 'serve' extra (missing {e.name}): pip install 'ferretnet-deploy[serve]'") from None
+        raise ConfigError(f"ferret serve needs the 'serve' extra (missing {e.name}): "
+                          "pip install 'ferretnet-deploy[serve]'") from None
     from ..detector import Detector
     from ..serve import ServeConfig, ServerLimits, load_api_keys, serve
     from ..serve.http_limits import fit_fd_limit, key_file_warning, tls_context

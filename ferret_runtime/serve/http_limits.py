@@ -68,7 +68,8 @@ def tls_context(certfile: str, keyfile: str) -> ssl.SSLContext:
     except ssl.SSLError as e:
         if asked:
             raise ConfigError(f"Received --ssl-keyfile {keyfile} protected by a passphrase; expected an unencrypted "
-                              "key (ferret serve reads no passphrase: keep the key readable by its user only)") from None
+                              "key (ferret serve reads no passphrase: "
+                              "keep the key readable by its user only)") from None
         if e.reason == "KEY_VALUES_MISMATCH":
             raise ConfigError(f"Received --ssl-certfile {certfile} and --ssl-keyfile {keyfile} that do not match; "
                               "expected the certificate's own private key") from None

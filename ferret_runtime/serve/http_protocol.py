@@ -122,7 +122,8 @@ def protocol_class(read_timeout: float, limits: ServerLimits, tls: ssl.SSLContex
             secure = None
             if not raw.is_closing():  # else evicted or expired before this task ran
                 try:
-                    secure = await self.loop.start_tls(raw, self, tls, server_side=True, ssl_handshake_timeout=read_timeout,
+                    secure = await self.loop.start_tls(raw, self, tls, server_side=True,
+                                                       ssl_handshake_timeout=read_timeout,
                                                        ssl_shutdown_timeout=read_timeout)
                 except Exception as e:  # any failed handshake (SSLError, reset, timeout) closes this connection only
                     log.debug("[serve] TLS handshake with %s failed: %r", raw.get_extra_info("peername"), e)

@@ -226,8 +226,9 @@ def _images(shape: list[int], raw: Any, max_images: int) -> list[tuple[str, byte
     else:  # JSON: strings are their UTF-8 bytes (encoded images rarely are: send them binary)
         flat = _flatten(raw, IMAGES, n, len(shape))
         if len(flat) != n or not all(isinstance(e, str) for e in flat):
-            raise ProtocolError(f"Received {IMAGES!r} data of {_many(flat, n)} element(s) for shape {shape}; expected {n} "
-                                "strings (or, for image files, binary data: tritonclient's binary_data=True)")
+            raise ProtocolError(f"Received {IMAGES!r} data of {_many(flat, n)} element(s) for shape {shape}; "
+                                f"expected {n} strings (or, for image files, binary data: "
+                                "tritonclient's binary_data=True)")
         elements = [_utf8(e, f"{IMAGES}[{i}]") for i, e in enumerate(flat)]
     return [(f"{IMAGES}[{i}]", e) for i, e in enumerate(elements)]
 
@@ -256,8 +257,8 @@ def _pixels(shape: list[int], raw: Any, max_images: int) -> list[tuple[str, np.n
         flat = _flatten(raw, PIXELS, count, 4)
         # builtins over the list (C loops): type() rather than isinstance so true/false are refused
         if len(flat) != count or set(map(type, flat)) != {int} or min(flat) < 0 or max(flat) > 255:
-            raise ProtocolError(f"Received {PIXELS!r} data of {_many(flat, count)} element(s) for shape {shape}; expected "
-                                f"{count} integers in 0..255")
+            raise ProtocolError(f"Received {PIXELS!r} data of {_many(flat, count)} element(s) for shape {shape}; "
+                                f"expected {count} integers in 0..255")
         arr = np.asarray(flat, np.uint8).reshape(shape)
     return [(f"{PIXELS}[{i}]", arr[i]) for i in range(n)]
 
@@ -298,7 +299,8 @@ def _flag(params: dict[str, Any], key: str, default: bool, where: str) -> bool:
 
 def _requested_outputs(head: dict[str, Any]) -> dict[str, bool]:
     params = head.get("parameters")
-    default = _flag(params if isinstance(params, dict) else {}, "binary_data_output", False, "in the request parameters")
+    default = _flag(params if isinstance(params, dict) else {}, "binary_data_output", False,
+                    "in the request parameters")
     wanted = head.get("outputs")
     if wanted is None:
         return {name: default for name in OUTPUTS}
