@@ -294,60 +294,48 @@ def _arrays(*arrays: np.ndarray, dtype: type) -> list[np.ndarray]:
     return out
 
 
+def _elementwise(function: str, inputs: tuple[np.ndarray, ...], dtype: type, out_dtype: type,
+                 *extra: int) -> np.ndarray:
+    """Run the host library's ``function(inputs..., out, n, extra...)`` over equal-sized flat arrays."""
+    arrays = _arrays(*inputs, dtype=dtype)
+    out = np.empty(arrays[0].size, out_dtype)
+    getattr(load_host_library(), function)(*arrays, out, arrays[0].size, *extra)
+    return out
+
+
 def f16_bits(x: np.ndarray) -> np.ndarray:
     """cvt.rn.f16.f32 of float32 values: float16 bit patterns (uint16)."""
-    (x,) = _arrays(x, dtype=np.float32)
-    out = np.empty(x.size, np.uint16)
-    load_host_library().ferret_f2h_host(x, out, x.size)
-    return out
+    return _elementwise("ferret_f2h_host", (x,), np.float32, np.uint16)
 
 
 def f16_to_f32(bits: np.ndarray) -> np.ndarray:
     """cvt.f32.f16 of float16 bit patterns (uint16): float32 values."""
-    (bits,) = _arrays(bits, dtype=np.uint16)
-    out = np.empty(bits.size, np.float32)
-    load_host_library().ferret_h2f_host(bits, out, bits.size)
-    return out
+    return _elementwise("ferret_h2f_host", (bits,), np.uint16, np.float32)
 
 
 def cvt_f16x2(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     """cvt.rn.f16x2.f32 d, a, b: a rounded into bits 16..31 of d, b into bits 0..15 (uint32)."""
-    a, b = _arrays(a, b, dtype=np.float32)
-    out = np.empty(a.size, np.uint32)
-    load_host_library().ferret_cvt_f16x2_host(a, b, out, a.size)
-    return out
+    return _elementwise("ferret_cvt_f16x2_host", (a, b), np.float32, np.uint32)
 
 
 def byte_perm(x: np.ndarray, y: np.ndarray, s: np.ndarray) -> np.ndarray:
     """__byte_perm(x, y, s) on uint32 arrays."""
-    x, y, s = _arrays(x, y, s, dtype=np.uint32)
-    out = np.empty(x.size, np.uint32)
-    load_host_library().ferret_byte_perm_host(x, y, s, out, x.size)
-    return out
+    return _elementwise("ferret_byte_perm_host", (x, y, s), np.uint32, np.uint32)
 
 
 def minmax_f32(a: np.ndarray, b: np.ndarray, op: str) -> np.ndarray:
     """The kernels' float32 min or max (FMNMX: minimumNumber/maximumNumber) of two float32 arrays."""
-    a, b = _arrays(a, b, dtype=np.float32)
-    out = np.empty(a.size, np.float32)
-    load_host_library().ferret_minmax_f32_host(a, b, out, a.size, {"min": 0, "max": 1}[op])
-    return out
+    return _elementwise("ferret_minmax_f32_host", (a, b), np.float32, np.float32, {"min": 0, "max": 1}[op])
 
 
 def minmax_f16x2(a: np.ndarray, b: np.ndarray, op: str) -> np.ndarray:
     """min.f16x2 or max.f16x2 of two arrays of packed float16 pairs (uint32)."""
-    a, b = _arrays(a, b, dtype=np.uint32)
-    out = np.empty(a.size, np.uint32)
-    load_host_library().ferret_minmax_f16x2_host(a, b, out, a.size, {"min": 0, "max": 1}[op])
-    return out
+    return _elementwise("ferret_minmax_f16x2_host", (a, b), np.uint32, np.uint32, {"min": 0, "max": 1}[op])
 
 
 def pack_f16x2(lane0: np.ndarray, lane1: np.ndarray) -> np.ndarray:
     """lpd.cu's ferret_pack: two float32 lanes into one __half2 word (uint32)."""
-    lane0, lane1 = _arrays(lane0, lane1, dtype=np.float32)
-    out = np.empty(lane0.size, np.uint32)
-    load_host_library().ferret_pack_host(lane0, lane1, out, lane0.size)
-    return out
+    return _elementwise("ferret_pack_host", (lane0, lane1), np.float32, np.uint32)
 
 
 def unpack_f16x2(bits: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
