@@ -106,6 +106,27 @@ def authors_ckpt(reference: Path) -> Path:
     return reference / "ferretnet-s-median-3.pth"
 
 
+def free_port() -> int:
+    """A free TCP port on 127.0.0.1 (every test server stays on loopback)."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def png(size: int = 256, seed: int = 0) -> bytes:
+    """A noise PNG (incompressible: its size on the wire is about its pixel count x 3)."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(np.random.default_rng(seed).integers(0, 256, (size, size, 3), dtype=np.uint8)).save(buf, "PNG")
+    return buf.getvalue()
+
+
 def run_ferret(*args: str, env: dict | None = None, cwd: Path | None = None) -> subprocess.CompletedProcess:
     """Run the real CLI in a subprocess (the installed console script's module)."""
     return subprocess.run([sys.executable, "-m", "ferret_runtime.cli", *args], capture_output=True, text=True,

@@ -16,17 +16,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
-import numpy as np
 import pytest
 from PIL import Image
 
+from .conftest import free_port, png  # noqa: F401 (re-exported: the serve tests import them from here)
+
 HOST = "127.0.0.1"  # every test server and client stays on loopback
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind((HOST, 0))
-        return s.getsockname()[1]
 
 
 @dataclass
@@ -75,13 +70,6 @@ def server(*args: str, ready_timeout: float = 180, verify: ssl.SSLContext | bool
             if proc.poll() is None:
                 proc.kill()
             proc.wait()
-
-
-def png(size: int = 256, seed: int = 0) -> bytes:
-    """A noise PNG (incompressible: its size on the wire is about its pixel count x 3)."""
-    buf = io.BytesIO()
-    Image.fromarray(np.random.default_rng(seed).integers(0, 256, (size, size, 3), dtype=np.uint8)).save(buf, "PNG")
-    return buf.getvalue()
 
 
 def flat_png(width: int, height: int, mode: str = "1") -> bytes:

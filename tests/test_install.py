@@ -12,11 +12,9 @@ them), [ray], [triton] and [dev] (large; the development environment that runs t
 
 from __future__ import annotations
 
-import io
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -26,29 +24,13 @@ from pathlib import Path
 
 import pytest
 
-from .conftest import ROOT, assert_logits_close, small_onnx
+from .conftest import ROOT, assert_logits_close, free_port, png, small_onnx
 
 pytestmark = pytest.mark.slow
 
 PIP_ENV = {**os.environ, "PIP_DISABLE_PIP_VERSION_CHECK": "1", "PIP_NO_INPUT": "1"}
 for _var in ("PYTHONPATH", "VIRTUAL_ENV"):
     PIP_ENV.pop(_var, None)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def png(size: int, seed: int) -> bytes:
-    """A noise PNG."""
-    import numpy as np
-    from PIL import Image
-
-    buf = io.BytesIO()
-    Image.fromarray(np.random.default_rng(seed).integers(0, 256, (size, size, 3), dtype=np.uint8)).save(buf, "PNG")
-    return buf.getvalue()
 
 
 def _run(cmd: list[str], cwd: Path, timeout: float = 600) -> subprocess.CompletedProcess:
