@@ -15,6 +15,8 @@ import io
 import math
 import os
 import stat
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import IO, Any
@@ -150,7 +152,7 @@ def check_regular_file(path: str | os.PathLike, label: str) -> None:
         raise ImageError(f"{label}: cannot read file ({e.strerror or e})") from None
 
 
-def _open_file(path: Path, label: str) -> IO[bytes]:
+def open_image_file(path: str | os.PathLike, label: str) -> IO[bytes]:
     """Open a regular file for reading; anything else (FIFO, socket, device, folder) is an ImageError."""
     try:
         _check_regular(os.stat(path).st_mode, label)  # before open(): opening a FIFO waits for a writer
@@ -170,8 +172,8 @@ def _open_file(path: Path, label: str) -> IO[bytes]:
     return os.fdopen(fd, "rb")
 
 
-def _identify(fp: IO[bytes], label: str) -> Image.Image:
-    """Pillow's lazy open (header only), restricted to IMAGE_FORMATS."""
+def identify_image(fp: IO[bytes], label: str) -> Image.Image:
+    """Pillow's lazy open (header only), restricted to IMAGE_FORMATS; call inside ``image_errors(label)``."""
     try:
         return Image.open(fp, formats=IMAGE_FORMATS)
     except UnidentifiedImageError:
@@ -198,8 +200,8 @@ def _other_format(prefix: bytes) -> str | None:
     return None
 
 
-def _to_rgb(img: Image.Image, label: str, max_pixels: int | None) -> np.ndarray:
-    """Check the size from the header, then decode the first frame to a read-only uint8 HWC RGB array."""
+def check_image_size(img: Image.Image, label: str, max_pixels: int | None) -> None:
+    """ImageError when the header's size is over ``max_pixels`` or empty, before any pixel is decoded."""
     w, h = img.size
     if max_pixels is not None and w * h > max_pixels:
         # before load(): a 20 KB PNG can declare 13000x13000 and decode to 676 MB inside Pillow
@@ -207,6 +209,12 @@ def _to_rgb(img: Image.Image, label: str, max_pixels: int | None) -> np.ndarray:
                          f"expected at most {_mpx(max_pixels)} (--max-pixels)")
     if w == 0 or h == 0:
         raise ImageError(f"{label}: received an empty image of {w}x{h}; expected at least 1x1")
+
+
+def to_rgb(img: Image.Image, label: str, max_pixels: int | None) -> np.ndarray:
+    """Check the size from the header, then decode the first frame to a read-only uint8 HWC RGB array."""
+    check_image_size(img, label, max_pixels)
+    w, h = img.size
     # convert() of an RGB image would copy it for nothing; np.asarray copies once, out of Pillow's memory
     # (the result is read-only: a second copy to make it writable would double the peak)
     arr = np.asarray(img if img.mode == "RGB" else img.convert("RGB"))
@@ -215,27 +223,16 @@ def _to_rgb(img: Image.Image, label: str, max_pixels: int | None) -> np.ndarray:
     return arr
 
 
-def load_image(source: ImageInput, name: str | None = None, *,
-               max_pixels: int | None = DEFAULT_MAX_PIXELS) -> np.ndarray:
-    """Decode one image to uint8 HWC RGB (the first frame; read-only unless given as an array).
+def image_label(source: ImageInput, name: str | None = None) -> str:
+    """How errors name a source: ``name``, else the path, else the input's type."""
+    return name or (str(source) if isinstance(source, (str, os.PathLike)) else type(source).__name__)
 
-    ImageError names the source and the problem, whatever the decoder raised. ``max_pixels`` refuses
-    larger images from their header, before decoding; None leaves only Pillow's own bomb limit.
-    """
-    label = name or (str(source) if isinstance(source, (str, os.PathLike)) else type(source).__name__)
-    if isinstance(source, np.ndarray):
-        if source.dtype != np.uint8 or source.ndim != 3 or source.shape[2] != 3:
-            raise ImageError(
-                f"{label}: received array of dtype {source.dtype} and shape {source.shape}; "
-                "expected uint8 of shape (H, W, 3), RGB"
-            )
-        return np.ascontiguousarray(source)
+
+@contextmanager
+def image_errors(label: str) -> Iterator[None]:
+    """Turn whatever a decoder raises into one ImageError naming ``label`` (FerretErrors pass as they are)."""
     try:
-        if isinstance(source, Image.Image):
-            return _to_rgb(source, label, max_pixels)  # the caller's image: theirs to close
-        fp = io.BytesIO(source) if isinstance(source, bytes) else _open_file(Path(source), label)
-        with fp, _identify(fp, label) as img:
-            return _to_rgb(img, label, max_pixels)
+        yield
     except FerretError:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:  # the warning when warnings are errors
@@ -248,6 +245,30 @@ def load_image(source: ImageInput, name: str | None = None, *,
         # any other decoder failure (NotImplementedError, struct.error, ...) is still this image's
         # problem alone: one poisoned image must not fail a batch or end the process
         raise ImageError(f"{label}: cannot decode image ({type(e).__name__}: {e})") from e
+
+
+def load_image(source: ImageInput, name: str | None = None, *,
+               max_pixels: int | None = DEFAULT_MAX_PIXELS) -> np.ndarray:
+    """Decode one image to uint8 HWC RGB (the first frame; read-only unless given as an array).
+
+    ImageError names the source and the problem, whatever the decoder raised. ``max_pixels`` refuses
+    larger images from their header, before decoding; None leaves only Pillow's own bomb limit.
+    """
+    label = image_label(source, name)
+    if isinstance(source, np.ndarray):
+        if source.dtype != np.uint8 or source.ndim != 3 or source.shape[2] != 3:
+            raise ImageError(
+                f"{label}: received array of dtype {source.dtype} and shape {source.shape}; "
+                "expected uint8 of shape (H, W, 3), RGB"
+            )
+        return np.ascontiguousarray(source)
+    with image_errors(label):
+        if isinstance(source, Image.Image):
+            return to_rgb(source, label, max_pixels)  # the caller's image: theirs to close
+        fp = io.BytesIO(source) if isinstance(source, bytes) else open_image_file(source, label)
+        with fp, identify_image(fp, label) as img:
+            return to_rgb(img, label, max_pixels)
+    raise AssertionError("unreachable")  # image_errors re-raises; mypy cannot see it
 
 
 def center_crop(img: np.ndarray, size: int) -> np.ndarray:
