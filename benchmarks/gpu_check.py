@@ -16,12 +16,17 @@ in the one printed table:
    queued delay, so launch overhead does not count); then every model in eager mode, each batch a cell
    with its own time budget; then, last and optional, torch.compile (CUDA graphs) with what time is
    left: a model that cannot compile (no triton, say) says why in its row;
-7. backends: ONNX Runtime (CUDA) and TensorRT rows when installed;
-8. pytest: the ``gpu`` tests, when pytest is installed; a test module whose optional package is
+7. decode: camera-like 12 Mpx JPEGs (4:2:0, q85-95) decoded on the GPU (nvImageCodec: the hardware
+   JPEG engine and nvJPEG's CUDA decoder, batched, centre-crop region) against the CPU (Pillow): img/s
+   of the decode alone and of decode + preprocess_lpd + FerretNet-S, and the decision parity (verdict
+   flips, |delta logit|, |delta pixel|) that decides whether GPU decoding may be the default;
+   skipped, saying why, without nvImageCodec;
+8. backends: ONNX Runtime (CUDA) and TensorRT rows when installed;
+9. pytest: the ``gpu`` tests, when pytest is installed; a test module whose optional package is
    missing is skipped with that reason (``benchmarks/gpu_check_pytest.py``), not a collection error.
 
 Time: the run has one budget (``--budget``, 330 s by default, so the whole run with its imports ends
-within 6 minutes on one H100). The correctness sections 1-5 always run; speed, backends and pytest
+within 6 minutes on one H100). The correctness sections 1-5 always run; speed, decode, backends and pytest
 take what is left, each up to its own share, and what the budget cut is named in the summary.
 
 Results: ``--out DIR`` gets ``gpu-check.json`` (environment, timings, every row) and ``gpu-check.txt``
@@ -64,8 +69,8 @@ MODELS = ("ferretnet-s", "ferretnet-b", "npr", "cnndetection", "freqnet", "safe"
 # imports and the writes. Sections 1-5 (correctness) always run, about 2 minutes; the three below
 # take at most their share of what is left, and keep RESERVE_S seconds for each later one that will run.
 RUN_BUDGET_S = 330.0
-SECTION_BUDGET_S = {"speed": 100.0, "backends": 150.0, "pytest": 150.0}
-RESERVE_S = {"backends": 60.0, "pytest": 90.0}
+SECTION_BUDGET_S = {"speed": 100.0, "decode": 50.0, "backends": 150.0, "pytest": 150.0}
+RESERVE_S = {"decode": 30.0, "backends": 60.0, "pytest": 90.0}
 EAGER_CELL_S = 8.0  # one batch of one model in eager mode: a cell expected to take longer is left out ("-")
 COMPILE_CELL_S = 60.0  # one torch.compile cell (the compile itself included)
 PYTEST_MIN_S = 20.0  # pytest is not started with less than this left
@@ -219,6 +224,8 @@ def will_run(name: str) -> bool:
         return importlib.util.find_spec("tensorrt") is not None or _installed("onnxruntime-gpu")
     if name == "pytest":
         return importlib.util.find_spec("pytest") is not None
+    if name == "decode":
+        return nvimgcodec_missing() is None
     return True
 
 
@@ -606,7 +613,255 @@ def check_models(result: Result, batches: tuple[int, ...] = BATCHES, compile: bo
                    error or f"images/s at {size}x{size}, CUDA graphs")
 
 
-# ------------------------------------------------------------------------------------- 7. backends
+# --------------------------------------------------------------------------------------- 7. decode
+DECODE_IMAGES = 6  # camera-like JPEGs in the set: one batch (two progressive, three with EXIF orientation)
+DECODE_SIZE = (4000, 3000)  # 12 Mpx, width x height
+DECODE_QUALITIES = (85, 90, 95)
+DECODE_CROP = 256
+DECODE_ROW_S = 1.5  # seconds of repeats per throughput row (after one warm-up batch)
+
+
+def nvimgcodec_missing() -> str | None:
+    """None when nvImageCodec can be imported, else the skip reason (and how to install it)."""
+    import importlib.util
+
+    try:
+        found = importlib.util.find_spec("nvidia.nvimgcodec") is not None
+    except (ImportError, ValueError):  # no 'nvidia' namespace at all
+        found = False
+    if found:
+        return None
+    from ferret_runtime.decode.gpu import PIN
+
+    return f"nvImageCodec is not installed: pip install 'ferretnet-deploy[gpu-decode]' ({PIN})"
+
+
+def _camera_jpeg(i: int, seed: int, size: tuple[int, int], quality: int) -> bytes:
+    """One camera-like JPEG: smooth colour fields (a bicubic-upsampled coarse grid), edges, sensor
+    noise; 4:2:0 at ``quality``. Deterministic in (i, seed)."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    w, h = size
+    rng = np.random.default_rng(seed * 1000 + i)
+    coarse = Image.fromarray(rng.integers(0, 256, (h // 64 + 2, w // 64 + 2, 3), dtype=np.uint8))
+    base = np.asarray(coarse.resize((w, h), Image.BICUBIC), dtype=np.int16)
+    base[h // 3:h // 3 + h // 50] //= 2  # a hard edge, as in a photo
+    noisy = np.clip(base + rng.integers(-6, 7, (h, w, 3), dtype=np.int16), 0, 255).astype(np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(noisy).save(buf, "JPEG", quality=quality, subsampling=2)  # 2: 4:2:0
+    return buf.getvalue()
+
+
+def camera_jpegs(n: int = DECODE_IMAGES, seed: int = 0, size: tuple[int, int] = DECODE_SIZE,
+                 qualities: tuple[int, ...] = DECODE_QUALITIES) -> list[bytes]:
+    """The decode section's JPEG set, made on every core: ferret_export.bench.workload's camera set
+    (12 Mpx, 4:2:0, q85-95, every third progressive, EXIF orientation on every other) where it is here,
+    else made here with Pillow (baseline JPEGs only; ``seed``, ``size`` and ``qualities`` apply to these)."""
+    try:
+        from ferret_export.bench.workload import make_file
+
+        def make(i: int) -> bytes:
+            return make_file("camera", i)[1]
+    except ImportError:
+        def make(i: int) -> bytes:
+            return _camera_jpeg(i, seed, size, qualities[i % len(qualities)])
+    with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
+        return list(pool.map(make, range(n)))
+
+
+def _reference_jpegs() -> list[bytes]:
+    """The authors' reference images re-encoded as JPEG (q90, 4:2:0), where the material is here: their
+    logits sit on both sides of the threshold, so a flip there is a decision that changed."""
+    import io
+
+    from PIL import Image
+
+    out = []
+    for p in sorted((REFERENCE / "images").glob("*.png")) if (REFERENCE / "images").is_dir() else []:
+        buf = io.BytesIO()
+        with Image.open(p) as im:
+            im.convert("RGB").save(buf, "JPEG", quality=90, subsampling=2)
+        out.append(buf.getvalue())
+    return out
+
+
+def _per_second(fn: Callable[[], Any], n: int, budget_s: float) -> float:
+    """Images/s of ``fn`` (a whole batch of n, synchronised): one warm-up call, then repeats for budget_s."""
+    fn()
+    t0, done = time.perf_counter(), 0
+    while True:
+        fn()
+        done += n
+        if time.perf_counter() - t0 >= budget_s:
+            return done / (time.perf_counter() - t0)
+
+
+def check_decode(result: Result) -> None:
+    """GPU JPEG decoding (nvImageCodec) vs the CPU's: throughput, the bad-image isolation, and parity."""
+    why = nvimgcodec_missing()
+    if why:
+        result.add("decode", "gpu decode", None, "skipped", why)
+        return
+    import numpy as np
+
+    from ferret_runtime import cuda
+    from ferret_runtime.decode import gpu, load_prepared
+    from ferret_runtime.errors import FerretError
+    from ferret_runtime.preprocess import Preprocess
+
+    pre, size = Preprocess(crop=DECODE_CROP), DECODE_CROP
+    t0 = time.perf_counter()
+    jpegs = camera_jpegs()
+    result.add("decode", "jpeg set", None, f"{len(jpegs)} camera-like JPEGs, "
+               f"{sum(map(len, jpegs)) / len(jpegs) / 1e6:.1f} MB each", f"made in {time.perf_counter() - t0:.1f} s")
+    with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
+        def cpu_batch(region: bool) -> np.ndarray:
+            return np.stack(list(pool.map(lambda b: load_prepared(b, pre, region=region), jpegs)))
+
+        cpu_crops = cpu_batch(False)  # Pillow's full decode, then the crop: the reference pixels
+        for region, what in ((False, "full decode, then crop"), (True, "region decode where it can")):
+            rate = _per_second(lambda region=region: cpu_batch(region), len(jpegs), DECODE_ROW_S)
+            result.add("decode", f"cpu decode ({'region' if region else 'full'})", None, f"{rate:,.1f} img/s",
+                       f"{os.cpu_count()} threads, load_prepared: {what}, crop {size}")
+    decoders: dict[str, Any] = {}
+    for backend in ("auto", "cuda"):  # auto: the hardware engine first, nvJPEG CUDA for what it cannot take
+        try:
+            decoders[backend] = gpu.GpuDecoder(size, backend=backend)
+        except FerretError as e:
+            result.add("decode", f"gpu-{backend}", None, "not available", str(e))
+    if not decoders:
+        return
+    bad = [jpegs[0][:len(jpegs[0]) // 2], b"not a jpeg"]  # truncated (its header parses), garbage
+    ref = _reference_jpegs()
+    with cuda.Context(0) as ctx, cuda.Stream(ctx) as stream, \
+            cuda.DeviceBuffer(max(len(jpegs), len(ref)) * size * size * 3, ctx) as d_u8:
+        def gpu_batch(dec: Any, data: list[bytes] = jpegs) -> list[Any]:
+            got = dec.decode(data, stream=stream.handle)
+            gpu.assemble(got, size, d_u8.ptr, stream)
+            stream.synchronize()
+            return got
+
+        for name, dec in list(decoders.items()):
+            if result.left() < 3 * DECODE_ROW_S:
+                result.cut.append(f"decode gpu-{name}")
+                continue
+            got = gpu_batch(dec)
+            errors = [str(g) for g in got if isinstance(g, Exception)]
+            if errors:  # none decoded: no such engine here (an 'hw' decoder on a GPU without one)
+                result.add("decode", f"gpu-{name} decode", None if len(errors) == len(got) else False,
+                           f"{len(errors)} of {len(got)} failed", errors[0])
+                if len(errors) == len(got):
+                    decoders.pop(name)
+                continue
+            gpu_crops = gpu.assemble_host(got, size)
+            diff = np.abs(gpu_crops.astype(np.int16) - cpu_crops.astype(np.int16))
+            rate = _per_second(lambda dec=dec: gpu_batch(dec), len(jpegs), DECODE_ROW_S)
+            result.add("decode", f"gpu-{name} decode (roi)", None, f"{rate:,.1f} img/s",
+                       f"max |d pixel| {int(diff.max())}, {float((diff > 0).mean()):.1%} of values differ")
+            full = gpu.GpuDecoder(size, backend=name, region=False)
+            rate = _per_second(lambda full=full: gpu_batch(full), len(jpegs), DECODE_ROW_S)
+            roi_same = bool(np.array_equal(gpu.assemble_host(gpu_batch(full), size), gpu_crops))
+            result.add("decode", f"gpu-{name} decode (full)", None, f"{rate:,.1f} img/s",
+                       f"roi == crop of the full decode: {'yes' if roi_same else 'no'}")
+            mixed = dec.decode([jpegs[0], *bad, jpegs[1]], stream=stream.handle)
+            stream.synchronize()
+            good = [m for i, m in enumerate(mixed) if i in (0, 3)]
+            alone = isinstance(mixed[2], FerretError) and all(
+                isinstance(m, gpu.Decoded) and np.array_equal(m.window_pixels(), gpu_crops[j])
+                for m, j in zip(good, (0, 1)))
+            cut = "an error" if isinstance(mixed[1], FerretError) else "decoded (nvJPEG fills the rest)"
+            result.add("decode", f"gpu-{name} bad jpeg fails alone", alone, "garbage and a truncated JPEG in 4",
+                       f"the good two intact; the truncated one: {cut}")
+        _decode_model_rows(result, decoders, jpegs, ref, cpu_crops, gpu_batch, d_u8.ptr)
+
+
+def _decode_model_rows(result: Result, decoders: dict[str, Any], jpegs: list[bytes], ref: list[bytes],
+                       cpu_crops: Any, gpu_batch: Callable[..., list[Any]], d_u8: int) -> None:
+    """decode + preprocess_lpd + FerretNet-S (the authors' weights where here, else seeded): img/s, CPU
+    decode vs GPU decode, and the decision parity of the two decodes' logits."""
+    import numpy as np
+    import torch
+
+    from ferret_runtime.decode import gpu, load_prepared
+    from ferret_runtime.kernels import launch
+    from ferret_runtime.preprocess import Preprocess
+
+    if result.left() < 4 * DECODE_ROW_S:
+        result.cut.append("decode + model")
+        return
+    ckpt = REFERENCE / "ferretnet-s-median-3.pth"
+    if ckpt.is_file():
+        from ferret_train.checkpoint import load_checkpoint
+
+        model, weights = load_checkpoint(ckpt).model, "the authors' FerretNet-S"
+    else:
+        from ferret_train import create_model
+
+        torch.manual_seed(0)
+        model, weights = create_model("ferretnet-s").eval(), "FerretNet-S, seeded weights"
+    model = model.cuda()
+    size, module = DECODE_CROP, launch.get_module(0)
+    old = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+
+    def logits(ptr: int, n: int) -> np.ndarray:  # uint8 NHWC at ptr -> preprocess_lpd -> the CNN (LPD done)
+        x = torch.empty((n, 3, size, size), dtype=torch.float32, device="cuda")
+        launch.preprocess_lpd(module, ptr, x.data_ptr(), (n, size, size, 3), torch.float32,
+                              stream=torch.cuda.current_stream().cuda_stream)
+        with torch.inference_mode():
+            y = model.feature(model.cbr2(model.cbr1(x)))
+            out = model.logit(torch.flatten(model.avg_pool(y), 1))
+        return out.float().reshape(-1).cpu().numpy()
+
+    def from_host(crops: np.ndarray) -> np.ndarray:
+        dev = torch.from_numpy(np.ascontiguousarray(crops)).cuda()
+        return logits(dev.data_ptr(), len(crops))
+
+    pool = ThreadPoolExecutor(max_workers=os.cpu_count() or 1)
+    try:
+        pre = Preprocess(crop=size)
+        ref_cpu = np.stack([load_prepared(b, pre) for b in ref]) if ref else np.zeros((0, size, size, 3), np.uint8)
+        cpu_px = np.concatenate([cpu_crops, ref_cpu])
+        cpu_logits = np.concatenate([from_host(cpu_crops), from_host(ref_cpu) if ref else np.zeros(0)])
+        rate = _per_second(lambda: from_host(np.stack(list(pool.map(lambda b: load_prepared(b, pre), jpegs)))),
+                           len(jpegs), DECODE_ROW_S)
+        result.add("decode", "cpu decode + model", None, f"{rate:,.1f} img/s",
+                   f"{weights}, {os.cpu_count()} threads decoding")
+        best = None
+        for name, dec in decoders.items():
+            if result.left() < 2 * DECODE_ROW_S:
+                result.cut.append(f"decode + model gpu-{name}")
+                continue
+
+            def run(dec: Any = dec, data: list[bytes] = jpegs) -> tuple[np.ndarray, list[Any]]:
+                got = gpu_batch(dec, data)
+                return logits(d_u8, len(data)), got
+
+            rate = _per_second(run, len(jpegs), DECODE_ROW_S)
+            result.add("decode", f"gpu-{name} decode + model", None, f"{rate:,.1f} img/s", weights)
+            gpu_logits, got = run()
+            gpu_px = [gpu.assemble_host(got, size)]
+            if ref:
+                ref_logits, ref_got = run(dec, ref)
+                gpu_logits = np.concatenate([gpu_logits, ref_logits])
+                gpu_px.append(gpu.assemble_host(ref_got, size))
+            parity = gpu.decision_parity(cpu_logits, gpu_logits, 0.5, cpu_px, np.concatenate(gpu_px))
+            result.env.setdefault("decode_parity", {})[name] = {**parity.__dict__, "ok": parity.ok}
+            result.add("decode", f"gpu-{name} decision parity", None, parity.summary(),
+                       f"{len(jpegs)} camera + {len(ref)} reference JPEGs; GPU decode "
+                       f"{'may be the default' if parity.ok else 'stays an option'}")
+            best = parity if best is None or (parity.ok and not best.ok) else best
+        result.env["decode_default"] = gpu.default_decode(best)
+    finally:
+        pool.shutdown()
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = old
+        torch.cuda.empty_cache()
+
+
+# ------------------------------------------------------------------------------------- 8. backends
 def check_backends(result: Result) -> None:
     """ONNX Runtime CUDA and TensorRT, where installed: build, parity with the reference logits, FPS."""
     import importlib.util
@@ -706,7 +961,7 @@ def _backend_rows(result: Result, name: str, model: Path, tol: float, authors: b
         result.add("backends", f"{name} throughput", None, ", ".join(cells), "images/s, host to logits, slots busy")
 
 
-# --------------------------------------------------------------------------------------- 8. pytest
+# --------------------------------------------------------------------------------------- 9. pytest
 # The gpu tests from the checkout: addopts replaced (pyproject's --benchmark-disable needs pytest-benchmark,
 # which a bare image lacks), a test module whose optional package is missing skipped with that reason.
 PYTEST_ARGS = ("-q", "-m", "gpu", "-p", "no:cacheprovider", "-p", "benchmarks.gpu_check_pytest", "-o", "addopts=-ra",
@@ -774,7 +1029,8 @@ def check_pytest(result: Result) -> None:
 
 SECTIONS: dict[str, Callable[[Result], None]] = {
     "env": check_env, "kernels": check_kernels, "preprocess": check_preprocess, "plugin": check_plugin,
-    "torch": check_torch, "speed": check_speed, "backends": check_backends, "pytest": check_pytest}
+    "torch": check_torch, "speed": check_speed, "decode": check_decode, "backends": check_backends,
+    "pytest": check_pytest}
 
 
 def writable(folder: Path) -> str | None:

@@ -1,8 +1,9 @@
 """JPEG decoding on the GPU (nvJPEG through nvImageCodec): batched, only the centre crop, kept on the device.
 
 ``GpuDecoder(crop=256).decode(sources)`` decodes a batch in one ``nvimgcodec.Decoder.decode`` call: the
-A100/H100 hardware JPEG engine where the driver has one (``backend="hw"``), nvJPEG's CUDA decoder
-otherwise (``"cuda"``; ``"auto"`` lists both, hardware first, and nvImageCodec falls back per image).
+A100/H100 hardware JPEG engine where the GPU has one (``backend="hw"``), nvJPEG's CUDA decoders
+otherwise (``"cuda"``: Huffman on the GPU, or on the CPU for what needs it, such as progressive JPEGs);
+``"auto"`` lists all three, hardware first, and nvImageCodec falls back per image.
 Each JPEG is cut to the crop's region of interest (``CodeStream.get_sub_code_stream(region=...)``)
 before decoding, so a 12 Mpx photo decodes about 256x256 pixels. ``assemble`` then writes the crops
 into one uint8 NHWC device batch (zero padding exactly as ``center_crop``), which ``launch.preprocess_lpd``
@@ -145,8 +146,8 @@ class GpuDecoder:
         self.max_pixels = check_max_pixels(max_pixels)
         self.pre = Preprocess(crop=crop)
         nv = self.nv = nvimgcodec()
-        kinds = {"auto": ("HW_GPU_ONLY", "GPU_ONLY"), "hw": ("HW_GPU_ONLY",), "cuda": ("GPU_ONLY",),
-                 "cpu": ("CPU_ONLY",)}[backend]
+        kinds = {"auto": ("HW_GPU_ONLY", "GPU_ONLY", "HYBRID_CPU_GPU"), "hw": ("HW_GPU_ONLY",),
+                 "cuda": ("GPU_ONLY", "HYBRID_CPU_GPU"), "cpu": ("CPU_ONLY",)}[backend]
         options = ":fancy_upsampling=1" if fancy_upsampling else ":fancy_upsampling=0"
         device_id = nv.NVIMGCODEC_DEVICE_CPU_ONLY if backend == "cpu" else self.device
         try:
@@ -239,10 +240,13 @@ class GpuDecoder:
 
 
 # ------------------------------------------------------------------------------- the uint8 batch
-def assemble_host(results: list[Decoded], size: int) -> np.ndarray:
-    """The (N, size, size, 3) uint8 batch on the host: each window's pixels placed, zero padding."""
+def assemble_host(results: list[Decoded | ImageError], size: int) -> np.ndarray:
+    """The (N, size, size, 3) uint8 batch on the host: each window's pixels placed, zero padding (and
+    zeros in an ImageError's place)."""
     batch = np.zeros((len(results), size, size, 3), np.uint8)
     for i, r in enumerate(results):
+        if not isinstance(r, Decoded):
+            continue
         if r.host is not None:
             batch[i] = r.host
         else:
@@ -250,19 +254,23 @@ def assemble_host(results: list[Decoded], size: int) -> np.ndarray:
     return batch
 
 
-def assemble(results: list[Decoded], size: int, out_ptr: int, stream: Any) -> None:
+def assemble(results: list[Decoded | ImageError], size: int, out_ptr: int, stream: Any) -> None:
     """Enqueue the (N, size, size, 3) uint8 batch at device pointer ``out_ptr`` on ``stream`` (a
     ``cuda.Stream``): zeroed, then one 2-D copy per window from the decoder's pitched image (a host
-    crop, from a non-JPEG, is copied whole). No host round trip for the JPEGs."""
+    crop, from a non-JPEG, is copied whole; an ImageError's place stays zero). No host round trip
+    for the JPEGs."""
     from ..cuda import bindings, call
 
-    if any(r.window is None or r.window.size != size for r in results if r.host is None):
+    decoded = [r for r in results if isinstance(r, Decoded)]
+    if any(r.window is None or r.window.size != size for r in decoded if r.host is None):
         raise ConfigError(f"Received decodes without a {size}x{size} crop window; expected GpuDecoder(crop={size})")
     drv, plane = bindings("driver"), size * size * 3
     with stream.context.current():
         call("cuMemsetD8Async", drv.cuMemsetD8Async, out_ptr, 0, plane * len(results), stream.handle)
         for i, r in enumerate(results):
             dst = out_ptr + i * plane
+            if not isinstance(r, Decoded):
+                continue
             if r.host is not None:
                 host = np.ascontiguousarray(r.host)
                 call("cuMemcpyHtoDAsync", drv.cuMemcpyHtoDAsync, dst, host.ctypes.data, plane, stream.handle)
@@ -328,7 +336,8 @@ def decision_parity(cpu_logits: Any, gpu_logits: Any, threshold: float = 0.5, cp
     t = logit_threshold(threshold)
     finite = np.isfinite(a) & np.isfinite(b)
     flips = tuple(int(i) for i in np.flatnonzero(~finite | ((a > t) != (b > t))))
-    delta = np.where(finite, np.abs(a - b), np.inf)
+    delta = np.full(a.shape, np.inf)
+    delta[finite] = np.abs(a[finite] - b[finite])
     p99 = float(np.sort(delta)[math.ceil(0.99 * delta.size) - 1])
     max_pixel = None
     if cpu_pixels is not None or gpu_pixels is not None:
