@@ -1,0 +1,87 @@
+"""A 12-Mpx camera-sized JPEG (4000x3000, 4:2:0, quality 92; baseline and progressive) to the default
+centre crop 256: Pillow's full decode + ``center_crop`` vs ``decode.jpeg.decode_region`` of the same 256x256
+(bit-identical, checked here too).
+
+``make bench`` times each with pytest-benchmark; ``bench_side_by_side_ratio`` alternates the two in one
+loop and prints the ratio of medians (run with ``-s`` to see it):
+
+    .venv/bin/pytest benchmarks/bench_decode.py --benchmark-enable -s -q
+
+In CI (``--benchmark-disable``) every body runs once, the ratio loop a few rounds.
+"""
+
+from __future__ import annotations
+
+import io
+import statistics
+import time
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from ferret_runtime.decode import jpeg
+from ferret_runtime.preprocess import center_crop
+from ferret_runtime.samples import natural_image
+
+W, H, CROP = 4000, 3000, 256
+LEFT, TOP = int(round((W - CROP) / 2.0)), int(round((H - CROP) / 2.0))
+
+
+@pytest.fixture(scope="module")
+def camera_jpegs() -> dict[str, bytes]:
+    tile = natural_image(np.random.default_rng(0), 1000)
+    img = np.tile(tile, (3, 4, 1))  # 3000 x 4000
+    out = {}
+    for name, kw in (("baseline", {}), ("progressive", {"progressive": True})):
+        buf = io.BytesIO()
+        Image.fromarray(img).save(buf, "JPEG", quality=92, subsampling=2, **kw)
+        out[name] = buf.getvalue()
+    return out
+
+
+def pillow_crop(data: bytes) -> np.ndarray:
+    with Image.open(io.BytesIO(data)) as im:
+        return center_crop(np.asarray(im if im.mode == "RGB" else im.convert("RGB")), CROP)
+
+
+def region_crop(data: bytes) -> np.ndarray | None:
+    return jpeg.decode_region(data, LEFT, TOP, CROP, CROP)
+
+
+def _need_region() -> None:
+    if not jpeg.available():
+        pytest.skip(jpeg.status())
+
+
+@pytest.mark.parametrize("kind", ["baseline", "progressive"])
+@pytest.mark.parametrize("how", ["pillow-full+crop", "decode_region"])
+def bench_centre_crop_12mpx(benchmark, camera_jpegs, kind, how):
+    benchmark.group = f"4000x3000 JPEG q92 4:2:0 {kind} -> centre crop {CROP}"
+    if how == "decode_region":
+        _need_region()
+    fn = pillow_crop if how == "pillow-full+crop" else region_crop
+    out = benchmark.pedantic(fn, (camera_jpegs[kind],), rounds=5, warmup_rounds=1)
+    assert out is not None and out.shape == (CROP, CROP, 3)
+
+
+@pytest.mark.parametrize("kind", ["baseline", "progressive"])
+def bench_side_by_side_ratio(camera_jpegs, kind, request):
+    """Both ways alternated in one loop (shared, noisy machines): the ratio of their medians."""
+    _need_region()
+    data = camera_jpegs[kind]
+    assert np.array_equal(region_crop(data), pillow_crop(data))
+    rounds = 3 if request.config.getoption("benchmark_disable", False) else 15
+    full, region = [], []
+    for _ in range(rounds):
+        t0 = time.perf_counter()
+        pillow_crop(data)
+        t1 = time.perf_counter()
+        region_crop(data)
+        t2 = time.perf_counter()
+        full.append(t1 - t0)
+        region.append(t2 - t1)
+    f, r = statistics.median(full), statistics.median(region)
+    print(f"\n{kind} 4000x3000 q92 4:2:0 ({len(data) / 1e6:.1f} MB), centre crop {CROP}, {rounds} rounds: "
+          f"Pillow full decode + crop {f * 1e3:.1f} ms, decode_region {r * 1e3:.1f} ms, ratio {f / r:.1f}x")
+    assert r > 0
