@@ -823,7 +823,8 @@ def _decode_model_rows(result: Result, decoders: dict[str, Any], jpegs: list[byt
     pool = ThreadPoolExecutor(max_workers=os.cpu_count() or 1)
     try:
         pre = Preprocess(crop=size)
-        ref_cpu = np.stack([load_prepared(b, pre) for b in ref]) if ref else np.zeros((0, size, size, 3), np.uint8)
+        ref_cpu = (np.stack([load_prepared(b, pre, region=False) for b in ref]) if ref
+                   else np.zeros((0, size, size, 3), np.uint8))
         cpu_px = np.concatenate([cpu_crops, ref_cpu])
         cpu_logits = np.concatenate([from_host(cpu_crops), from_host(ref_cpu) if ref else np.zeros(0)])
         rate = _per_second(lambda: from_host(np.stack(list(pool.map(lambda b: load_prepared(b, pre), jpegs)))),

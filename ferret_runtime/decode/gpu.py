@@ -160,8 +160,9 @@ class GpuDecoder:
         # pixels as stored (no EXIF rotation), RGB: what preprocess.load_image gives
         self._params = nv.DecodeParams(apply_exif_orientation=False, color_spec=nv.ColorSpec.SRGB)
 
-    def _stream(self, source: Any, label: str) -> tuple[Any, Window | None] | Decoded:
-        """(code stream to decode, window), or a Decoded done on the CPU (not a 3-channel JPEG)."""
+    def _stream(self, source: Any, label: str) -> tuple[Any, Window | None, Any] | Decoded:
+        """(code stream to decode, window, its parent stream), or a Decoded done on the CPU (not a 3-channel
+        JPEG). The parent is kept until the decode returns: a region's sub-stream reads from it."""
         if isinstance(source, (str, os.PathLike)):
             try:
                 data = Path(source).read_bytes()
@@ -182,12 +183,12 @@ class GpuDecoder:
             raise ImageError(f"{label}: received an image of {w}x{h} = {w * h / 1e6:.1f} Mpx; "
                              f"expected at most {self.max_pixels / 1e6:.1f} Mpx (--max-pixels)")
         if self.crop is None:
-            return cs, None
+            return cs, None, cs
         win = crop_window(h, w, self.crop)
         if self.region and (win.height, win.width) != (h, w):
             region = self.nv.Region(win.top, win.left, win.top + win.height, win.left + win.width)
-            return cs.get_sub_code_stream(region=region), win
-        return cs, win
+            return cs.get_sub_code_stream(region=region), win, cs
+        return cs, win, cs
 
     def _on_cpu(self, source: ImageInput, label: str) -> Decoded:
         crop = load_prepared(source, self.pre, label, max_pixels=self.max_pixels)
@@ -203,7 +204,7 @@ class GpuDecoder:
         if names is not None and len(names) != len(sources):
             raise ConfigError(f"Received {len(names)} names for {len(sources)} sources; expected one per source")
         out: list[Decoded | ImageError | None] = [None] * len(sources)
-        todo: list[tuple[int, Any, Window | None]] = []
+        todo: list[tuple[int, Any, Window | None, Any]] = []
         for i, source in enumerate(sources):
             label = _label(source, i, names)
             try:
@@ -215,8 +216,8 @@ class GpuDecoder:
                 out[i] = got
             else:
                 todo.append((i, *got))
-        images = self._run([cs for _, cs, _ in todo], stream) if todo else []
-        for (i, _, win), img in zip(todo, images):
+        images = self._run([cs for _, cs, _, _ in todo], stream) if todo else []
+        for (i, _, win, _), img in zip(todo, images):
             label = _label(sources[i], i, names)
             if img is None:
                 out[i] = ImageError(f"{label}: cannot decode image (nvImageCodec could not decode this JPEG)")
