@@ -10,6 +10,7 @@ import io
 import os
 import subprocess
 import sys
+import tempfile
 import textwrap
 from concurrent.futures import ThreadPoolExecutor
 
@@ -229,6 +230,12 @@ def test_refusals_return_none():
     assert got is None and why == jpeg.REASONS[3]
 
     data = CORPUS["baseline-420-1001x777"]
+    (_, sof, _), = [s for s in segments(data) if s[0] == 0xC0]
+    for offset, value, why in ((1, 0xC3, 3), (1, 0xC9, 3), (4, 12, 3)):  # lossless, arithmetic, 12-bit
+        patched = data[:sof + offset] + bytes([value]) + data[sof + offset + 1:]
+        got, reason = jpeg.decode_region_explained(patched, 0, 0, 8, 8)
+        assert got is None and reason in (jpeg.REASONS[why], jpeg.REASONS[4]), reason
+    assert jpeg.decode_region(data, 65000, 0, 600, 1) is None
     with pytest.raises(OSError):  # today's behaviour for a truncated file, which must not change
         pillow_full(data[: len(data) // 2])
     for cut in (data[: len(data) // 2], data[:-2], data[:100], data[:2], b""):
@@ -305,6 +312,22 @@ def test_markers_written_into_entropy_data(name: str):
         elif got is not None:
             assert np.array_equal(got, ref[:16, :64]), f"{name}: marker {marker:#x}"
     assert pillow_failed >= 3  # the case this test is about did happen
+
+
+@needs_region
+def test_concurrent_builds_share_one_cached_library(tmp_path, monkeypatch):
+    """Several builders at once into an empty cache: one whole library, the same path, no temporary left."""
+    from ferret_runtime.decode.cbuild import build_shared
+
+    monkeypatch.setenv("FERRET_CACHE", str(tmp_path))
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))  # the other cache folders: empty too
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
+    with ThreadPoolExecutor(3) as pool:
+        paths = list(pool.map(lambda _: build_shared(jpeg.SOURCE_PATH, jpeg.INCLUDE_DIR, ("-ldl",)), range(3)))
+    assert len(set(paths)) == 1 and paths[0].parent == tmp_path / "decode"
+    assert sorted(p.name for p in (tmp_path / "decode").iterdir()) == [paths[0].name]
+    assert build_shared(jpeg.SOURCE_PATH, jpeg.INCLUDE_DIR, ("-ldl",)) == paths[0]  # cached: no rebuild
+    assert paths[0].stat().st_size > 0
 
 
 def test_off_without_a_compiler(tmp_path):

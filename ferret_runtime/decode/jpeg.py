@@ -157,8 +157,10 @@ def decode_region_explained(data: bytes | bytearray | memoryview, left: int, top
             buf = np.frombuffer(bytes(data), dtype=np.uint8)
         except (TypeError, ValueError):
             return None, "data is not a bytes-like object"
-    if buf.size < 4 or int(width) * int(height) > 1 << 31:
-        return None, REASONS[2] if buf.size < 4 else REASONS[6]
+    if buf.size < 4:
+        return None, REASONS[2]
+    if left + width > 65535 or top + height > 65535:  # JPEG's largest dimension
+        return None, REASONS[6]
     out = np.empty((int(height), int(width), 3), dtype=np.uint8)
     info = (ctypes.c_int * 6)()
     code = lib.fj_decode(buf.ctypes.data, buf.size, int(left), int(top), int(width), int(height), out.ctypes.data,
