@@ -71,7 +71,8 @@ def bench_side_by_side_ratio(camera_jpegs, kind, request):
     _need_region()
     data = camera_jpegs[kind]
     assert np.array_equal(region_crop(data), pillow_crop(data))
-    rounds = 3 if request.config.getoption("benchmark_disable", False) else 15
+    opt = request.config.getoption
+    rounds = 3 if opt("benchmark_disable", False) and not opt("benchmark_enable", False) else 15
     full, region = [], []
     for _ in range(rounds):
         t0 = time.perf_counter()
