@@ -4,7 +4,9 @@
 ImageError messages for the same bad inputs. With a centre crop set and a path or bytes given, the file is read
 once, identified from its header (the same format, size and ``max_pixels`` checks as ``load_image``), and a
 format's region decoder returns the crop's pixels; it answers None (or fails) where it cannot promise the
-full decode's pixels, and then the full decode runs from the bytes already read, errors included.
+full decode's pixels, and then the full decode runs from the bytes already read, errors included. (One
+input differs: a complete PNG whose deflate data is damaged below the crop decodes here where the full decode
+refuses it; see decode/png.py.)
 ``region=False`` forces the full decode (the bench compares both); ``decoders()`` says which formats decode
 a region, and why not.
 """

@@ -9,6 +9,10 @@ as in the full decode; the conversion to RGB is per pixel, so it commutes with t
 Anything unusual returns None (the caller then does the full decode, with its own errors): interlaced
 (Adam7) or animated (APNG) files, a bad header checksum, a chunk stream that does not end in IEND inside the
 file (a truncated download: the full decode reports it, the shorter image would not notice it).
+
+One difference remains, by design: deflate data damaged *below* the crop (a flipped bit in a complete file)
+is never inflated here, so such a file gives the crop's pixels where the full decode says "broken data
+stream". Checking it would mean inflating the whole stream, most of a full decode's cost.
 """
 
 from __future__ import annotations
