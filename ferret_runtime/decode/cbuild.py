@@ -96,6 +96,7 @@ def build_shared(source: Path, include: Path | None = None, libs: tuple[str, ...
     if proc.returncode != 0:
         tmp.unlink(missing_ok=True)
         first = next((line for line in proc.stderr.splitlines() if "error" in line), proc.stderr.strip()[:200])
+        first = first or "(no error output)"
         raise BuildError(f"{compiler[0]} exited with status {proc.returncode} on {source.name}: {first}")
     try:
         os.replace(tmp, out)

@@ -3,7 +3,7 @@
  * Pillow's full decode followed by the crop (ferret_runtime/decode/jpeg.py builds and calls it).
  *
  * The library is not linked: fj_init() dlopen()s the file Pillow mapped (RTLD_LOCAL) and looks up
- * the ten libjpeg API functions used here; jpeg_CreateDecompress's version and struct-size check
+ * the nine libjpeg API functions used here; jpeg_CreateDecompress's version and struct-size check
  * refuses a library whose ABI differs from the vendored headers (include/, libjpeg-turbo ABI 62).
  *
  * fj_decode() returns FJ_OK only when it can prove the pixels equal Pillow's:
