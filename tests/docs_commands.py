@@ -193,6 +193,10 @@ RULES: list[Rule] = [
     Rule(r"^ferret bench$", "smoke: FerretNet-S, two backends, batch 1, 2 timed batches at 64 pixels",
          append=("--models", "ferretnet-s", "--backends", "torch,onnxruntime", "--batch-sizes", "1", "--iters", "2",
                  "--warmup", "1", "--image-size", "64")),
+    Rule(r"^ferret bench --workload ", "smoke: FerretNet-S on 2 files per set at a tenth of the size (crop256 stays "
+         "256²), 64-pixel crops, one timed pass; the files cached in the sandbox, not the user's cache",
+         append=("--count", "2", "--scale", "0.1", "--models", "ferretnet-s", "--image-size", "64", "--iters", "1",
+                 "--batch-sizes", "2", "--workload-dir", "workload-cache")),
     Rule(r"^python -m benchmarks\.bench_pipeline$", "smoke: 16 images of 64 pixels, 2 requests per client; written "
          "here, not over benchmarks/results/", append=("--images", "16", "--size", "64", "--batch", "8",
                                                        "--requests-per-client", "2", "--out", ".")),

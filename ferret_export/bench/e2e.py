@@ -4,7 +4,8 @@ against the model alone, and where each image's time goes.
 Per (model, workload), in one run on the same files:
 
 - **end to end**: ``Detector.open(model.onnx).predict(paths)``, the whole pipeline with its defaults (decoding on
-  the thread pool while the model runs), best of ``repeats`` passes, with region decoding and without
+  the thread pool while the model runs), best of ``repeats`` rounds that interleave every workload and kind (a
+  shared machine's busy moments fall on all rows alike), with region decoding and without
   (``ferret_runtime.decode.load_prepared(region=...)``); as images/s and wall-ms per image;
 - **the model alone**: the same backend on ready float32 batches, every slot in flight (the ceiling);
 - **the split**: each stage run alone, serially, on one thread (the model with one 1-thread session), so each is
@@ -130,38 +131,52 @@ def fma_peak_record() -> dict[str, Any] | None:
         return {"error": f"{type(e).__name__}: {e}"}
 
 
-def _best(fn: Callable[[], Any], repeats: int, warmup: int) -> float:
-    for _ in range(warmup):
-        fn()
-    best = float("inf")
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - t0)
-    return best
+def measure_rounds(onnx: Path, sets: dict[str, list[str]], cfg: RealWorldConfig) -> dict[str, dict[str, Any]]:
+    """Per workload: end to end per decode mode and the model alone, best of ``repeats`` rounds.
 
+    Side by side: a round times every workload and every kind (model alone, then each decode mode) once, one
+    after the other, so a busy moment of a shared machine falls on all of them alike rather than on one row.
+    The model alone is the Detector's own backend on ready float32 batches, one batch per slot in flight."""
+    from contextlib import ExitStack
 
-def measure_e2e(onnx: Path, files: list[str], cfg: RealWorldConfig, region: bool) -> dict[str, float]:
-    opts = dict(crop=cfg.image_size, batch_size=cfg.batch, threads=cfg.threads or 0, streams=cfg.streams)
-    with open_detector(onnx, region=region, **opts) as det:
-        errors = [r.error for r in det.predict(files) if r.error]  # also the warm-up pass
-        seconds = _best(lambda: det.predict(files), cfg.repeats, cfg.warmup - 1 if cfg.warmup > 0 else 0)
-    if errors:
-        raise ConfigError(f"{len(errors)} image(s) failed to decode, e.g. {errors[0]}")
-    return {"img_s": len(files) / seconds, "wall_ms_per_image": 1e3 * seconds / len(files)}
-
-
-def measure_model_alone(onnx: Path, cfg: RealWorldConfig, n: int) -> dict[str, float]:
-    """The Detector's own backend on ready float32 batches, one batch per slot in flight (as ``ferret bench``)."""
     from ferret_export.bench.runners import steady_state
 
-    with Detector.open(onnx, crop=cfg.image_size, batch_size=cfg.batch, threads=cfg.threads or 0,
-                       streams=cfg.streams) as det:
+    opts = dict(crop=cfg.image_size, batch_size=cfg.batch, threads=cfg.threads or 0, streams=cfg.streams)
+    best: dict[tuple[str, str], float] = {}
+
+    def timed(key: tuple[str, str], fn: Callable[[], Any]) -> None:
+        t0 = time.perf_counter()
+        fn()
+        best[key] = min(best.get(key, float("inf")), time.perf_counter() - t0)
+
+    with ExitStack() as stack:
+        dets = {m: stack.enter_context(open_detector(onnx, region=MODES[m], **opts)) for m in cfg.modes}
+        alone = stack.enter_context(Detector.open(onnx, **opts))
         x = np.random.default_rng(0).standard_normal((cfg.batch, 3, cfg.image_size, cfg.image_size))
-        call, per_call = steady_state(det.backend, x.astype(det.preprocess.dtype))
-        calls = max(1, -(-n // per_call))
-        seconds = _best(lambda: [call() for _ in range(calls)], cfg.repeats, cfg.warmup)
-    return {"img_s": calls * per_call / seconds, "ms_per_image": 1e3 * seconds / (calls * per_call)}
+        call, per_call = steady_state(alone.backend, x.astype(alone.preprocess.dtype))
+        calls = {w: max(1, -(-len(files) // per_call)) for w, files in sets.items()}
+        for w, files in sets.items():  # warm-up, and every file must decode
+            for det in dets.values():
+                errors = [r.error for r in det.predict(files) if r.error]
+                if errors:
+                    raise ConfigError(f"{len(errors)} image(s) of workload {w} failed, e.g. {errors[0]}")
+                for _ in range(cfg.warmup - 1):
+                    det.predict(files)
+            for _ in range(cfg.warmup):
+                call()
+        for _ in range(cfg.repeats):
+            for w, files in sets.items():
+                timed((w, "alone"), lambda w=w: [call() for _ in range(calls[w])])
+                for m, det in dets.items():
+                    timed((w, m), lambda det=det, files=files: det.predict(files))
+    out: dict[str, dict[str, Any]] = {}
+    for w, files in sets.items():
+        n_alone = calls[w] * per_call
+        out[w] = {"model_alone": {"img_s": n_alone / best[(w, "alone")],
+                                  "ms_per_image": 1e3 * best[(w, "alone")] / n_alone},
+                  "e2e": {m: {"img_s": len(files) / best[(w, m)], "wall_ms_per_image": 1e3 * best[(w, m)] / len(files)}
+                          for m in cfg.modes}}
+    return out
 
 
 class _Chain:
@@ -323,13 +338,11 @@ def run_realworld(cfg: RealWorldConfig, log: Callable[[str], None] = print,
             onnx, macs = export_model(name, cfg.image_size, Path(tmp))
             row: dict[str, Any] = {"model": name, "macs_per_image": macs, "image_size": cfg.image_size}
             models.append(row)
+            timed = measure_rounds(onnx, {w: [str(f) for f in ws.files] for w, ws in sets.items()}, cfg)
             for wname, w in sets.items():
                 files = [str(f) for f in w.files]
                 mb, formats = describe_files(w)
-                r = Result(name, wname, len(files), mb, formats)
-                r.model_alone = measure_model_alone(onnx, cfg, len(files))
-                for mode in cfg.modes:
-                    r.e2e[mode] = measure_e2e(onnx, files, cfg, MODES[mode])
+                r = Result(name, wname, len(files), mb, formats, **timed[wname])
                 r.split_ms, r.serial_ms = measure_split(onnx, files, cfg)
                 results.append(asdict(r))
                 log(f"[bench] {name} {wname:<10} " + ", ".join(f"e2e {m} {e['img_s']:.1f} img/s" for m, e in
