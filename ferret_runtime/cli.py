@@ -45,7 +45,7 @@ EXTRA_OF = {
     "starlette": "serve", "uvicorn": "serve", "multipart": "serve", "python_multipart": "serve",
     "prometheus_client": "serve",
     "av": "video", "pyarrow": "scan", "ray": "ray", "tritonclient": "triton",
-    "tensorrt": "trt", "cuda": "gpu",
+    "tensorrt": "trt", "cuda": "gpu", "openvino": "openvino",
 }
 
 

@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 
 from . import tiling
-from .backends import Backend, backend_for, external_lpd
+from .backends import Backend, auto, external_lpd
 from .backends.base import Pending
 from .errors import ConfigError, FerretError, ImageError
 from .metadata import Scaling, scaling_of
@@ -115,15 +115,22 @@ class Detector:
         self._pool = ThreadPoolExecutor(max(1, workers), thread_name_prefix="ferret-decode")
         self.prefetch = 2  # batches decoded ahead of the one running
         self._local = threading.local()  # each thread's normalisation buffer
+        self.auto_choice: auto.Choice | None = None  # what backend auto measured and took (Detector.open)
 
     @classmethod
     def open(cls, path: str | Path, *, device: str = "auto", crop: int | None | str = "model",
-             threshold: float | None = None, batch_size: int = 32, workers: int = 4,
+             threshold: float | None = None, batch_size: int | None = None, workers: int = 4,
              max_pixels: int | None = DEFAULT_MAX_PIXELS, streams: int | None = None,
              tile: int | None | str = None, tile_stride: int | None = None, aggregate: str = "max",
-             topk: int = 3, **backend_options: Any) -> Detector:
-        """Load a model file; the backend is chosen by suffix, preprocessing read from the model.
+             topk: int = 3, backend: str | None = None, **backend_options: Any) -> Detector:
+        """Load a model file; the backend is chosen by suffix (or named), preprocessing read from the model.
 
+        ``backend="auto"``: the suffix's backend, except an ``.onnx`` model on the CPU: the installed CPU
+        runtime (ONNX Runtime, OpenVINO) measured fastest on this host for this model, once, cached on
+        disk (``backends/auto.py``); ``auto_choice`` on the Detector and its backend says what it took.
+        A name (``"onnxruntime"``, ``"openvino"``, ...) forces that backend; None: ``$FERRET_BACKEND`` for the files it
+        reads, else auto.
+        ``batch_size``: images per batch (None: the measured one under auto, else 32).
         ``device="auto"`` takes the GPU when the backend can use one, else the CPU.
         ``crop="model"`` keeps the model's own crop; an int or None (full size) overrides it.
         ``max_pixels`` refuses larger images from their header (None: only Pillow's 178.9 Mpx limit).
@@ -132,16 +139,21 @@ class Detector:
         ``tile="model"`` tiles with the model's own input size (its crop); an int sets it (see ``__init__``).
         """
         check_max_pixels(max_pixels)  # before loading a model for nothing
+        if batch_size is not None and batch_size < 1:
+            raise ValueError(f"Received batch_size {batch_size}; expected >= 1")
+        cls_backend, choice = auto.resolve(path, backend, device, streams, batch_size, backend_options)
+        if choice is not None:
+            streams, batch_size = choice.streams, batch_size or choice.batch
+        batch_size = batch_size or 32
         if streams is not None:
             backend_options["streams"] = streams
-        cls_backend = backend_for(path)
         unknown = set(backend_options) - set(inspect.signature(cls_backend).parameters)
         if unknown:
             own = ", ".join(p for p in inspect.signature(cls_backend).parameters if p not in ("path", "device"))
             raise ConfigError(f"{path}: received option(s) {', '.join(sorted(unknown))} for the {cls_backend.name} "
                               f"backend; expected its own: {own}")
         try:
-            backend = cls_backend(path, device=device, **backend_options)
+            opened = cls_backend(path, device=device, **backend_options)
         except FerretError as e:
             # errors from deep inside loading (e.g. Preprocess.from_dict on invalid preprocessing) do
             # not know which file they came from; the user needs it. The same exception, its message
@@ -149,6 +161,8 @@ class Detector:
             if str(path) not in str(e) and len(e.args) == 1 and isinstance(e.args[0], str):
                 e.args = (f"{path}: {e.args[0]}",)
             raise
+        backend = opened
+        backend.auto_choice = choice  # type: ignore[attr-defined]
         pre = backend.info.preprocess
         if crop != "model":
             pre = replace(pre, crop=crop)
@@ -171,6 +185,7 @@ class Detector:
             backend.close()
             raise
         det.model_name = Path(path).name
+        det.auto_choice = choice
         return det
 
     def _decode(self, item: ImageInput, name: str) -> np.ndarray | FerretError:

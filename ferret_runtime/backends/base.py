@@ -150,6 +150,13 @@ BUILTIN_BACKENDS: dict[str, str] = {
     "tensorrt": "ferret_runtime.backends.tensorrt:TrtBackend",
 }
 
+# Built-in backends that claim no suffix (another backend owns their files' suffix): chosen by name only,
+# ``--backend openvino`` or by ``--backend auto`` (backends/auto.py). Such a class lists the suffixes it
+# reads in ``reads``.
+NAMED_BACKENDS: dict[str, str] = {
+    "openvino": "ferret_runtime.backends.openvino:OvBackend",
+}
+
 
 def available_backends() -> dict[str, type[Backend]]:
     """Map file suffix -> backend class: the built-in backends, then the ``ferret.backends`` entry points.
@@ -210,3 +217,27 @@ def backend_for(path: str | Path) -> type[Backend]:
             f"{', '.join(sorted(table)) or '(no backend installed)'}{missing}"
         )
     return table[suffix]
+
+
+def backend_named(name: str, path: str | Path) -> type[Backend]:
+    """The backend class called ``name`` (a suffix backend or one of NAMED_BACKENDS) for a model file, or a
+    ConfigError naming the backends there are, or the extra that installs this one, or the suffixes it reads."""
+    table, unavailable = _load_backends()
+    by_name = {cls.name: cls for cls in table.values()}
+    if name not in by_name and name in NAMED_BACKENDS:
+        try:
+            by_name[name] = EntryPoint(name, NAMED_BACKENDS[name], ENTRY_POINT_GROUP).load()
+        except ImportError as e:
+            unavailable[name] = str(e)
+    if name not in by_name:
+        if name in unavailable:
+            raise ConfigError(f"Received backend {name!r}, which is not installed ({unavailable[name]})")
+        known = sorted({*by_name, *NAMED_BACKENDS, *unavailable})
+        raise ConfigError(f"Received backend {name!r}; expected auto or one of {', '.join(known)}")
+    cls = by_name[name]
+    reads = getattr(cls, "reads", None) or cls.suffixes
+    suffix = Path(path).suffix.lower()
+    if suffix not in reads:
+        raise ConfigError(f"Received model file {str(path)!r} for backend {name!r}, which reads "
+                          f"{', '.join(reads)} files; expected one of those (or --backend auto)")
+    return cls

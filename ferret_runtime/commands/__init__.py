@@ -42,3 +42,12 @@ def add_streams_argument(p: argparse.ArgumentParser) -> None:
                    help="ONNX models on the CPU: N sessions with 1/N of the threads each, fed batches concurrently "
                         "(throughput streams; two 1-thread sessions beat one 2-thread session on small CPUs). "
                         "Default auto: one per core, at most 4")
+
+
+def add_backend_argument(p: argparse.ArgumentParser) -> None:
+    """The same ``--backend`` on every command that opens a model."""
+    p.add_argument("--backend", default=None, metavar="NAME",
+                   help="auto (default, or $FERRET_BACKEND): the model's backend by suffix; for .onnx on the CPU "
+                        "the installed runtime (onnxruntime, openvino) measured fastest here, with its streams "
+                        "and batch size (measured once per host and model, cached). A name forces that backend: "
+                        "onnxruntime, openvino, torch, tensorrt")

@@ -8,7 +8,7 @@ import sys
 import warnings
 from pathlib import Path
 
-from ferret_runtime.commands import HelpFormatter, add_streams_argument
+from ferret_runtime.commands import HelpFormatter, add_backend_argument, add_streams_argument
 
 from ..errors import ConfigError, FerretError
 from ..preprocess import DEFAULT_MAX_PIXELS, parse_crop
@@ -37,8 +37,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--crop", default="model", metavar="256|none",
                    help="centre-crop size (zero-padded when the image is smaller) or 'none' for full size; "
                         "'model' uses the model's own setting (256 for the authors' checkpoint)")
-    p.add_argument("--batch-size", "-b", type=int, default=32, metavar="N",
-                   help="images per forward pass (only images of equal size share a batch)")
+    p.add_argument("--batch-size", "-b", type=int, default=None, metavar="N",
+                   help="images per forward pass (only images of equal size share a batch); default: the one "
+                        "--backend auto measured for ONNX models on the CPU, else 32")
     p.add_argument("--threshold", type=float, default=None, metavar="P",
                    help="label 'fake' when prob_fake exceeds P (default: the model's, 0.5)")
     p.add_argument("--json", action="store_true",
@@ -46,6 +47,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--device", default="auto", help="auto (GPU when available), cpu, cuda or cuda:N")
     p.add_argument("--workers", type=int, default=4, metavar="N", help="image decoding threads")
     add_streams_argument(p)
+    add_backend_argument(p)
     add_tile_arguments(p)
     p.add_argument("--max-pixels", default=str(DEFAULT_MAX_PIXELS), metavar="N|none",
                    help=f"refuse images of more than N pixels (width x height; {DEFAULT_MAX_PIXELS / 1e6:g} Mpx by "
@@ -104,7 +106,7 @@ def run(args: argparse.Namespace) -> int:
     # stdout may be a strict ASCII/latin-1 terminal: show what it cannot encode as escapes, never crash
     if hasattr(sys.stdout, "reconfigure"):
         sys.stdout.reconfigure(errors="backslashreplace")
-    if args.batch_size < 1:
+    if args.batch_size is not None and args.batch_size < 1:
         raise ConfigError(f"Received --batch-size {args.batch_size}; expected >= 1")
     options = {k: v for k, v in (("lpd_func", args.lpd), ("window_size", args.window)) if v is not None}
     model_path = args.weights or args.model
@@ -119,7 +121,9 @@ def run(args: argparse.Namespace) -> int:
     explainer = None
     with Detector.open(model_path, device=args.device, crop=crop, threshold=args.threshold,
                        batch_size=args.batch_size, workers=args.workers, max_pixels=max_pixels,
-                       streams=args.streams, **tile_options(args), **options) as det:
+                       streams=args.streams, backend=args.backend, **tile_options(args), **options) as det:
+        if det.auto_choice is not None:
+            print(f"ferret detect: {det.auto_choice.describe()}", file=sys.stderr)
         if args.explain:
             make = getattr(det.backend, "explainer", None)
             if make is None:
