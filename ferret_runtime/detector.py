@@ -18,6 +18,7 @@ import numpy as np
 from . import tiling
 from .backends import Backend, auto, external_lpd
 from .backends.base import Pending
+from .decode import load_prepared
 from .errors import ConfigError, FerretError, ImageError
 from .metadata import Scaling, scaling_of
 from .preprocess import (
@@ -190,6 +191,8 @@ class Detector:
 
     def _decode(self, item: ImageInput, name: str) -> np.ndarray | FerretError:
         try:
+            if self.tile is None:  # only the crop is decoded where a region decoder can (decode/)
+                return load_prepared(item, self.preprocess, name, max_pixels=self.max_pixels)
             return prepare(load_image(item, name, max_pixels=self.max_pixels), self.preprocess)
         except FerretError as e:
             return e
