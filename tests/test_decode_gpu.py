@@ -190,6 +190,17 @@ def test_max_pixels_and_names(tmp_path):
         dec.decode([b"", b""], names=["one"])
 
 
+@needs_nvimgcodec
+def test_an_unexpected_exception_fails_only_its_image(monkeypatch):
+    def boom(source, pre, name=None, **kw):
+        raise MemoryError("no room")
+
+    monkeypatch.setattr(gpu, "load_prepared", boom)  # the CPU path a PNG takes
+    out = gpu.GpuDecoder(32, backend="cpu").decode([_png(40, 40), _jpeg(64, 64)], names=["a.png", "b.jpg"])
+    assert str(out[0]) == "a.png: cannot decode image (MemoryError: no room)"
+    assert isinstance(out[1], gpu.Decoded) and out[1].window == gpu.crop_window(64, 64, 32)
+
+
 # -------------------------------------------------------------------------------- gpu_check's section
 def test_section_skips_with_the_install_line_without_nvimgcodec(monkeypatch):
     real = importlib.util.find_spec

@@ -162,11 +162,12 @@ def test_the_pytest_row_collects_every_module_and_passes(bare):
 
 
 def test_gpu_checks_cpu_tests_pass_in_the_bare_venv(bare):
-    """tests/test_gpu_check.py and tests/test_backend_registry.py, run by the bare venv from the copy (the
-    pytest section's own run is the test above)."""
+    """tests/test_gpu_check.py, tests/test_backend_registry.py and tests/test_decode_gpu.py (no nvImageCodec
+    in the image: the decode section's skip line), run by the bare venv from the copy (the pytest section's
+    own run is the test above)."""
     proc = bare.run("-m", "pytest", "-q", "-p", "no:cacheprovider", "-o", "addopts=-ra", "tests/test_gpu_check.py",
-                    "tests/test_backend_registry.py", "-k", "not test_the_pytest_section_on_this_checkout",
-                    timeout=600)
+                    "tests/test_backend_registry.py", "tests/test_decode_gpu.py", "-k",
+                    "not test_the_pytest_section_on_this_checkout", timeout=600)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
     closing = proc.stdout.strip().splitlines()[-1]
     assert " passed" in closing and "failed" not in closing and "error" not in closing, closing

@@ -212,6 +212,9 @@ class GpuDecoder:
             except FerretError as e:
                 out[i] = e if isinstance(e, ImageError) else ImageError(str(e))
                 continue
+            except Exception as e:  # whatever one input does (MemoryError included), the others go on
+                out[i] = ImageError(f"{label}: cannot decode image ({type(e).__name__}: {e})")
+                continue
             if isinstance(got, Decoded):
                 out[i] = got
             else:
