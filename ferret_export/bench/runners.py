@@ -128,6 +128,21 @@ def _ort_runner(ctx: Context, backend: str, batch: int) -> Runner:
     return call, streams * batch, False, pool.close
 
 
+def _openvino_runner(ctx: Context, backend: str, batch: int) -> Runner:
+    """OpenVINO (f32) on the same export as the onnxruntime rows, with as many streams, on the CPU."""
+    if importlib.util.find_spec("openvino") is None:
+        raise Skip("OpenVINO is not installed (pip install 'ferretnet-deploy[openvino]')")
+    if ctx.device != "cpu":
+        raise Skip("the OpenVINO backend runs on the CPU")
+    if not _is_ferret(ctx.name):
+        raise Skip("the OpenVINO backend serves FerretNet exports (it reads their metadata)")
+    from ferret_runtime.backends.openvino import OvBackend
+
+    be = OvBackend(ctx.onnx_path(), device="cpu", threads=ctx.threads or 0, streams=ctx.streams)
+    x = np.random.default_rng(0).standard_normal((batch, 3, ctx.size, ctx.size)).astype(np.float32)
+    return (*steady_state(be, x), False, be.close)
+
+
 def steady_state(be: Any, x: np.ndarray) -> tuple[Callable[[], Any], int]:
     """One call = one batch per slot, all in flight at once, then collected: a call's time is the
     backend's throughput for ``slots`` batches (timing each submit alone would alternate between
@@ -150,7 +165,8 @@ def _pipeline_runner(ctx: Context, backend: str, batch: int) -> Runner:
     from ferret_runtime import Detector
 
     det = Detector.open(ctx.onnx_path(), device="cuda" if ctx.device.startswith("cuda") else "cpu",
-                        crop=ctx.size, batch_size=batch, threads=ctx.threads or 0, max_batch=batch, streams=ctx.streams)
+                        crop=ctx.size, batch_size=batch, backend="onnxruntime", threads=ctx.threads or 0,
+                        max_batch=batch, streams=ctx.streams)
     rng = np.random.default_rng(0)
     images = []
     for _ in range(batch * max(det.backend.slots, 1)):  # one batch per slot, as `ferret detect` keeps them busy
@@ -193,6 +209,6 @@ def _save(ctx: Context) -> Path:
 
 RUNNERS: dict[str, Callable[[Context, str, int], Runner]] = {
     "torch-reference": _torch_runner, "torch": _torch_runner, "torch-compile": _torch_runner,
-    "onnxruntime": _ort_runner, "pipeline": _pipeline_runner,
+    "onnxruntime": _ort_runner, "openvino": _openvino_runner, "pipeline": _pipeline_runner,
     "tensorrt-fp32": _trt_runner, "tensorrt-fp16": _trt_runner, "tensorrt-int8": _trt_runner,
 }
