@@ -163,8 +163,8 @@ def test_section_budgets_keep_time_for_the_later_sections(monkeypatch, clock):
 
 
 def test_every_section_is_listed_in_order():
-    assert list(gpu_check.SECTIONS) == ["env", "kernels", "preprocess", "plugin", "torch", "speed", "backends",
-                                        "pytest"]
+    assert list(gpu_check.SECTIONS) == ["env", "kernels", "preprocess", "plugin", "torch", "speed", "decode",
+                                        "backends", "pytest"]
     assert gpu_check.slug("NVIDIA H200") == "nvidia-h200"
 
 
