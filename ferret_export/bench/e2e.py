@@ -97,6 +97,7 @@ class RealWorldConfig:
     threads: int | None = None
     streams: int | None = None
     modes: tuple[str, ...] = ("region", "full")
+    split_files: int = 24  # the split runs on this many of a workload's files, evenly spaced (one thread: slow)
     root: str | None = None  # the workload cache (None: workload.cache_root())
 
 
@@ -244,8 +245,17 @@ class _Chain:
         return time.perf_counter() - t0
 
 
+def spaced(files: list[str], k: int) -> list[str]:
+    """At most ``k`` of ``files``, evenly spaced: a mixed workload keeps its proportions."""
+    if len(files) <= k:
+        return files
+    return [files[int(i * len(files) / k)] for i in range(k)]
+
+
 def measure_split(onnx: Path, files: list[str], cfg: RealWorldConfig) -> tuple[dict[str, float], dict[str, float]]:
-    """(core-ms per image per stage, best over repeats; the whole chain's ms per image per mode)."""
+    """(core-ms per image per stage, best over repeats; the whole chain's ms per image per mode), on
+    ``cfg.split_files`` of the files."""
+    files = spaced(files, cfg.split_files)
     chain = _Chain(onnx, files, cfg)
     try:
         for _ in range(max(cfg.warmup, 1)):
@@ -338,7 +348,10 @@ def run_realworld(cfg: RealWorldConfig, log: Callable[[str], None] = print,
             onnx, macs = export_model(name, cfg.image_size, Path(tmp))
             row: dict[str, Any] = {"model": name, "macs_per_image": macs, "image_size": cfg.image_size}
             models.append(row)
+            t0 = time.perf_counter()
             timed = measure_rounds(onnx, {w: [str(f) for f in ws.files] for w, ws in sets.items()}, cfg)
+            log(f"[bench] {name}: {cfg.repeats} round(s) of every workload in {time.perf_counter() - t0:.0f} s; "
+                f"the split next, on {cfg.split_files} files per workload")
             for wname, w in sets.items():
                 files = [str(f) for f in w.files]
                 mb, formats = describe_files(w)

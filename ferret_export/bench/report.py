@@ -145,7 +145,9 @@ def realworld_table(record: dict[str, Any]) -> str:
             + f" {'model':>8} {'e2e/model':>9} | core-ms/img: {'read':>5} {'dec(reg)':>8} {'dec(full)':>9} "
               f"{'prep':>5} {'model':>6} {'sum':>6} {'serial':>6} | {'wall-ms':>7}")
     lines += ["", "img/s: end to end through the Detector (best of repeats) and the model alone; core-ms per image: "
-              "each stage alone on one thread; wall-ms: the pipeline's, per image", head, "-" * len(head)]
+              f"each stage alone on one thread (on up to {record['config'].get('split_files', 'all')} files per "
+              "workload); "
+              "wall-ms: the pipeline's, per image", head, "-" * len(head)]
     for r in record["results"]:
         s, first = r["split_ms"], modes[0] if modes else "region"
         e2e = r["e2e"].get(first)
