@@ -90,7 +90,7 @@ class RealWorldConfig:
     workloads: tuple[str, ...] = WORKLOADS
     count: int | None = None  # files per set (None: workload.DEFAULT_COUNTS)
     scale: float = 1.0  # every generated size times this (tests: 0.1)
-    batch: int = 16
+    batch: int | None = None  # None: the Detector's own default
     repeats: int = 3
     warmup: int = 1
     image_size: int = 256
@@ -108,6 +108,7 @@ class Result:
     images: int
     mb_per_image: float
     formats: dict[str, int]
+    batch: int = 0  # the Detector's batch size (its default unless --batch-sizes)
     e2e: dict[str, dict[str, float]] = field(default_factory=dict)  # mode -> img_s, wall_ms_per_image, errors
     model_alone: dict[str, float] = field(default_factory=dict)  # img_s, ms_per_image (all cores)
     split_ms: dict[str, float] = field(default_factory=dict)  # stage -> core-ms per image (one thread)
@@ -142,7 +143,9 @@ def measure_rounds(onnx: Path, sets: dict[str, list[str]], cfg: RealWorldConfig)
 
     from ferret_export.bench.runners import steady_state
 
-    opts = dict(crop=cfg.image_size, batch_size=cfg.batch, threads=cfg.threads or 0, streams=cfg.streams)
+    opts = dict(crop=cfg.image_size, threads=cfg.threads or 0, streams=cfg.streams)
+    if cfg.batch is not None:
+        opts["batch_size"] = cfg.batch
     best: dict[tuple[str, str], float] = {}
 
     def timed(key: tuple[str, str], fn: Callable[[], Any]) -> None:
@@ -153,7 +156,7 @@ def measure_rounds(onnx: Path, sets: dict[str, list[str]], cfg: RealWorldConfig)
     with ExitStack() as stack:
         dets = {m: stack.enter_context(open_detector(onnx, region=MODES[m], **opts)) for m in cfg.modes}
         alone = stack.enter_context(Detector.open(onnx, **opts))
-        x = np.random.default_rng(0).standard_normal((cfg.batch, 3, cfg.image_size, cfg.image_size))
+        x = np.random.default_rng(0).standard_normal((alone.batch_size, 3, cfg.image_size, cfg.image_size))
         call, per_call = steady_state(alone.backend, x.astype(alone.preprocess.dtype))
         calls = {w: max(1, -(-len(files) // per_call)) for w, files in sets.items()}
         for w, files in sets.items():  # warm-up, and every file must decode
@@ -173,7 +176,7 @@ def measure_rounds(onnx: Path, sets: dict[str, list[str]], cfg: RealWorldConfig)
     out: dict[str, dict[str, Any]] = {}
     for w, files in sets.items():
         n_alone = calls[w] * per_call
-        out[w] = {"model_alone": {"img_s": n_alone / best[(w, "alone")],
+        out[w] = {"batch": alone.batch_size, "model_alone": {"img_s": n_alone / best[(w, "alone")],
                                   "ms_per_image": 1e3 * best[(w, "alone")] / n_alone},
                   "e2e": {m: {"img_s": len(files) / best[(w, m)], "wall_ms_per_image": 1e3 * best[(w, m)] / len(files)}
                           for m in cfg.modes}}
@@ -186,12 +189,14 @@ class _Chain:
     def __init__(self, onnx: Path, files: list[str], cfg: RealWorldConfig):
         from ferret_runtime.backends import backend_for
 
-        with Detector.open(onnx, crop=cfg.image_size, batch_size=cfg.batch) as det:
+        batch = {} if cfg.batch is None else {"batch_size": cfg.batch}
+        with Detector.open(onnx, crop=cfg.image_size, **batch) as det:
             self.pre: Preprocess = det.preprocess
             self.lpd = det.external_lpd
             self.max_pixels = det.max_pixels
+            self.batch = det.batch_size
         self.backend = backend_for(onnx)(onnx, device="cpu", threads=1, streams=1)  # one core
-        self.files, self.batch, self.buf = files, cfg.batch, None
+        self.files, self.buf = files, None
 
     def close(self) -> None:
         self.backend.close()
@@ -335,7 +340,7 @@ def run_realworld(cfg: RealWorldConfig, log: Callable[[str], None] = print,
     for m in cfg.modes:
         if m not in MODES:
             raise ConfigError(f"Received decode mode {m!r}; expected region or full")
-    if cfg.batch < 1 or cfg.repeats < 1 or cfg.warmup < 0 or (cfg.count is not None and cfg.count < 1):
+    if min(cfg.batch or 1, cfg.repeats, cfg.count or 1) < 1 or cfg.warmup < 0:
         raise ConfigError(f"Received batch {cfg.batch}, repeats {cfg.repeats}, warmup {cfg.warmup}, count "
                           f"{cfg.count}; expected positive numbers (warmup >= 0)")
     root = Path(cfg.root) if cfg.root else None

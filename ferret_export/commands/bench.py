@@ -117,7 +117,7 @@ def run_workload(args: argparse.Namespace) -> int:
     if not 0 < args.scale <= 1:
         raise ConfigError(f"Received --scale {args.scale}; expected a number in (0, 1]")
     cfg = RealWorldConfig(workloads=names(args.workload), count=args.count, scale=args.scale,
-                          batch=args.batch_sizes[0] if args.batch_sizes else RealWorldConfig.batch,
+                          batch=args.batch_sizes[0] if args.batch_sizes else None,
                           repeats=args.iters if args.iters is not None else RealWorldConfig.repeats,
                           warmup=args.warmup if args.warmup is not None else RealWorldConfig.warmup,
                           image_size=args.image_size, threads=args.threads, streams=args.streams,
