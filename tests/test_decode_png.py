@@ -1,4 +1,5 @@
-"""PNG region decoding: the rows down to the crop's bottom give Pillow's full-decode pixels, bit for bit.
+"""PNG region decoding: the crop gives Pillow's full-decode pixels, bit for bit, both ways (fast: inflate down to
+the crop's bottom and unfilter in C; IHDR: Pillow decodes a copy whose height ends at the crop's bottom).
 
 The corpus is written by a small PNG encoder here (numpy + zlib), independent of Pillow's, because Pillow's
 writer picks the row filters itself: this one applies a chosen filter (0-4) per row, packs 1/2/4/8/16-bit
@@ -9,6 +10,8 @@ from __future__ import annotations
 
 import io
 import struct
+import subprocess
+import sys
 import zlib
 
 import numpy as np
@@ -16,6 +19,7 @@ import pytest
 from PIL import Image
 
 from ferret_runtime.decode import load_prepared, png
+from ferret_runtime.decode.cbuild import BuildError, find_c_compiler
 from ferret_runtime.errors import ImageError
 from ferret_runtime.preprocess import Preprocess, load_image, prepare
 
@@ -65,7 +69,13 @@ def encode_png(samples: np.ndarray, colour: int, depth: int, filters: list[int],
         raw.append(kind)
         raw += _filter_row(rows[y], prior, kind, bpp).tobytes()
         prior = rows[y]
-    stream = zlib.compress(bytes(raw), 6)
+    return png_from_rows(bytes(raw), w, h, colour, depth, palette=palette, trns=trns, idat_size=idat_size)
+
+
+def png_from_rows(raw: bytes, w: int, h: int, colour: int, depth: int, *, palette: bytes | None = None,
+                  trns: bytes | None = None, idat_size: int = 0) -> bytes:
+    """A PNG around the filtered rows ``raw`` (each a filter-type byte and its bytes), deflated."""
+    stream = zlib.compress(raw, 6)
     step = idat_size or len(stream)
     out = [b"\x89PNG\r\n\x1a\n", _chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, depth, colour, 0, 0, 0))]
     if palette is not None:
@@ -92,7 +102,7 @@ def _corpus() -> list[tuple[str, bytes]]:
     rng = np.random.default_rng(24)
     out = []
     # smooth plus noise, so that every filter leaves real work for the decoder's unfiltering
-    for colour, depth in [(2, 8), (6, 8), (0, 8), (4, 8), (2, 16), (6, 16), (0, 16), (0, 1), (0, 2), (0, 4)]:
+    for colour, depth in [(2, 8), (6, 8), (0, 8), (4, 8), (2, 16), (6, 16), (0, 16), (4, 16), (0, 1), (0, 2), (0, 4)]:
         h, w = 37, 29
         ch = CHANNELS[colour]
         top = 2**depth - 1
@@ -108,6 +118,13 @@ def _corpus() -> list[tuple[str, bytes]]:
         for trns in (None, bytes(range(0, 256, 32))):
             out.append((f"palette depth {depth} tRNS {trns is not None}",
                         encode_png(idx, 3, depth, [0, 1, 2, 3, 4], palette=palette, trns=trns, idat_size=31)))
+    # a palette shorter than the indices reach (Pillow's own rule for the missing entries), a colour key on
+    # RGB and L (tRNS, no alpha channel), a wide image (many whole SIMD steps per row) in one IDAT
+    short = palette[: 5 * 3]
+    out.append(("palette of 5 for 16 indices", encode_png(idx, 3, 8, [4, 1, 3], palette=short, idat_size=64)))
+    rgb = rng.integers(0, 256, (23, 301, 3))
+    out.append(("RGB tRNS", encode_png(rgb, 2, 8, [4, 0, 3, 1, 2], trns=struct.pack(">HHH", 1, 2, 3))))
+    out.append(("L tRNS", encode_png(rgb[..., :1], 0, 8, [3, 4], trns=struct.pack(">H", 7))))
     return out
 
 
@@ -121,16 +138,113 @@ def test_encoder_is_a_png_encoder():
         assert np.array_equal(_full(encode_png(samples, 2, 8, filters, idat_size=20)), samples)
 
 
+def _bit_depth(data: bytes) -> int:
+    return data[24]
+
+
 @pytest.mark.parametrize(("label", "data"), CORPUS, ids=[label for label, _ in CORPUS])
 def test_region_equals_full_decode(label, data):
+    """Every box through both ways and through decode_region; the fast way answers for every 8/16-bit file
+    (sub-byte samples are the IHDR way's), so a test of the fast way cannot pass on the fallback."""
     full = _full(data)
     h, w = full.shape[:2]
+    fast_expected = _bit_depth(data) >= 8
     for size in (1, 16, min(w, h)):
         for left, top, bw, bh in _boxes(w, h, size):
-            got = png.decode_region(data, left, top, bw, bh)
-            assert got is not None, (label, left, top, bw, bh)
-            assert got.dtype == np.uint8 and got.shape == (bh, bw, 3)
-            assert np.array_equal(got, full[top : top + bh, left : left + bw]), (label, left, top, bw, bh)
+            want = full[top : top + bh, left : left + bw]
+            fast = png.decode_region_fast(data, left, top, bw, bh)
+            slow = png.decode_region_ihdr(data, left, top, bw, bh)
+            got, how = png.decode_region_explained(data, left, top, bw, bh)
+            assert (fast is not None) == fast_expected and how == ("fast" if fast_expected else "ihdr"), \
+                (label, left, top, bw, bh, how)
+            for arr in (got, slow) + ((fast,) if fast_expected else ()):
+                assert arr is not None and arr.dtype == np.uint8 and arr.shape == (bh, bw, 3)
+                assert np.array_equal(arr, want), (label, left, top, bw, bh)
+
+
+def test_fast_way_is_taken_for_pillow_written_files():
+    """Pillow's own writer (adaptive filters, its zlib): 8-bit RGB, RGBA, L, LA, P and 16-bit L go the fast way."""
+    rng = np.random.default_rng(11)
+    arr = rng.integers(0, 256, (70, 90, 3), dtype=np.uint8)
+    for mode in ("RGB", "RGBA", "L", "LA", "P", "I;16"):
+        img = Image.fromarray(arr)
+        img = img.quantize(64) if mode == "P" else img.convert("I").convert("I;16") if mode == "I;16" else \
+            img.convert(mode)
+        buf = io.BytesIO()
+        img.save(buf, "PNG")
+        got, how = png.decode_region_explained(buf.getvalue(), 17, 9, 40, 50)
+        assert how == "fast", mode
+        assert np.array_equal(got, _full(buf.getvalue())[9:59, 17:57]), mode
+
+
+def test_without_isal_zlib_inflates_the_same_bytes(monkeypatch):
+    cases = [CORPUS[0], CORPUS[-1], CORPUS[-3]]
+    with_default = [png.decode_region_explained(data, 2, 3, 10, 11) for _, data in cases]
+    monkeypatch.setitem(sys.modules, "isal", None)  # `from isal import isal_zlib` now raises ImportError
+    monkeypatch.setitem(sys.modules, "isal.isal_zlib", None)
+    assert png.inflate_module() is zlib
+    for (label, data), (want, how) in zip(cases, with_default, strict=True):
+        got, how_zlib = png.decode_region_explained(data, 2, 3, 10, 11)
+        assert how == how_zlib == "fast" and np.array_equal(got, want), label
+        assert np.array_equal(got, _full(data)[3:14, 2:12]), label
+    assert "zlib (install isal" in png.status()
+
+
+def test_isal_is_used_when_installed():
+    isal_zlib = pytest.importorskip("isal.isal_zlib", reason="isal is not installed here")
+    assert png.inflate_module() is isal_zlib and "ISA-L" in png.status()
+
+
+def test_without_a_c_compiler_the_ihdr_way_answers(monkeypatch, tmp_path):
+    monkeypatch.setattr(png, "_lib", [])  # forget the loaded build
+    monkeypatch.setenv("CC", str(tmp_path / "no-such-cc"))
+    data = CORPUS[0][1]
+    got, how = png.decode_region_explained(data, 1, 2, 8, 9)
+    assert how == "ihdr" and np.array_equal(got, _full(data)[2:11, 1:9])
+    assert "C unfilter is off" in png.status() and "no-such-cc" in png.status()
+
+
+def test_the_portable_unfilter_equals_pillow(monkeypatch, tmp_path):
+    """pngcrop.c without its SSE2 Paeth (what ARM and other non-x86 machines build), through the fast way."""
+    try:
+        compiler = find_c_compiler()
+    except BuildError as e:
+        pytest.skip(str(e))
+    lib_path = tmp_path / "pngcrop-portable.so"
+    proc = subprocess.run([*compiler, "-O2", "-shared", "-fPIC", "-U__SSE2__", "-o", str(lib_path),
+                           str(png.SOURCE_PATH)], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    monkeypatch.setattr(png, "_lib", [png.load_library(lib_path)])
+    for label, data in CORPUS:
+        if _bit_depth(data) < 8:
+            continue
+        full = _full(data)
+        h, w = full.shape[:2]
+        for left, top, bw, bh in _boxes(w, h, min(w, h, 16)):
+            got = png.decode_region_fast(data, left, top, bw, bh)
+            assert got is not None and np.array_equal(got, full[top : top + bh, left : left + bw]), (label, left, top)
+
+
+def test_the_fast_way_refuses_what_it_cannot_prove():
+    """A filter type past 4 above the crop, a stream that ends before the crop's bottom: no fast answer, and the
+    IHDR way gives Pillow's outcome (an error, or black rows below the stream's end)."""
+    rng = np.random.default_rng(8)
+    w, h = 20, 30
+    rows = np.concatenate([np.zeros((h, 1), np.uint8), rng.integers(0, 256, (h, w * 3), dtype=np.uint8)], 1)
+    bad = rows.copy()
+    bad[12, 0] = 5
+    bad_filter = png_from_rows(bad.tobytes(), w, h, 2, 8)
+    assert png.decode_region_fast(bad_filter, 0, 15, 8, 8) is None
+    with pytest.raises(OSError):
+        _full(bad_filter)
+    with pytest.raises(OSError):
+        png.decode_region(bad_filter, 0, 15, 8, 8)
+    above = png.decode_region_explained(bad_filter, 0, 0, 8, 10)  # rows above the bad one are still exact
+    assert above[1] == "fast" and np.array_equal(above[0], rows[:10, 1:25].reshape(10, 8, 3))
+    short = png_from_rows(rows[:10].tobytes(), w, h, 2, 8)  # 10 rows of 30 in a whole deflate stream
+    assert png.decode_region_fast(short, 0, 5, 8, 8) is None
+    got, how = png.decode_region_explained(short, 0, 5, 8, 8)
+    assert how == "ihdr" and np.array_equal(got, _full(short)[5:13, 0:8]) and not got[5:].any()
 
 
 def test_pillow_written_files_and_odd_sizes():

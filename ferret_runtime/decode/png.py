@@ -61,6 +61,14 @@ def inflate_module() -> ModuleType:
     return isal_zlib
 
 
+def load_library(path: Path) -> ctypes.CDLL:
+    """A build of pngcrop.c, its function typed for ctypes (OSError/AttributeError when it is not one)."""
+    lib = ctypes.CDLL(str(path))
+    lib.fp_unfilter.argtypes = [ctypes.c_void_p, *[ctypes.c_size_t] * 8, ctypes.c_void_p]
+    lib.fp_unfilter.restype = ctypes.c_int
+    return lib
+
+
 def _unfilter_lib() -> ctypes.CDLL | None:
     """pngcrop.c built and loaded once (None when it cannot be; ``status()`` says why)."""
     global _why_off
@@ -69,9 +77,7 @@ def _unfilter_lib() -> ctypes.CDLL | None:
             if not _lib:
                 lib = None
                 try:
-                    lib = ctypes.CDLL(str(build_shared(SOURCE_PATH)))
-                    lib.fp_unfilter.argtypes = [ctypes.c_void_p, *[ctypes.c_size_t] * 8, ctypes.c_void_p]
-                    lib.fp_unfilter.restype = ctypes.c_int
+                    lib = load_library(build_shared(SOURCE_PATH))
                 except BuildError as e:
                     _why_off = str(e)
                 except (OSError, AttributeError) as e:
