@@ -13,6 +13,11 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 REFERENCE = Path(os.environ.get("FERRET_REFERENCE", ROOT.parent / "shared" / "reference"))
 
+# The suite names its runtime: Detector.open's default (--backend auto) measures the installed CPU
+# runtimes once per host and model (seconds each) and may pick either, which would make every test that
+# opens a model pay that and depend on the choice. Tests of auto itself pass backend="auto" or clear this.
+os.environ.setdefault("FERRET_BACKEND", "onnxruntime")
+
 # Logit parity between two float32 computations of the same network whose reductions may run in another
 # order (SIMD width: AVX2 8 lanes, AVX-512 16; thread count; oneDNN or MLAS kernel; batch size): the
 # README's bound, relative to the logit's magnitude. Each reordered sum moves its result by a few

@@ -109,7 +109,7 @@ def ref_logits(reference):
 @pytest.mark.parametrize("crop, key", [(256, "logit_center_crop_256"), (None, "logit_full")])
 def test_authors_model_through_runtime(authors_onnx, reference, ref_logits, crop, key):
     names = sorted(ref_logits)
-    with Detector.open(authors_onnx, crop=crop) as det:
+    with Detector.open(authors_onnx, crop=crop, backend="onnxruntime") as det:
         assert det.backend.name == "onnxruntime"
         results = det.predict([reference / "images" / n for n in names])
     for n, r in zip(names, results):
