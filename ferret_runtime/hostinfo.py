@@ -8,8 +8,9 @@ The figure is ``cores x FMA units per core x float32 lanes per unit x clock``:
   (SSE, no FMA: one multiply port and one add port give about one MAC per lane per cycle, counted as one unit);
 - FMA units per core: 2, the number current server cores issue per cycle (Intel Xeon Gold/Platinum since
   Skylake-SP, AMD Zen 2 and newer on 256-bit). That is an assumption, not a flag: Xeon Silver/Bronze have one
-  512-bit unit, and AMD Zen 4 runs a 512-bit FMA as two halves on its two 256-bit units (so with ``avx512f`` the
-  true figure is half). ``FERRET_FMA_UNITS=1`` corrects it for such a host;
+  512-bit unit (``FERRET_FMA_UNITS=1`` corrects it for such a host). AMD Zen 4 (``AuthenticAMD``, ``cpu family``
+  25 with ``avx512f``) runs a 512-bit FMA as two halves on its two 256-bit units: it is counted as 1 unit of 16
+  lanes, the same 32 MACs per cycle as its AVX2 figure (Zen 5, family 26, has full-width 512-bit units);
 - clock: ``cpufreq/base_frequency`` (intel_pstate), else ``cpufreq/cpuinfo_max_freq``, else the ``@ 2.60GHz``
   in ``model name``, else ``cpu MHz``;
 - cores: the usable CPUs (``os.sched_getaffinity``) counted once per physical core (``physical id`` and
@@ -79,9 +80,15 @@ def _processors(cpuinfo: str) -> list[dict[str, str]]:
     return [b for b in blocks if "processor" in b and b["processor"].isdigit()]
 
 
-def _lanes(flags: set[str]) -> tuple[int, int, str]:
-    """(float32 lanes, FMA units counted per core before the override, flag that decided it)."""
+ZEN4 = ("AuthenticAMD", "25")  # vendor_id and cpu family of AMD Zen 3/Zen 4; only Zen 4 has avx512f
+
+
+def _lanes(flags: set[str], cpu: tuple[str, str] = ("", "")) -> tuple[int, int, str]:
+    """(float32 lanes, FMA units counted per core before the override, flag that decided it) for ``flags`` of a
+    CPU of (vendor_id, cpu family)."""
     if "avx512f" in flags:
+        if cpu == ZEN4:
+            return 16, 1, "avx512f (Zen 4: 512-bit FMAs as two 256-bit halves)"
         return 16, DEFAULT_FMA_UNITS, "avx512f"
     if "avx2" in flags and "fma" in flags:
         return 8, DEFAULT_FMA_UNITS, "avx2+fma"
@@ -146,7 +153,7 @@ def fma_peak(cpuinfo: str | None = None, usable: set[int] | None = None, *,
     if "flags" not in first:  # not x86 (ARM lists "Features"): no rule here would give a true number
         units, _ = _fma_units(DEFAULT_FMA_UNITS, env)
         return FmaPeak(cores, units, None, None, "no x86 flags in /proc/cpuinfo")
-    lanes, units, flag = _lanes(set(first["flags"].split()))
+    lanes, units, flag = _lanes(set(first["flags"].split()), (first.get("vendor_id", ""), first.get("cpu family", "")))
     if units:
         units, how = _fma_units(units, env)
     else:

@@ -12,8 +12,10 @@ XEON_FLAGS = "fpu sse sse2 ssse3 fma sse4_1 sse4_2 avx f16c avx2 avx512f avx512d
 EPYC_FLAGS = "fpu sse sse2 ssse3 fma sse4_1 sse4_2 avx f16c avx2 sha_ni"
 
 
-def _block(n: int, core: int, flags: str, model: str, mhz: str, phys: int = 0) -> str:
-    return (f"processor\t: {n}\nvendor_id\t: x\nmodel name\t: {model}\ncpu MHz\t\t: {mhz}\n"
+def _block(n: int, core: int, flags: str, model: str, mhz: str, phys: int = 0, vendor: str = "x",
+           family: str = "6") -> str:
+    return (f"processor\t: {n}\nvendor_id\t: {vendor}\ncpu family\t: {family}\n"
+            f"model name\t: {model}\ncpu MHz\t\t: {mhz}\n"
             f"physical id\t: {phys}\ncore id\t\t: {core}\nflags\t\t: {flags}\n")
 
 
@@ -46,6 +48,18 @@ def test_avx2_epyc_clock_from_cpu_mhz_and_affinity():
     assert (peak.cores, peak.fma_units, peak.lanes) == (2, 2, 8)
     assert math.isclose(peak.macs_per_s, 89.599936e9)
     assert "cpu MHz" in peak.source
+
+
+def test_zen4_avx512_counts_one_512_bit_unit():
+    # Zen 4 (AuthenticAMD family 25) double-pumps 512-bit FMAs: 2 cores x 1 unit x 16 lanes x 2.6 GHz = 83.2e9,
+    # the same as its AVX2 figure (2 x 2 x 8 x 2.6e9); Zen 5 (family 26) keeps 2 full-width units.
+    zen4 = "\n".join(_block(n, n, XEON_FLAGS, "AMD EPYC 9R14 96-Core Processor", "2600.000", vendor="AuthenticAMD",
+                            family="25") for n in range(2))
+    peak = fma_peak(zen4, {0, 1}, cpufreq=None, env={})
+    assert (peak.cores, peak.fma_units, peak.lanes) == (2, 1, 16)
+    assert math.isclose(peak.macs_per_s, 83.2e9) and "Zen 4" in peak.source
+    assert fma_peak(zen4.replace("family\t: 25", "family\t: 26"), {0, 1}, cpufreq=None, env={}).fma_units == 2
+    assert fma_peak(zen4, {0, 1}, cpufreq=None, env={"FERRET_FMA_UNITS": "2"}).fma_units == 2
 
 
 def test_cpufreq_base_frequency_wins_and_env_override(tmp_path):
