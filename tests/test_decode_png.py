@@ -190,6 +190,19 @@ def test_without_isal_zlib_inflates_the_same_bytes(monkeypatch):
     assert "zlib (install isal" in png.status()
 
 
+@pytest.mark.parametrize("batch", [1, 60, 500])
+def test_idat_batches_of_any_size(monkeypatch, batch):
+    """The inflater fed the IDAT data one chunk at a time, two at a time, or many joined: the same pixels."""
+    monkeypatch.setattr(png, "BATCH_BYTES", batch)
+    for label, data in CORPUS[::5]:
+        if _bit_depth(data) < 8:
+            continue
+        full = _full(data)
+        h, w = full.shape[:2]
+        got, how = png.decode_region_explained(data, 0, h // 2, w, h - h // 2)
+        assert how == "fast" and np.array_equal(got, full[h // 2 :]), label
+
+
 def test_isal_is_used_when_installed():
     isal_zlib = pytest.importorskip("isal.isal_zlib", reason="isal is not installed here")
     assert png.inflate_module() is isal_zlib and "ISA-L" in png.status()

@@ -30,6 +30,7 @@ import io
 import struct
 import threading
 import zlib
+from collections.abc import Iterator
 from pathlib import Path
 from types import ModuleType
 
@@ -121,25 +122,29 @@ def _header(data: bytes, left: int, top: int, width: int, height: int) -> tuple[
     return w, h, depth, colour
 
 
-def _inflate(data: bytes, spans: list[tuple[int, int]], needed: int) -> bytes | None:
-    """The first ``needed`` bytes the IDAT data inflates to (None: the stream ends or breaks before)."""
+def _batches(data: bytes, spans: list[tuple[int, int]]) -> Iterator[bytes | memoryview]:
+    """The IDAT data in order, consecutive chunks joined into about BATCH_BYTES (fewer inflate calls), lazily:
+    nothing past what the inflater asks for is copied."""
     view = memoryview(data)
-    batches: list[bytes | memoryview] = []
     group: list[memoryview] = []
     size = 0
     for start, stop in spans:
         group.append(view[start:stop])
         size += stop - start
         if size >= BATCH_BYTES:
-            batches.append(group[0] if len(group) == 1 else b"".join(group))
+            yield group[0] if len(group) == 1 else b"".join(group)
             group, size = [], 0
     if group:
-        batches.append(group[0] if len(group) == 1 else b"".join(group))
+        yield group[0] if len(group) == 1 else b"".join(group)
+
+
+def _inflate(data: bytes, spans: list[tuple[int, int]], needed: int) -> bytes | None:
+    """The first ``needed`` bytes the IDAT data inflates to (None: the stream ends or breaks before)."""
     mod = inflate_module()
     d = mod.decompressobj()
     pieces, got = [], 0
     try:
-        for batch in batches:
+        for batch in _batches(data, spans):
             buf: bytes | memoryview = batch
             while buf and got < needed and not d.eof:
                 piece = d.decompress(buf, needed - got)
