@@ -35,7 +35,7 @@ from ..preprocess import (
     to_rgb,
 )
 
-# Pillow's format name -> the module decoding a region of it (JPEG's is engineer-built C, loaded lazily)
+# Pillow's format name -> the module decoding a region of it, imported on first use (JPEG's and PNG's build a C shim)
 _MODULES = {"JPEG": "jpeg", "MPO": "jpeg", "PNG": "png", "WEBP": "webp"}
 _FORMATS = ("JPEG", "PNG", "WEBP")
 _lock = threading.Lock()
