@@ -9,7 +9,13 @@ everything outside the crop (and, for a baseline file, all work on the rows belo
 How: ``jpegcrop.c`` (built once with the system C compiler, see ``cbuild``) calls the very libjpeg
 Pillow loaded (found in ``/proc/self/maps`` after PIL's C module is imported; dlopen'd RTLD_LOCAL)
 with Pillow's settings, decodes the region plus a margin of two iMCUs each side with
-``jpeg_crop_scanline`` / ``jpeg_skip_scanlines``, and copies out the asked part. It refuses (None)
+``jpeg_crop_scanline`` / ``jpeg_skip_scanlines``, and copies out the asked part. A multi-scan file
+(progressive, or one sequential scan per component) is entropy-decoded in full before any row comes
+out, so libjpeg gets a copy whose SOF height ends three iMCU rows below the region: every scan then
+stops after the blocks above that bottom (same bits, same order as in the whole file) and libjpeg skips
+the rest of the scan to the next marker; that "extraneous data" warning is the only one tolerated there.
+The one input answered that Pillow's full decode refuses: entropy data below the region whose DC
+predictions overflow an int (libjpeg-turbo's JERR_BAD_DCT_COEF), which takes a crafted file. It refuses (None)
 CMYK/YCCK, 12-bit, lossless and arithmetic-coded files, data whose first image has no EOI (a truncated
 file keeps failing in Pillow as today), unknown or misplaced markers, and any libjpeg error or warning.
 
@@ -109,7 +115,7 @@ def _load() -> _Loaded:
     if lib.fj_init(os.fsencode(path), msg, len(msg)) != 0:
         return _Loaded(None, f"JPEG region decoding off: {msg.value.decode(errors='replace')}")
     lib.fj_decode.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int,
-                              ctypes.c_int, ctypes.c_void_p, ctypes.POINTER(ctypes.c_int)]
+                              ctypes.c_int, ctypes.c_int, ctypes.c_void_p, ctypes.POINTER(ctypes.c_int)]
     lib.fj_decode.restype = ctypes.c_int
     return _Loaded(lib, f"JPEG region decoding on: libjpeg-turbo {version} at {path} (ABI 62), shim {shim}")
 
@@ -143,9 +149,11 @@ def _check_region(left: int, top: int, width: int, height: int) -> None:
 
 
 def decode_region_explained(data: bytes | bytearray | memoryview, left: int, top: int, width: int,
-                            height: int) -> tuple[np.ndarray | None, str]:
+                            height: int, *, shorten: bool = True) -> tuple[np.ndarray | None, str]:
     """:func:`decode_region` and the reason of its answer: one of :data:`REASONS`' texts, or for a decode
-    "decoded columns X0..X1 of WxH (...)", the columns libjpeg decoded (the region, its margin, iMCU-aligned)."""
+    "decoded columns X0..X1 of WxH (...)", the columns libjpeg decoded (the region, its margin, iMCU-aligned),
+    followed for a multi-scan file decoded from a shortened copy by "; SOF height N (K scan tails skipped)".
+    ``shorten=False`` decodes multi-scan files at their whole height (the comparison in the benchmarks)."""
     _check_region(left, top, width, height)
     lib = _state().lib
     if lib is None:
@@ -162,14 +170,17 @@ def decode_region_explained(data: bytes | bytearray | memoryview, left: int, top
     if left + width > 65535 or top + height > 65535:  # JPEG's largest dimension
         return None, REASONS[6]
     out = np.empty((int(height), int(width), 3), dtype=np.uint8)
-    info = (ctypes.c_int * 6)()
-    code = lib.fj_decode(buf.ctypes.data, buf.size, int(left), int(top), int(width), int(height), out.ctypes.data,
-                         info)
+    info = (ctypes.c_int * 8)()
+    code = lib.fj_decode(buf.ctypes.data, buf.size, int(left), int(top), int(width), int(height), int(bool(shorten)),
+                         out.ctypes.data, info)
     if code != 0:
         return None, REASONS.get(code, f"unknown code {code}")
     kind = "progressive" if info[3] else "sequential"
-    return out, (f"{REASONS[0]} columns {info[4]}..{info[4] + info[5]} of {info[0]}x{info[1]} "
-                 f"({kind}, {info[2]} components)")
+    line = (f"{REASONS[0]} columns {info[4]}..{info[4] + info[5]} of {info[0]}x{info[1]} "
+            f"({kind}, {info[2]} components)")
+    if info[6] != info[1]:
+        line += f"; SOF height {info[6]} ({info[7]} scan tails skipped)"
+    return out, line
 
 
 def decode_region(data: bytes | bytearray | memoryview, left: int, top: int, width: int,

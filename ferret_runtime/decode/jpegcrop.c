@@ -18,12 +18,27 @@
  *     decode (upsampling context, block smoothing) never reaches the rows and columns copied out.
  *   - any libjpeg error or warning (corrupt data, premature end) up to our last row -> refused.
  * Pillow itself silences warnings (its output_message is empty); we only count them.
+ *
+ * Multi-scan files (progressive, or sequential with one scan per component): jpeg_start_decompress
+ * entropy-decodes every scan of the whole image before the first row comes out. fj_decode() then
+ * hands libjpeg a copy whose SOF height ends FJ_BOTTOM_IMCUS whole iMCU rows below the iMCU row
+ * holding the row just under the region (the fancy upsampler's context row; libjpeg-turbo's 5x5 block
+ * smoothing reads two block rows further). Every scan stores its blocks (or MCUs) in raster order
+ * over a width that does not change, so the blocks above the new bottom decode from the same bits in
+ * the same order (same DC predictions, EOB runs, restart intervals); after the last one libjpeg's
+ * next_marker() skips the rest of the scan to the next marker (RSTn there are parameterless markers
+ * read_markers ignores), warning JWRN_EXTRANEOUS_DATA: that warning alone is tolerated in this mode
+ * (counted), any other warning or error still refuses. The scan headers, tables and markers read are
+ * the ones the full decode reads. What the full decode could see and we do not: an error raised by
+ * the skipped entropy data itself; the only one libjpeg-turbo has is JERR_BAD_DCT_COEF (a DC
+ * prediction overflowing an int, which takes ~65536 maximal DC steps: crafted files, not damage).
  */
 
 #include <dlfcn.h>
 #include <setjmp.h>
 #include <stddef.h>
 #include <stdio.h>
+#include <stdlib.h>
 #include <string.h>
 
 #include "jpeglib.h"
@@ -39,9 +54,12 @@ enum {
 };
 
 #define FJ_MARGIN_IMCUS 2
+#define FJ_BOTTOM_IMCUS 3
+#define FJ_INFO_LEN 8
 
 static struct {
   int ready;
+  int extraneous_code; /* JWRN_EXTRANEOUS_DATA's code in this library's message table, -1 if not found */
   __typeof__(jpeg_std_error) *std_error;
   __typeof__(jpeg_CreateDecompress) *create;
   __typeof__(jpeg_destroy_decompress) *destroy;
@@ -56,6 +74,8 @@ static struct {
 struct fj_err {
   struct jpeg_error_mgr pub;
   jmp_buf jump;
+  int tolerate_extraneous; /* the shortened copy: JWRN_EXTRANEOUS_DATA is expected after each scan */
+  int extraneous;          /* how many times it was tolerated */
 };
 
 static void fj_error_exit(j_common_ptr cinfo) {
@@ -64,10 +84,25 @@ static void fj_error_exit(j_common_ptr cinfo) {
 
 static void fj_output_message(j_common_ptr cinfo) { (void)cinfo; }
 
+/* Trace messages are dropped; warnings are counted in num_warnings, except JWRN_EXTRANEOUS_DATA where
+ * the shortened copy expects it. */
+static void fj_emit_message(j_common_ptr cinfo, int msg_level) {
+  struct fj_err *e = (struct fj_err *)cinfo->err;
+  if (msg_level >= 0) return;
+  if (e->tolerate_extraneous && L.extraneous_code >= 0 && e->pub.msg_code == L.extraneous_code) {
+    e->extraneous++;
+    return;
+  }
+  e->pub.num_warnings++;
+}
+
 static void fj_setup_err(struct fj_err *err) {
   L.std_error(&err->pub);
   err->pub.error_exit = fj_error_exit;
-  err->pub.output_message = fj_output_message; /* the standard emit_message still counts warnings */
+  err->pub.output_message = fj_output_message;
+  err->pub.emit_message = fj_emit_message;
+  err->tolerate_extraneous = 0;
+  err->extraneous = 0;
 }
 
 /* 0 when the library at `path` is usable; else 1 and a one-line reason in msg. */
@@ -109,6 +144,15 @@ int fj_init(const char *path, char *msg, int msglen) {
     }
     L.create(&cinfo, JPEG_LIB_VERSION, sizeof(cinfo));
     L.destroy(&cinfo);
+    /* find the extraneous-data warning by its text (message codes are not part of the ABI) */
+    L.extraneous_code = -1;
+    for (int k = 0; k <= err.pub.last_jpeg_message; k++) {
+      const char *t = err.pub.jpeg_message_table[k];
+      if (t && strcmp(t, "Corrupt JPEG data: %u extraneous bytes before marker 0x%02x") == 0) {
+        L.extraneous_code = k;
+        break;
+      }
+    }
   }
   L.ready = 1;
   msg[0] = 0;
@@ -117,9 +161,16 @@ int fj_init(const char *path, char *msg, int msglen) {
 
 static unsigned be16(const unsigned char *p) { return ((unsigned)p[0] << 8) | p[1]; }
 
-/* Walk the first image's markers. Returns FJ_OK and *end (just past its EOI), else FJ_STRUCTURE or
- * FJ_UNSUPPORTED. Strict on purpose: whatever it refuses goes to Pillow's full decode. */
-int fj_scan(const unsigned char *d, size_t n, size_t *end) {
+struct fj_layout {
+  size_t end;        /* just past the first image's EOI */
+  size_t sof_height; /* offset of the SOF's 2-byte height */
+  unsigned height, width, imcu_rows; /* the SOF's sizes; iMCU height = 8 * largest vertical sampling */
+  int sof, scans;    /* SOF marker code, number of SOS */
+};
+
+/* Walk the first image's markers. Returns FJ_OK and *lay, else FJ_STRUCTURE or FJ_UNSUPPORTED.
+ * Strict on purpose: whatever it refuses goes to Pillow's full decode. */
+int fj_scan(const unsigned char *d, size_t n, struct fj_layout *lay) {
   size_t i = 2;
   int sof = -1, ncomp = 0, scans = 0, single = 0;
   if (n < 4 || d[0] != 0xFF || d[1] != 0xD8) return FJ_STRUCTURE;
@@ -132,7 +183,9 @@ int fj_scan(const unsigned char *d, size_t n, size_t *end) {
     i += 2;
     if (m == 0xD9) {                                     /* EOI */
       if (scans == 0) return FJ_STRUCTURE;
-      *end = i;
+      lay->end = i;
+      lay->sof = sof;
+      lay->scans = scans;
       return FJ_OK;
     }
     /* libjpeg reads DHT, DQT, DRI, DAC, APPn, COM and SOF0-3/9-11; it errors on the other codes */
@@ -148,6 +201,16 @@ int fj_scan(const unsigned char *d, size_t n, size_t *end) {
       if (m != 0xC0 && m != 0xC1 && m != 0xC2) return FJ_UNSUPPORTED;
       if (len < 8) return FJ_STRUCTURE;
       ncomp = d[i + 7];
+      if (len < 8 + 3 * (unsigned)ncomp) return FJ_STRUCTURE;
+      lay->sof_height = i + 3;
+      lay->height = be16(d + i + 3);
+      lay->width = be16(d + i + 5);
+      lay->imcu_rows = 0;
+      for (int k = 0; k < ncomp; k++) {
+        unsigned v = d[i + 9 + 3 * k] & 15;
+        if (v > lay->imcu_rows) lay->imcu_rows = v;
+      }
+      lay->imcu_rows *= DCTSIZE;
     } else if (m == 0xDA) {                              /* SOS, then entropy-coded data */
       if (sof < 0 || len < 3) return FJ_STRUCTURE;
       /* a sequential scan of all components is the only scan: nothing but EOI may follow it */
@@ -179,40 +242,78 @@ int fj_scan(const unsigned char *d, size_t n, size_t *end) {
   }
 }
 
+/* The SOF height of the shortened copy for a region ending at row y1 (exclusive), or 0 when the
+ * copy would not be shorter than the image (see the file comment for the margin). */
+static unsigned fj_short_height(const struct fj_layout *lay, unsigned y1) {
+  unsigned m = lay->imcu_rows;
+  unsigned long h;
+  if (m == 0 || lay->height == 0) return 0;
+  h = ((unsigned long)y1 / m + FJ_BOTTOM_IMCUS) * m; /* iMCU row of row y1, then FJ_BOTTOM_IMCUS more */
+  return h < lay->height ? (unsigned)h : 0;
+}
+
 /* Decode rows [top, top+height) x columns [left, left+width) into out (height*width*3 bytes, RGB).
- * info (6 ints, may be NULL) gets image width, height, components, progressive, and the decoded
- * region's x offset and width (after libjpeg's iMCU alignment and the margins). */
-int fj_decode(const unsigned char *data, size_t size, int left, int top, int width, int height,
+ * shorten: allow the shortened copy for multi-scan files (0: always the whole height).
+ * info (FJ_INFO_LEN ints, may be NULL) gets image width, height, components, progressive, the decoded
+ * region's x offset and width (after libjpeg's iMCU alignment and the margins), the SOF height
+ * libjpeg was given, and the number of JWRN_EXTRANEOUS_DATA warnings tolerated. */
+int fj_decode(const unsigned char *data, size_t size, int left, int top, int width, int height, int shorten,
               unsigned char *out, int *info) {
   struct jpeg_decompress_struct cinfo;
   struct fj_err err;
-  size_t end = 0;
+  struct fj_layout lay;
+  unsigned short_h = 0;
+  unsigned char *volatile copy = NULL;
   int code;
   volatile int stage = 0;
 
   if (!L.ready) return FJ_NOT_READY;
   if (left < 0 || top < 0 || width < 1 || height < 1) return FJ_REGION;
-  code = fj_scan(data, size, &end);
+  memset(&lay, 0, sizeof(lay));
+  code = fj_scan(data, size, &lay);
   if (code != FJ_OK) return code;
+  if (info) memset(info, 0, FJ_INFO_LEN * sizeof(int));
+
+  /* Multi-scan files only: a single-scan sequential one already stops after the region's last row. */
+  if (shorten && L.extraneous_code >= 0 && (lay.sof == 0xC2 || lay.scans > 1) &&
+      (unsigned)top + (unsigned)height <= lay.height)
+    short_h = fj_short_height(&lay, (unsigned)top + (unsigned)height);
+  if (short_h) {
+    copy = (unsigned char *)malloc(lay.end);
+    if (!copy) short_h = 0;
+  }
+  if (short_h) {
+    memcpy(copy, data, lay.end);
+    copy[lay.sof_height] = (unsigned char)(short_h >> 8);
+    copy[lay.sof_height + 1] = (unsigned char)(short_h & 0xFF);
+  }
 
   fj_setup_err(&err);
+  err.tolerate_extraneous = short_h != 0;
   cinfo.err = &err.pub;
   if (setjmp(err.jump)) {
     if (stage) L.destroy(&cinfo);
+    free(copy);
     return FJ_LIBJPEG_ERROR;
   }
   L.create(&cinfo, JPEG_LIB_VERSION, sizeof(cinfo));
   stage = 1;
-  L.mem_src(&cinfo, data, (unsigned long)end);
+  L.mem_src(&cinfo, short_h ? copy : data, (unsigned long)lay.end);
   if (L.read_header(&cinfo, TRUE) != JPEG_HEADER_OK) {
     code = FJ_STRUCTURE;
     goto done;
   }
   if (info) {
     info[0] = (int)cinfo.image_width;
-    info[1] = (int)cinfo.image_height;
+    info[1] = (int)lay.height;
     info[2] = cinfo.num_components;
     info[3] = cinfo.progressive_mode;
+    info[6] = (int)cinfo.image_height;
+  }
+  if (short_h && (cinfo.image_height != short_h || cinfo.image_width != lay.width ||
+                  (unsigned)(cinfo.max_v_samp_factor * DCTSIZE) != lay.imcu_rows)) {
+    code = FJ_UNSUPPORTED; /* libjpeg sees the header differently from fj_scan: do not guess */
+    goto done;
   }
   if (cinfo.data_precision != 8 || (cinfo.num_components != 1 && cinfo.num_components != 3) ||
       cinfo.arith_code) {
@@ -282,6 +383,8 @@ int fj_decode(const unsigned char *data, size_t size, int left, int top, int wid
   }
   code = err.pub.num_warnings ? FJ_WARNING : FJ_OK;
 done:
+  if (info) info[7] = err.extraneous;
   L.destroy(&cinfo);
+  free(copy);
   return code;
 }
