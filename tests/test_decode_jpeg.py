@@ -94,6 +94,77 @@ def with_segment(data: bytes, marker: int, payload: bytes) -> bytes:
     return data[:2] + bytes([0xFF, marker]) + (len(payload) + 2).to_bytes(2, "big") + payload + data[2:]
 
 
+def scans(data: bytes) -> list[tuple[int, int]]:
+    """(start, end) of each scan's entropy-coded data in the first image; independent of jpegcrop.c."""
+    out, i = [], 2
+    while True:
+        assert data[i] == 0xFF
+        m = data[i + 1]
+        if m == 0xD9:
+            return out
+        end = i + 2 + int.from_bytes(data[i + 2:i + 4], "big")
+        if m != 0xDA:
+            i = end
+            continue
+        j = end
+        while True:  # the scan ends at the first marker other than a stuffed 0xFF00 or RSTn
+            j = data.index(b"\xff", j)
+            while data[j + 1] == 0xFF:
+                j += 1
+            if data[j + 1] == 0 or 0xD0 <= data[j + 1] <= 0xD7:
+                j += 2
+                continue
+            break
+        out.append((end, j))
+        i = j
+
+
+def multiscan_sequential(arr: np.ndarray, subsample: bool, **kw) -> bytes:
+    """A sequential (SOF0) JPEG with one scan per component, which Pillow cannot write: its Y, Cb and Cr
+    planes are each encoded by Pillow as a grayscale JPEG (chroma at half size when ``subsample``, the luma
+    then 2x2), and their tables (renumbered 0, 1, 2) and entropy data joined under one SOF0. A one-component
+    scan stores ceil(w/8) x ceil(h/8) blocks in raster order, exactly what each grayscale file holds."""
+    h, w = arr.shape[:2]
+    planes = list(Image.fromarray(arr).convert("YCbCr").split())
+    if subsample:
+        planes[1:] = [p.resize(((w + 1) // 2, (h + 1) // 2), Image.BOX) for p in planes[1:]]
+    head, tail = bytearray(), bytearray()
+    for k, plane in enumerate(planes):
+        bio = io.BytesIO()
+        plane.save(bio, "JPEG", **kw)
+        g = bio.getvalue()
+        for m, i, end in segments(g):
+            seg = bytearray(g[i:end])
+            if m == 0xE0 and k == 0:
+                head[:0] = seg
+            elif m == 0xDB:
+                assert len(seg) == 4 + 65
+                seg[4] = k  # 8-bit table k
+                head += seg
+            elif m == 0xC4:
+                j = 4
+                while j < len(seg):
+                    seg[j] = (seg[j] & 0xF0) | k
+                    j += 17 + sum(seg[j + 1:j + 17])
+                head += seg
+            elif m == 0xDD:
+                tail += seg
+            elif m == 0xDA:
+                seg[5], seg[6] = k + 1, (k << 4) | k
+                (start, stop), = scans(g)
+                tail += seg + g[start:stop]
+    y = 0x22 if subsample else 0x11
+    sof = bytes([0xFF, 0xC0, 0, 17, 8]) + h.to_bytes(2, "big") + w.to_bytes(2, "big") + bytes(
+        [3, 1, y, 0, 2, 0x11, 1, 3, 0x11, 2])
+    return b"\xff\xd8" + bytes(head) + sof + bytes(tail) + b"\xff\xd9"
+
+
+def first_scans(data: bytes, n: int) -> bytes:
+    """A progressive JPEG cut after its n-th scan, with EOI: a valid image whose AC coefficients are not all
+    sent, so libjpeg smooths its blocks from their neighbours' coefficients (the margin below must cover it)."""
+    return data[:scans(data)[n - 1][1]] + b"\xff\xd9"
+
+
 def regions(w: int, h: int, seed: int) -> list[tuple[int, int, int, int]]:
     """(left, top, width, height): full image, edges, corners, 1-pixel rows/columns, MCU-aligned and not."""
     c = min(37, w, h)
@@ -124,6 +195,19 @@ def _corpus() -> dict[str, bytes]:
         "restart-blocks-420": encode(big[:300, :500], quality=90, restart_marker_blocks=7),
         "restart-rows-422-progressive": encode(odd, quality=90, subsampling=1, progressive=True,
                                                restart_marker_rows=1),
+        "progressive-420-optimize-q92-333x517": encode(big[:517, :333], quality=92, progressive=True,
+                                                       optimize=True),
+        "progressive-444-optimize-1001x777": encode(big, quality=80, progressive=True, optimize=True,
+                                                    subsampling=0),
+        "progressive-422-odd-301x203": encode(big[:203, :301], quality=85, progressive=True, subsampling=1),
+        "gray-progressive-optimize-997x389": encode(big[:389, :997], "L", quality=85, progressive=True,
+                                                   optimize=True),
+        "progressive-420-restart-blocks-500x300": encode(big[:300, :500], quality=90, progressive=True,
+                                                         restart_marker_blocks=5),
+        "progressive-first-scans-only-1001x777": first_scans(encode(big, quality=90, progressive=True), 4),
+        "multiscan-sequential-444-500x300": multiscan_sequential(big[:300, :500], False, quality=90),
+        "multiscan-sequential-420-odd-501x399": multiscan_sequential(big[:399, :501], True, quality=88,
+                                                                     optimize=True, restart_marker_blocks=9),
         "tiny-5x3": encode(natural(3, 5, 5), quality=90),
         "one-pixel": encode(natural(1, 1, 6), quality=90),
         "440-relabelled-320x320": as_440(encode(natural(160, 640, 7), quality=90, subsampling=1)),
@@ -168,7 +252,9 @@ def test_regions_equal_pillow_full_decode(name: str):
 
 @needs_region
 @pytest.mark.parametrize("name", ["baseline-420-1001x777", "progressive-420-1001x777", "progressive-444-257x263",
-                                  "baseline-422-300x256", "gray-baseline-257x263", "440-relabelled-320x320"])
+                                  "baseline-422-300x256", "gray-baseline-257x263", "440-relabelled-320x320",
+                                  "progressive-444-optimize-1001x777", "gray-progressive-optimize-997x389",
+                                  "progressive-420-restart-blocks-500x300", "multiscan-sequential-420-odd-501x399"])
 def test_centre_crop_256_equals_preprocess_center_crop(name: str):
     data = CORPUS[name]
     full = pillow_full(data)
@@ -347,3 +433,76 @@ def test_off_without_a_compiler(tmp_path):
         first, line = proc.stdout.splitlines()[:2]
         assert first == "True False", proc.stdout
         assert line.startswith("JPEG region decoding off: ") and (expect in line or "not Linux" in line), line
+
+
+MULTISCAN = sorted(n for n in CORPUS if "progressive" in n or "multiscan" in n)
+
+
+def _sof_height(why: str) -> int | None:
+    return int(why.split("SOF height ")[1].split()[0]) if "SOF height" in why else None
+
+
+@needs_region
+@pytest.mark.parametrize("name", MULTISCAN)
+def test_multiscan_files_decode_from_a_shortened_copy(name: str):
+    """The shortened copy is what answers for a multi-scan file (not silently the whole-height path): libjpeg
+    was given a smaller SOF height and skipped the tail of every scan; the whole-height path agrees."""
+    data = CORPUS[name]
+    full = pillow_full(data)
+    h, w = full.shape[:2]
+    n_scans = len(scans(data))
+    assert n_scans > 1
+    for left, top, rw, rh in [(0, 0, w, 9), (w // 3, h // 4, max(1, w // 3), max(1, h // 4)), (w - 5, 0, 5, 40)]:
+        got, why = jpeg.decode_region_explained(data, left, top, rw, rh)
+        assert got is not None and np.array_equal(got, full[top:top + rh, left:left + rw]), why
+        short = _sof_height(why)
+        assert short is not None and top + rh < short < h, why
+        assert int(why.split("(")[-1].split()[0]) >= n_scans, why  # every scan had a tail to skip
+        old, old_why = jpeg.decode_region_explained(data, left, top, rw, rh, shorten=False)
+        assert _sof_height(old_why) is None and np.array_equal(old, got), old_why
+    # a region within three iMCU rows of the bottom: the whole height, nothing to skip
+    got, why = jpeg.decode_region_explained(data, 0, h - 2, w, 2)
+    assert got is not None and _sof_height(why) is None and np.array_equal(got, full[h - 2:]), why
+
+
+@needs_region
+def test_single_scan_files_keep_the_whole_height_path():
+    for name in ("baseline-420-1001x777", "gray-baseline-257x263", "restart-blocks-420"):
+        got, why = jpeg.decode_region_explained(CORPUS[name], 0, 0, 16, 16)
+        assert got is not None and _sof_height(why) is None, why
+
+
+@needs_region
+@pytest.mark.parametrize("name", ["progressive-420-1001x777", "progressive-420-optimize-q92-333x517",
+                                  "gray-progressive-optimize-997x389", "multiscan-sequential-420-odd-501x399",
+                                  "progressive-420-restart-blocks-500x300"])
+def test_byte_flips_in_skipped_and_kept_entropy_data(name: str):
+    """A region at the top (the copy keeps a few iMCU rows): a byte flipped late in a scan is in the part
+    libjpeg skips, one early in a scan is in the part it decodes. Where Pillow's full decode fails we must
+    refuse; where it decodes, we refuse or give its pixels, and damage below the region is answered."""
+    data = CORPUS[name]
+    full = pillow_full(data)
+    h, w = full.shape[:2]
+    box = (w // 4, 0, w // 2, 20)
+    assert _sof_height(jpeg.decode_region_explained(data, *box)[1]) <= 64
+    answered_below = 0
+    rng = np.random.default_rng(len(data))
+    for k, (start, stop) in enumerate(scans(data)):
+        if stop - start < 64:
+            continue
+        for frac, below in ((0.005, False), (0.02, False), (0.5, True), (0.8, True), (0.97, True)):
+            bad = bytearray(data)
+            bad[start + int(frac * (stop - start))] ^= int(rng.integers(1, 256))
+            try:
+                ref = pillow_full(bytes(bad))
+            except (OSError, SyntaxError, ValueError):
+                ref = None
+            got = jpeg.decode_region(bytes(bad), *box)
+            where = f"{name}: scan {k} at {frac}"
+            if ref is None:
+                assert got is None, f"{where}: Pillow fails, the region decoder answered"
+            elif got is not None:
+                left, top, rw, rh = box
+                assert np.array_equal(got, ref[top:top + rh, left:left + rw]), where
+                answered_below += below
+    assert answered_below > 0
