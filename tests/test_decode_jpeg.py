@@ -479,13 +479,15 @@ def test_single_scan_files_keep_the_whole_height_path():
 def test_byte_flips_in_skipped_and_kept_entropy_data(name: str):
     """A region at the top (the copy keeps a few iMCU rows): a byte flipped late in a scan is in the part
     libjpeg skips, one early in a scan is in the part it decodes. Where Pillow's full decode fails we must
-    refuse; where it decodes, we refuse or give its pixels, and damage below the region is answered."""
+    refuse; where it decodes, we refuse or give its pixels (also where the damage changed them), and damage below
+    the region is answered."""
     data = CORPUS[name]
     full = pillow_full(data)
     h, w = full.shape[:2]
     box = (w // 4, 0, w // 2, 20)
     assert _sof_height(jpeg.decode_region_explained(data, *box)[1]) <= 64
-    answered_below = 0
+    answered_below = answered_changed = 0
+    left, top, rw, rh = box
     rng = np.random.default_rng(len(data))
     for k, (start, stop) in enumerate(scans(data)):
         if stop - start < 64:
@@ -502,7 +504,7 @@ def test_byte_flips_in_skipped_and_kept_entropy_data(name: str):
             if ref is None:
                 assert got is None, f"{where}: Pillow fails, the region decoder answered"
             elif got is not None:
-                left, top, rw, rh = box
                 assert np.array_equal(got, ref[top:top + rh, left:left + rw]), where
                 answered_below += below
-    assert answered_below > 0
+                answered_changed += not np.array_equal(got, full[top:top + rh, left:left + rw])
+    assert answered_below > 0 and answered_changed > 0
