@@ -1,12 +1,15 @@
-"""A 12-Mpx camera-sized JPEG (4000x3000, 4:2:0, quality 92; baseline and progressive) to the default
-centre crop 256: Pillow's full decode + ``center_crop`` vs ``decode.jpeg.decode_region`` of the same 256x256
-(bit-identical, checked here too). PNGs (12 Mpx and 2048x2048 RGB, smooth scene plus sensor noise, Pillow's
-writer): the full decode + crop vs the IHDR way (Pillow decoding down to the crop's bottom) vs the fast way
-(``decode.png.decode_region_fast``: inflate down to the bottom, unfilter in C left of the crop's right edge).
+"""A 12-Mpx camera-sized JPEG (4000x3000, 4:2:0, quality 92; baseline and progressive, plus the bench
+workload's progressive camera files at quality 85 and 92) to the default centre crop 256: Pillow's full decode
++ ``center_crop`` vs ``decode.jpeg.decode_region`` of the same 256x256 at the whole height (``shorten=False``:
+a progressive file's every scan entropy-decoded in full) vs from the shortened copy (the default: every scan
+stops three iMCU rows below the crop), all bit-identical (checked here too). PNGs (12 Mpx and 2048x2048
+RGB, smooth scene plus sensor noise, Pillow's writer): the full decode + crop vs the IHDR way (Pillow
+decoding down to the crop's bottom) vs the fast way (``decode.png.decode_region_fast``: inflate down to the
+bottom, unfilter in C left of the crop's right edge).
 All single-threaded.
 
-``make bench`` times each with pytest-benchmark; ``bench_side_by_side_ratio`` alternates the two in one
-loop and prints the ratio of medians (run with ``-s`` to see it):
+``make bench`` times each with pytest-benchmark; ``bench_side_by_side_ratio`` alternates the three JPEG ways
+in one loop and prints their medians and ratios (run with ``-s`` to see it):
 
     .venv/bin/pytest benchmarks/bench_decode.py --benchmark-enable -s -q
 
@@ -27,6 +30,11 @@ from ferret_runtime.decode import jpeg, png
 from ferret_runtime.preprocess import center_crop
 from ferret_runtime.samples import natural_image
 
+try:
+    from ferret_export.bench.workload import make_file
+except ImportError:  # a runtime-only install: the workload's camera files are left out
+    make_file = None
+
 W, H, CROP = 4000, 3000, 256
 LEFT, TOP = int(round((W - CROP) / 2.0)), int(round((H - CROP) / 2.0))
 
@@ -40,7 +48,16 @@ def camera_jpegs() -> dict[str, bytes]:
         buf = io.BytesIO()
         Image.fromarray(img).save(buf, "JPEG", quality=92, subsampling=2, **kw)
         out[name] = buf.getvalue()
+    if make_file is not None:
+        for i, q in ((5, 85), (8, 92)):  # the workload's progressive camera files (every third is progressive)
+            data = make_file("camera", i)[1]
+            with Image.open(io.BytesIO(data)) as im:
+                assert im.size == (W, H) and im.info.get("progressive")
+            out[f"camera-q{q}-progressive"] = data
     return out
+
+
+KINDS = ["baseline", "progressive", "camera-q85-progressive", "camera-q92-progressive"]
 
 
 def pillow_crop(data: bytes) -> np.ndarray:
@@ -52,43 +69,60 @@ def region_crop(data: bytes) -> np.ndarray | None:
     return jpeg.decode_region(data, LEFT, TOP, CROP, CROP)
 
 
+def region_crop_whole_height(data: bytes) -> np.ndarray | None:
+    return jpeg.decode_region_explained(data, LEFT, TOP, CROP, CROP, shorten=False)[0]
+
+
+JPEG_WAYS = {"pillow-full+crop": pillow_crop, "region-whole-height": region_crop_whole_height,
+             "region-shortened": region_crop}
+
+
+def _jpeg(camera_jpegs: dict[str, bytes], kind: str) -> bytes:
+    if kind not in camera_jpegs:
+        pytest.skip("ferret_export is not installed: no workload camera files")
+    return camera_jpegs[kind]
+
+
 def _need_region() -> None:
     if not jpeg.available():
         pytest.skip(jpeg.status())
 
 
-@pytest.mark.parametrize("kind", ["baseline", "progressive"])
-@pytest.mark.parametrize("how", ["pillow-full+crop", "decode_region"])
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("how", list(JPEG_WAYS))
 def bench_centre_crop_12mpx(benchmark, camera_jpegs, kind, how):
-    benchmark.group = f"4000x3000 JPEG q92 4:2:0 {kind} -> centre crop {CROP}"
-    if how == "decode_region":
+    data = _jpeg(camera_jpegs, kind)
+    benchmark.group = f"4000x3000 JPEG 4:2:0 {kind} -> centre crop {CROP}"
+    if how != "pillow-full+crop":
         _need_region()
-    fn = pillow_crop if how == "pillow-full+crop" else region_crop
-    out = benchmark.pedantic(fn, (camera_jpegs[kind],), rounds=5, warmup_rounds=1)
+    out = benchmark.pedantic(JPEG_WAYS[how], (data,), rounds=5, warmup_rounds=1)
     assert out is not None and out.shape == (CROP, CROP, 3)
 
 
-@pytest.mark.parametrize("kind", ["baseline", "progressive"])
+@pytest.mark.parametrize("kind", KINDS)
 def bench_side_by_side_ratio(camera_jpegs, kind, request):
-    """Both ways alternated in one loop (shared, noisy machines): the ratio of their medians."""
+    """The three ways alternated in one loop (shared, noisy machines): medians and their ratios."""
     _need_region()
-    data = camera_jpegs[kind]
-    assert np.array_equal(region_crop(data), pillow_crop(data))
+    data = _jpeg(camera_jpegs, kind)
+    want = pillow_crop(data)
+    assert all(np.array_equal(fn(data), want) for fn in JPEG_WAYS.values())
+    shortened = "SOF height" in jpeg.decode_region_explained(data, LEFT, TOP, CROP, CROP)[1]
+    assert shortened == ("progressive" in kind)  # a single-scan baseline file keeps the whole-height path
     opt = request.config.getoption
     rounds = 3 if opt("benchmark_disable", False) and not opt("benchmark_enable", False) else 15
-    full, region = [], []
+    times: dict[str, list[float]] = {k: [] for k in JPEG_WAYS}
     for _ in range(rounds):
-        t0 = time.perf_counter()
-        pillow_crop(data)
-        t1 = time.perf_counter()
-        region_crop(data)
-        t2 = time.perf_counter()
-        full.append(t1 - t0)
-        region.append(t2 - t1)
-    f, r = statistics.median(full), statistics.median(region)
-    print(f"\n{kind} 4000x3000 q92 4:2:0 ({len(data) / 1e6:.1f} MB), centre crop {CROP}, {rounds} rounds: "
-          f"Pillow full decode + crop {f * 1e3:.1f} ms, decode_region {r * 1e3:.1f} ms, ratio {f / r:.1f}x")
-    assert r > 0
+        for k, fn in JPEG_WAYS.items():
+            t0 = time.perf_counter()
+            fn(data)
+            times[k].append(time.perf_counter() - t0)
+    m = {k: statistics.median(v) for k, v in times.items()}
+    full, old, new = m["pillow-full+crop"], m["region-whole-height"], m["region-shortened"]
+    print(f"\n{kind} 4000x3000 4:2:0 ({len(data) / 1e6:.1f} MB), centre crop {CROP}, {rounds} rounds: "
+          f"Pillow full decode + crop {full * 1e3:.1f} ms, region at whole height {old * 1e3:.1f} ms, "
+          f"region from the shortened copy {new * 1e3:.1f} ms; full/whole-height {full / old:.2f}x, "
+          f"full/shortened {full / new:.2f}x, whole-height/shortened {old / new:.2f}x")
+    assert new > 0
 
 
 PNG_SIZES = {"4000x3000": (4000, 3000), "2048x2048": (2048, 2048)}
