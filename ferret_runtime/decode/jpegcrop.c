@@ -23,9 +23,10 @@
  * entropy-decodes every scan of the whole image before the first row comes out. fj_decode() then
  * hands libjpeg a copy whose SOF height ends FJ_BOTTOM_IMCUS whole iMCU rows below the iMCU row
  * holding the row just under the region (the fancy upsampler's context row; libjpeg-turbo's 5x5 block
- * smoothing reads two block rows further). Every scan stores its blocks (or MCUs) in raster order
- * over a width that does not change, so the blocks above the new bottom decode from the same bits in
- * the same order (same DC predictions, EOB runs, restart intervals); after the last one libjpeg's
+ * smoothing reads two block rows further; with two, a progressive file whose last scans are missing,
+ * so that its blocks are smoothed, differs from Pillow's decode). Every scan stores its blocks (or
+ * MCUs) in raster order over a width that does not change, so the blocks above the new bottom decode
+ * from the same bits in the same order (same DC predictions, EOB runs, restart intervals); after the last one libjpeg's
  * next_marker() skips the rest of the scan to the next marker (RSTn there are parameterless markers
  * read_markers ignores), warning JWRN_EXTRANEOUS_DATA: that warning alone is tolerated in this mode
  * (counted), any other warning or error still refuses. The scan headers, tables and markers read are
@@ -262,7 +263,7 @@ int fj_decode(const unsigned char *data, size_t size, int left, int top, int wid
   struct jpeg_decompress_struct cinfo;
   struct fj_err err;
   struct fj_layout lay;
-  unsigned short_h = 0;
+  volatile unsigned short_h = 0; /* set before setjmp, read after: keep it in memory */
   unsigned char *volatile copy = NULL;
   int code;
   volatile int stage = 0;
