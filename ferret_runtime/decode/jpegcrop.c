@@ -20,17 +20,17 @@
  * Pillow itself silences warnings (its output_message is empty); we only count them.
  *
  * Multi-scan files (progressive, or sequential with one scan per component): jpeg_start_decompress
- * entropy-decodes every scan of the whole image before the first row comes out. fj_decode() then
- * hands libjpeg a copy whose SOF height ends FJ_BOTTOM_IMCUS whole iMCU rows below the iMCU row
- * holding the row just under the region (the fancy upsampler's context row; libjpeg-turbo's 5x5 block
- * smoothing reads two block rows further; with two, a progressive file whose last scans are missing,
- * so that its blocks are smoothed, differs from Pillow's decode). Every scan stores its blocks (or
- * MCUs) in raster order over a width that does not change, so the blocks above the new bottom decode
- * from the same bits in the same order (same DC predictions, EOB runs, restart intervals); after the last one libjpeg's
- * next_marker() skips the rest of the scan to the next marker (RSTn there are parameterless markers
- * read_markers ignores), warning JWRN_EXTRANEOUS_DATA: that warning alone is tolerated in this mode
- * (counted), any other warning or error still refuses. The scan headers, tables and markers read are
- * the ones the full decode reads. What the full decode could see and we do not: an error raised by
+ * entropy-decodes every scan of the whole image before the first row comes out. fj_decode() then hands
+ * libjpeg a copy whose SOF height ends FJ_BOTTOM_IMCUS whole iMCU rows below the iMCU row holding the
+ * row just under the region (the fancy upsampler's context row; libjpeg-turbo's 5x5 block smoothing
+ * reads two block rows further; with two, a progressive file whose last scans are missing, so that its
+ * blocks are smoothed, differs from Pillow's decode). Every scan stores its blocks (or MCUs) in raster
+ * order over a width that does not change, so the blocks above the new bottom decode from the same
+ * bits in the same order (same DC predictions, EOB runs, restart intervals); after the last one
+ * libjpeg's next_marker() skips the rest of the scan to the next marker (RSTn there are parameterless
+ * markers read_markers ignores), warning JWRN_EXTRANEOUS_DATA: that warning alone is tolerated in this
+ * mode (counted), any other warning or error still refuses. The scan headers, tables and markers read
+ * are the ones the full decode reads. What the full decode could see and we do not: an error raised by
  * the skipped entropy data itself; the only one libjpeg-turbo has is JERR_BAD_DCT_COEF (a DC
  * prediction overflowing an int, which takes ~65536 maximal DC steps: crafted files, not damage).
  */
