@@ -38,6 +38,7 @@ BACKENDS: dict[str, str] = {
     "torch": "PyTorch eager, our LPD",
     "torch-compile": "torch.compile (inductor; CUDA graphs on GPU)",
     "onnxruntime": "ONNX Runtime on our export (CPU, or CUDA with onnxruntime-gpu)",
+    "openvino": "OpenVINO (f32) on our export, CPU, same streams as onnxruntime",
     "pipeline": "ferret_runtime Detector: PNG bytes -> decode -> preprocess -> ONNX Runtime -> results",
     "tensorrt-fp32": "TensorRT engine, float32",
     "tensorrt-fp16": "TensorRT engine, float16 graph",
