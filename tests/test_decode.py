@@ -152,3 +152,23 @@ def test_bad_inputs_give_the_same_errors(tmp_path):
         old = _outcome(lambda: prepare(load_image(data, name, max_pixels=1000), pre))  # noqa: B023
         assert old[0] == "error" and "--max-pixels" in old[1]
         assert _outcome(lambda: load_prepared(data, pre, name, max_pixels=1000)) == old  # noqa: B023
+
+
+def test_a_file_larger_than_its_pixels_is_not_read_whole(tmp_path, monkeypatch):
+    """Region decoding reads the file into memory; one larger than 3 bytes per allowed pixel (a small image with a
+    huge tail) takes the full decode, which reads only what it needs, and gives the same array."""
+    import ferret_runtime.decode as decode
+
+    png = dict(CORPUS)["300x257.png"]
+    path = tmp_path / "tail.png"
+    path.write_bytes(png + b"\0" * (3 * 300 * 257 + 1 - len(png)))  # one byte past 3 bytes per pixel of 300x257
+    reads = []
+    real_read = decode._read
+    monkeypatch.setattr(decode, "_read", lambda *a: reads.append(real_read(*a)) or reads[-1])
+    monkeypatch.setattr(decode, "_region", lambda *a: pytest.fail("the region decoder ran on an oversized file"))
+    pre = Preprocess()
+    got = load_prepared(path, pre, max_pixels=300 * 257)
+    assert reads == [None] and np.array_equal(got, prepare(load_image(path, max_pixels=300 * 257), pre))
+    path.write_bytes(png)  # the same image without the tail is read and region-decoded
+    monkeypatch.undo()
+    assert np.array_equal(load_prepared(path, pre, max_pixels=300 * 257), got)

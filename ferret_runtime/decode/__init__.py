@@ -71,9 +71,19 @@ def _region(fmt: str | None, data: bytes, left: int, top: int, size: int) -> np.
     return out if out.flags.c_contiguous and out.flags.writeable and out.base is None else out.copy()
 
 
-def _read(source: str | os.PathLike, label: str) -> bytes:
+# Region decoding reads the whole file into memory first (the full decode reads what it needs as it goes). A file
+# larger than its own pixels would be as RGB (3 bytes per pixel of max_pixels), or than this without a pixel limit,
+# takes the full decode, so a multi-GB file with a small image in front never lands in memory whole.
+UNLIMITED_READ_BYTES = 512 * 2**20
+
+
+def _read(source: str | os.PathLike, label: str, max_pixels: int | None) -> bytes | None:
+    """The file's bytes, or None when it is too large to read whole (see UNLIMITED_READ_BYTES)."""
+    cap = UNLIMITED_READ_BYTES if max_pixels is None else 3 * max_pixels
     with open_image_file(source, label) as fp:
-        return fp.read()
+        if os.fstat(fp.fileno()).st_size > cap:
+            return None
+        return fp.read(cap + 1)
 
 
 def load_prepared(source: ImageInput, pre: Preprocess, name: str | None = None, *,
@@ -88,7 +98,9 @@ def load_prepared(source: ImageInput, pre: Preprocess, name: str | None = None, 
         return prepare(load_image(source, name, max_pixels=max_pixels), pre)
     label = image_label(source, name)
     with image_errors(label):
-        data = source if isinstance(source, bytes) else _read(source, label)
+        data = source if isinstance(source, bytes) else _read(source, label, max_pixels)
+        if data is None or len(data) > (UNLIMITED_READ_BYTES if max_pixels is None else 3 * max_pixels):
+            return prepare(load_image(source, name, max_pixels=max_pixels), pre)
         with io.BytesIO(data) as fp, identify_image(fp, label) as img:
             check_image_size(img, label, max_pixels)
             w, h = img.size
