@@ -106,6 +106,8 @@ def test_cli_writes_record_table_and_plot(tmp_path):
     assert [m["model"] for m in rec["models"]] == ["ferretnet-s"]
     m = rec["models"][0]
     assert m["macs_per_image"] == pytest.approx(0.29e9 * (64 / 256) ** 2, rel=0.05)  # the README's 0.29 G at 256
+    # the record names the runtime it ran (conftest pins ONNX Runtime through FERRET_BACKEND: no auto choice)
+    assert (m["backend"], m["batch"], m["auto"]) == ("onnxruntime", 2, None) and m["streams"] >= 1
     assert [r["workload"] for r in rec["results"]] == list(wl.WORKLOADS)
     for r in rec["results"]:
         assert r["images"] == (8 if r["workload"] == "mixed" else 2)
@@ -119,7 +121,7 @@ def test_cli_writes_record_table_and_plot(tmp_path):
     assert g["ratio"] == pytest.approx(crop["e2e"]["region"]["img_s"] / crop["model_alone"]["img_s"])
     assert g["met"] == (g["ratio"] >= 0.9)
     table = (out / "realworld.txt").read_text()
-    assert "camera-png" in table and "goal ferretnet-s" in table and table in proc.stdout + "\n"
+    assert "camera-png" in table and "goal ferretnet-s" in table and "ferretnet-s: ran on onnxruntime" in table and table in proc.stdout + "\n"
     assert (out / "realworld.png").stat().st_size > 10_000
     assert not (out / "bench.json").exists()  # the paper's table is not run
 

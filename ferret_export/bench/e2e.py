@@ -133,8 +133,10 @@ def fma_peak_record() -> dict[str, Any] | None:
         return {"error": f"{type(e).__name__}: {e}"}
 
 
-def measure_rounds(onnx: Path, sets: dict[str, list[str]], cfg: RealWorldConfig) -> dict[str, dict[str, Any]]:
-    """Per workload: end to end per decode mode and the model alone, best of ``repeats`` rounds.
+def measure_rounds(onnx: Path, sets: dict[str, list[str]], cfg: RealWorldConfig,
+                   used: dict[str, Any] | None = None) -> dict[str, dict[str, Any]]:
+    """Per workload: end to end per decode mode and the model alone, best of ``repeats`` rounds; ``used`` gets
+    the runtime, streams and batch the Detector ran (and what ``--backend auto`` measured, when it chose).
 
     Side by side: a round times every workload and every kind (model alone, then each decode mode) once, one
     after the other, so a busy moment of a shared machine falls on all of them alike rather than on one row.
@@ -156,6 +158,10 @@ def measure_rounds(onnx: Path, sets: dict[str, list[str]], cfg: RealWorldConfig)
     with ExitStack() as stack:
         dets = {m: stack.enter_context(open_detector(onnx, region=MODES[m], **opts)) for m in cfg.modes}
         alone = stack.enter_context(Detector.open(onnx, **opts))
+        if used is not None:
+            choice = getattr(alone, "auto_choice", None)
+            used.update(backend=alone.backend.name, streams=alone.backend.slots, batch=alone.batch_size,
+                        auto=choice.describe() if choice is not None else None)
         x = np.random.default_rng(0).standard_normal((alone.batch_size, 3, cfg.image_size, cfg.image_size))
         call, per_call = steady_state(alone.backend, x.astype(alone.preprocess.dtype))
         calls = {w: max(1, -(-len(files) // per_call)) for w, files in sets.items()}
@@ -354,7 +360,7 @@ def run_realworld(cfg: RealWorldConfig, log: Callable[[str], None] = print,
             row: dict[str, Any] = {"model": name, "macs_per_image": macs, "image_size": cfg.image_size}
             models.append(row)
             t0 = time.perf_counter()
-            timed = measure_rounds(onnx, {w: [str(f) for f in ws.files] for w, ws in sets.items()}, cfg)
+            timed = measure_rounds(onnx, {w: [str(f) for f in ws.files] for w, ws in sets.items()}, cfg, row)
             log(f"[bench] {name}: {cfg.repeats} round(s) of every workload in {time.perf_counter() - t0:.0f} s; "
                 f"the split next, on {cfg.split_files} files per workload")
             for wname, w in sets.items():
