@@ -166,7 +166,7 @@ def realworld_table(record: dict[str, Any]) -> str:
                      f"{m['model_alone_img_s']:.1f} img/s" + (f" = {100 * frac:.1f}% of the FMA peak" if frac else ""))
         if m.get("backend"):
             lines.append(f"{m['model']}: ran on {m['backend']}, {m['streams']} stream(s), Detector batch {m['batch']}"
-                         + (f"; backend auto: {m['auto']}" if m.get("auto") else ""))
+                         + (f"; {m['auto']}" if m.get("auto") else ""))
     for g in record["goals"]:
         lines.append(f"goal {g['model']:<12} {g['mode']:<7} {g['goal']:<30} {g['ratio']:>6.2f} (>= {g['least']:.2f}): "
                      + ("met" if g["met"] else "NOT met"))
