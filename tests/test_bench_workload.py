@@ -134,3 +134,13 @@ def test_cli_writes_record_table_and_plot(tmp_path):
 def test_cli_refuses_in_one_line(tmp_path, args, match):
     proc = run_ferret("bench", "--workload", "crop256", "--out", str(tmp_path), *args)
     assert proc.returncode != 0 and match in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_unknown_workload_or_mode_is_refused_before_any_work():
+    from ferret_export.bench.e2e import RealWorldConfig, run_realworld
+    from ferret_runtime.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"Received workload 'phone'; expected some of camera, .* or all"):
+        run_realworld(RealWorldConfig(workloads=("camera", "phone")), log=lambda _: pytest.fail("it started"))
+    with pytest.raises(ConfigError, match=r"Received decode mode 'fast'; expected some of region, full"):
+        run_realworld(RealWorldConfig(modes=("fast",)), log=lambda _: pytest.fail("it started"))

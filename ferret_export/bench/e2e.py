@@ -338,14 +338,10 @@ def run_realworld(cfg: RealWorldConfig, log: Callable[[str], None] = print,
     """Measure every (model, workload); returns the JSON record (see SCHEMA)."""
     import tempfile
 
-    from ferret_export.bench.run import hardware
+    from ferret_export.bench.run import check_names, hardware
 
-    for w in cfg.workloads:
-        if w not in WORKLOADS:
-            raise ConfigError(f"Received workload {w!r}; expected some of {', '.join(WORKLOADS)} or all")
-    for m in cfg.modes:
-        if m not in MODES:
-            raise ConfigError(f"Received decode mode {m!r}; expected region or full")
+    check_names("workload", cfg.workloads, WORKLOADS, " or all")
+    check_names("decode mode", cfg.modes, MODES)
     if min(cfg.batch or 1, cfg.repeats, cfg.count or 1) < 1 or cfg.warmup < 0:
         raise ConfigError(f"Received batch {cfg.batch}, repeats {cfg.repeats}, warmup {cfg.warmup}, count "
                           f"{cfg.count}; expected positive numbers (warmup >= 0)")

@@ -21,7 +21,7 @@ import os
 import platform
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -165,16 +165,19 @@ def resolve_device(device: str) -> str:
     return device
 
 
+def check_names(what: str, names: Iterable[str], known: Iterable[str], more: str = "") -> None:
+    """ConfigError naming the first of ``names`` that is not ``known`` (``more``: other accepted words)."""
+    known = list(known)
+    for n in names:
+        if n not in known:
+            raise ConfigError(f"Received {what} {n!r}; expected some of {', '.join(known)}{more}")
+
+
 def validate(cfg: BenchConfig) -> None:
     from ferret_train import list_models
 
-    known = list_models()
-    for m in cfg.models:
-        if m not in known:
-            raise ConfigError(f"Received model {m!r}; expected some of {', '.join(known)}")
-    for b in cfg.backends:
-        if b not in BACKENDS:
-            raise ConfigError(f"Received backend {b!r}; expected some of {', '.join(BACKENDS)}")
+    check_names("model", cfg.models, list_models())
+    check_names("backend", cfg.backends, BACKENDS)
     if not cfg.batch_sizes or min(cfg.batch_sizes) < 1:
         raise ConfigError(f"Received batch sizes {cfg.batch_sizes}; expected positive integers")
     if cfg.iters < 1 or cfg.warmup < 0:
