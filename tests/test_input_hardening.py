@@ -123,6 +123,7 @@ def test_poisoned_images_get_error_rows_and_the_rest_of_the_batch_goes_on(tmp_pa
 
 def test_detector_survives_failures_outside_the_decoder(monkeypatch):
     """Preparing an image can fail too (MemoryError while cropping a huge one): still one error row."""
+    import ferret_runtime.decode as decode_module
     import ferret_runtime.detector as detector_module
     from ferret_runtime.preprocess import prepare as real_prepare
 
@@ -131,7 +132,8 @@ def test_detector_survives_failures_outside_the_decoder(monkeypatch):
             raise MemoryError()
         return real_prepare(img, pre)
 
-    monkeypatch.setattr(detector_module, "prepare", prepare)
+    monkeypatch.setattr(detector_module, "prepare", prepare)  # the tiling path's
+    monkeypatch.setattr(decode_module, "prepare", prepare)  # load_prepared's, which the Detector calls otherwise
     with Detector(MeanBackend(), batch_size=3) as det:
         results = det.predict([np.zeros((8, 8, 3), np.uint8), np.zeros((9, 9, 3), np.uint8),
                                np.ones((8, 8, 3), np.uint8)])
