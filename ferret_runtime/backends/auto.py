@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import ConfigError, FerretError
-from ..kernels import cache_candidates, write_atomic
+from ..kernels import cache_dir, write_atomic
 from .base import Backend, backend_for, backend_named
 from .onnxruntime import default_streams
 
@@ -94,16 +94,8 @@ def cache_path(key: dict[str, Any], folder: Path | None = None) -> Path:
 
 
 def default_cache_dir() -> Path:
-    """The first of the kernels' cache roots (``$FERRET_CACHE`` first) whose ``backends`` folder is writable."""
-    candidates = [c.parent / "backends" for c in cache_candidates()]
-    for c in candidates:
-        try:
-            c.mkdir(parents=True, exist_ok=True)
-            if os.access(c, os.W_OK):
-                return c
-        except OSError:
-            continue
-    return candidates[-1]
+    """The first writable ``backends`` folder of the kernels' cache roots (``$FERRET_CACHE`` first)."""
+    return cache_dir("backends")
 
 
 @dataclass

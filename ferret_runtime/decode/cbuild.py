@@ -20,7 +20,7 @@ import tempfile
 from pathlib import Path
 
 from ..errors import FerretError
-from ..kernels import cache_candidates
+from ..kernels import cache_candidates, cache_dir
 
 C_FLAGS: tuple[str, ...] = ("-O2", "-shared", "-fPIC")
 COMPILE_TIMEOUT_S = 120
@@ -46,20 +46,29 @@ def find_c_compiler() -> list[str]:
     raise BuildError("no C compiler: none of cc, gcc, clang on PATH and $CC unset (e.g. `apt-get install gcc`)")
 
 
+def mapped_libraries(prefix: str) -> list[str]:
+    """Paths of the shared libraries mapped into this process whose file name starts with ``prefix``, in map
+    order without repeats (Linux ``/proc/self/maps``: the very copies Pillow's C modules loaded).
+    OSError when the map cannot be read."""
+    found: list[str] = []
+    with open("/proc/self/maps", encoding="utf-8", errors="replace") as f:
+        for line in f:
+            parts = line.split(maxsplit=5)
+            if len(parts) == 6 and os.path.basename(parts[5].strip()).startswith(prefix):
+                path = parts[5].strip()
+                if path not in found:
+                    found.append(path)
+    return found
+
+
 def cache_dirs() -> list[Path]:
-    """Where built libraries go, in order of preference (the kernels' folders with ``decode`` for ``kernels``)."""
-    return [c.parent / "decode" for c in cache_candidates()]
+    """Where built libraries go, in order of preference (the kernels' cache roots, folder ``decode``)."""
+    return cache_candidates("decode")
 
 
 def _writable_dir() -> Path:
-    for d in cache_dirs():
-        try:
-            d.mkdir(parents=True, exist_ok=True)
-            if os.access(d, os.W_OK | os.X_OK):
-                return d
-        except OSError:
-            continue
-    return Path(tempfile.mkdtemp(prefix="ferret-decode-"))
+    d = cache_dir("decode")
+    return d if os.access(d, os.W_OK | os.X_OK) else Path(tempfile.mkdtemp(prefix="ferret-decode-"))
 
 
 def build_key(source: Path, include: Path | None, compiler: list[str], flags: tuple[str, ...]) -> str:

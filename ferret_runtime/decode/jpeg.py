@@ -35,7 +35,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .cbuild import BuildError, build_shared
+from .cbuild import BuildError, build_shared, mapped_libraries
 
 SOURCE_PATH: Path = Path(__file__).with_name("jpegcrop.c")
 INCLUDE_DIR: Path = Path(__file__).with_name("include")
@@ -74,15 +74,9 @@ def pillow_libjpeg() -> tuple[str | None, str]:
         return None, "Pillow was built without JPEG support"
     getattr(Image.core, "jpeg_decoder", None)  # PIL._imaging is loaded with its libjpeg once Image is imported
     try:
-        with open("/proc/self/maps", encoding="utf-8", errors="replace") as f:
-            maps = f.read()
+        found = mapped_libraries("libjpeg")
     except OSError as e:
         return None, f"cannot read /proc/self/maps ({e.strerror or e})"
-    found: list[str] = []
-    for line in maps.splitlines():
-        parts = line.split(maxsplit=5)
-        if len(parts) == 6 and os.path.basename(parts[5]).startswith("libjpeg") and parts[5] not in found:
-            found.append(parts[5])
     if not found:
         return None, "no libjpeg mapped in this process after importing Pillow"
     pil_root = Path(Image.__file__).resolve().parent.parent

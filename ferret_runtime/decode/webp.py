@@ -19,6 +19,8 @@ import sys
 
 import numpy as np
 
+from .cbuild import mapped_libraries
+
 ABI = 0x0209  # WEBP_DECODER_ABI_VERSION of libwebp 1.x: the structures below
 MODE_RGBA = 1
 VP8_STATUS_OK = 0
@@ -71,9 +73,7 @@ def _candidates() -> list[str]:
     found += glob.glob(os.path.join(root, ".dylibs", "libwebp.*dylib"))
     if not found and sys.platform.startswith("linux"):
         try:
-            with open("/proc/self/maps") as maps:
-                found = sorted({line.split()[-1] for line in maps
-                                if os.path.basename(line.split()[-1]).startswith("libwebp.so")})
+            found = sorted(mapped_libraries("libwebp.so"))
         except OSError:
             pass
     return found

@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import os
 import tempfile
+import threading
 from pathlib import Path
 
 from ..errors import ConfigError
@@ -40,9 +41,10 @@ def source_hash(*extra: str) -> str:
     return h.hexdigest()[:16]
 
 
-def cache_candidates() -> list[Path]:
-    """Cache folders in order of preference: ``$FERRET_CACHE/kernels``, ``$XDG_CACHE_HOME/ferret/kernels``
-    (XDG's default ``~/.cache``), then one in the temporary directory (per user)."""
+def cache_candidates(kind: str = "kernels") -> list[Path]:
+    """Cache folders in order of preference: ``$FERRET_CACHE/<kind>``, ``$XDG_CACHE_HOME/ferret/<kind>``
+    (XDG's default ``~/.cache``), then one in the temporary directory (per user). ``kind``: ``kernels``,
+    ``decode`` (the region decoders' C shims), ``backends`` (what ``--backend auto`` measured)."""
     roots: list[Path] = []
     if os.environ.get("FERRET_CACHE"):
         roots.append(Path(os.environ["FERRET_CACHE"]))
@@ -52,7 +54,7 @@ def cache_candidates() -> list[Path]:
     except RuntimeError:  # no home directory to expand
         pass
     roots.append(Path(tempfile.gettempdir()) / f"ferret-{_user()}")
-    return [r / "kernels" for r in roots]
+    return [r / kind for r in roots]
 
 
 def _user() -> str:
@@ -65,7 +67,7 @@ def _user() -> str:
 def _writable(path: Path) -> bool:
     try:
         path.mkdir(parents=True, exist_ok=True)
-        probe = path / f".probe-{os.getpid()}"
+        probe = path / f".probe-{os.getpid()}-{threading.get_ident()}"  # threads of one process probe at once
         probe.write_bytes(b"")
         probe.unlink()
         return True
@@ -73,10 +75,10 @@ def _writable(path: Path) -> bool:
         return False
 
 
-def cache_dir() -> Path:
+def cache_dir(kind: str = "kernels") -> Path:
     """The first writable folder of :func:`cache_candidates` (a read-only HOME falls through to the
     next); the last one even if unwritable, since :func:`write_atomic` never fails on a cache."""
-    candidates = cache_candidates()
+    candidates = cache_candidates(kind)
     return next((c for c in candidates if _writable(c)), candidates[-1])
 
 
